@@ -1,0 +1,73 @@
+"""One exception hierarchy, with Apache Kafka's names where they apply.
+
+Every error that concerns a partition names it (``topic-partition``) and, where
+one is involved, the offset; the message says what was wrong in words.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+
+class ShmqError(Exception):
+    """Base of every shmq error."""
+
+    retriable = False
+
+    def __init__(self, message: str, *, topic: Optional[str] = None,
+                 partition: Optional[int] = None, offset: Optional[int] = None) -> None:
+        super().__init__(message)
+        self.topic = topic
+        self.partition = partition
+        self.offset = offset
+
+
+class KafkaTimeoutError(ShmqError):
+    """An operation did not complete within its timeout."""
+
+    retriable = True
+
+
+class OffsetOutOfRange(ShmqError):
+    """The offset is below the log start (retention removed it) or past the end."""
+
+
+class CorruptRecord(ShmqError):
+    """Bytes in shared memory do not form a valid frame, batch or index entry."""
+
+
+class MessageSizeTooLarge(ShmqError):
+    """A record or batch does not fit in one segment or exceeds the limit."""
+
+
+class InvalidRecord(ShmqError):
+    """A record is malformed (wrong type for a key, value or header)."""
+
+
+class KafkaStorageError(ShmqError):
+    """The filesystem cannot hold the log, or a log file is missing or unusable."""
+
+
+class InvalidConfig(ShmqError):
+    """A configuration value is out of range or of the wrong type."""
+
+
+class InvalidTopic(ShmqError):
+    """A topic name is not valid (Kafka's rule: [A-Za-z0-9._-]{1,249}, not '.' or '..')."""
+
+
+class UnknownTopicOrPartition(ShmqError):
+    """The topic or partition does not exist."""
+
+
+class TopicAlreadyExists(ShmqError):
+    """A topic with that name exists already."""
+
+
+class NotCoordinator(ShmqError):
+    """No live coordinator answers for this root (or it is not the active one)."""
+
+    retriable = True
+
+
+class FencedClaim(ShmqError):
+    """Internal: a claim was padded over by an unblocker; the append is retried."""

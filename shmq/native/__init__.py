@@ -1,0 +1,53 @@
+"""The C core (compiled by cffi at install) and the one helper that turns its
+status codes into exceptions."""
+from __future__ import annotations
+
+from typing import NoReturn, Optional
+
+from .. import errors
+from ._shmq import ffi, lib
+
+__all__ = ["ffi", "lib", "raise_for", "ERROR_NAMES"]
+
+ERROR_NAMES = {
+    lib.SHMQ_ERR_CORRUPT: "corrupt data",
+    lib.SHMQ_ERR_CRC: "CRC32C mismatch",
+    lib.SHMQ_ERR_TOO_LARGE: "too large",
+    lib.SHMQ_ERR_ARG: "bad argument",
+    lib.SHMQ_ERR_OUT_OF_RANGE: "offset out of range",
+    lib.SHMQ_ERR_TIMEOUT: "timed out",
+    lib.SHMQ_ERR_RETRY: "transient conflict",
+    lib.SHMQ_ERR_IO: "system call failed",
+    lib.SHMQ_ERR_NOSPACE: "no space left on the filesystem",
+    lib.SHMQ_ERR_BAD_LAYOUT: "files do not match the log layout",
+    lib.SHMQ_ERR_FENCED: "claim was fenced",
+}
+
+_CLASSES = {
+    lib.SHMQ_ERR_CORRUPT: errors.CorruptRecord,
+    lib.SHMQ_ERR_CRC: errors.CorruptRecord,
+    lib.SHMQ_ERR_TOO_LARGE: errors.MessageSizeTooLarge,
+    lib.SHMQ_ERR_ARG: errors.InvalidRecord,
+    lib.SHMQ_ERR_OUT_OF_RANGE: errors.OffsetOutOfRange,
+    lib.SHMQ_ERR_TIMEOUT: errors.KafkaTimeoutError,
+    lib.SHMQ_ERR_IO: errors.KafkaStorageError,
+    lib.SHMQ_ERR_NOSPACE: errors.KafkaStorageError,
+    lib.SHMQ_ERR_BAD_LAYOUT: errors.KafkaStorageError,
+    lib.SHMQ_ERR_FENCED: errors.FencedClaim,
+}
+
+
+def raise_for(code: int, what: str, *, topic: Optional[str] = None, partition: Optional[int] = None,
+              offset: Optional[int] = None, detail: str = "") -> NoReturn:
+    """Raise the exception for a negative C status code.
+
+    ``what`` says what was being done and where (e.g. "read from orders-3 at
+    offset 17"); ``detail`` adds the C core's view (segment and position).
+    """
+    cls = _CLASSES.get(code, errors.ShmqError)
+    text = f"{what}: {ERROR_NAMES.get(code, f'error {code}')}"
+    if code in (lib.SHMQ_ERR_IO, lib.SHMQ_ERR_NOSPACE):
+        text += f" ({ffi.errno and __import__('os').strerror(ffi.errno)})"
+    if detail:
+        text += f" [{detail}]"
+    raise cls(text, topic=topic, partition=partition, offset=offset)

@@ -1,0 +1,302 @@
+"""PartitionLog: one partition's ring of segment slots, appended in place.
+
+Theory of operation: the C core maps the control block and every slot of the
+ring (``shmq/native/log.h`` has the byte layout). An append is one C call:
+claim a frame with a fetch-add on the active segment's claim word, encode the
+Kafka batch straight into the mapping, commit the frame header with a CAS.
+Any number of processes may hold a ``PartitionLog`` on the same directory and
+append concurrently; readers (``LogReader``) copy complete frames out and
+re-check the slot generation before decoding.
+
+A ``PartitionLog`` object itself is not thread-safe for ``close``; appends from
+several threads of one process are safe (the C core is lock-free and
+cffi releases the GIL during the call).
+"""
+from __future__ import annotations
+
+import os
+import time
+from typing import Any, Iterable, List, Optional, Sequence, Union
+
+import numpy as np
+
+from ..errors import InvalidRecord, KafkaStorageError, MessageSizeTooLarge
+from ..native import ffi, lib, raise_for
+from .config import LogConfig
+from .records import Header, encode_headers
+
+BytesLike = Union[bytes, bytearray, memoryview]
+
+_NULL = ffi.NULL
+
+
+def _now_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+def _timeout_ns(timeout: Optional[float]) -> int:
+    return -1 if timeout is None else max(0, int(timeout * 1e9))
+
+
+class PartitionLog:
+    """A partition log at ``path`` (a directory holding partition.ctl and the slots)."""
+
+    def __init__(self, path: str, *, name: Optional[str] = None) -> None:
+        self.path = os.fspath(path)
+        self.name = name or os.path.basename(self.path.rstrip("/"))
+        self.topic, self.partition = _split_name(self.name)
+        handle = ffi.new("shmq_log **")
+        deadline = time.monotonic() + 2.0
+        while True:
+            rc = lib.shmq_log_open(self.path.encode(), handle)
+            # A log being created has no magic yet: wait for its creator.
+            if rc != lib.SHMQ_ERR_BAD_LAYOUT or time.monotonic() > deadline:
+                break
+            time.sleep(0.001)
+        if rc < 0:
+            raise_for(rc, f"open partition log {self.name} at {self.path}",
+                      topic=self.topic, partition=self.partition)
+        self._h = handle[0]
+        self._ts_out = ffi.new("int64_t *")
+        hdr = lib.shmq_log_header(self._h)
+        self.config = LogConfig(
+            segment_bytes=int(hdr.segment_bytes),
+            segment_count=int(hdr.slot_count),
+            index_interval_bytes=int(hdr.index_interval),
+            overflow="block" if hdr.flags & lib.SHMQ_FLAG_OVERFLOW_BLOCK else "overwrite",
+            unblock_timeout_ms=max(1, int(hdr.unblock_timeout_ns) // 1_000_000),
+        )
+        self._unblock = ffi.new("shmq_unblock_state *")
+        # Largest frame a record may need: segment size, capped by the C core.
+        self.max_frame_bytes = min(self.config.segment_bytes, 64 << 20)
+
+    # ------------------------------------------------------------ lifecycle
+    @classmethod
+    def create(cls, path: str, config: Optional[LogConfig] = None, *, name: Optional[str] = None,
+               **overrides: Any) -> "PartitionLog":
+        """Create the files of a new log (the directory is made if missing) and open it.
+
+        Every slot is allocated now, so a filesystem that cannot hold the log
+        fails here with ``KafkaStorageError``, never later with SIGBUS.
+        """
+        if config is None:
+            config = LogConfig(**overrides)
+        elif overrides:
+            raise TypeError("pass either config or keyword overrides, not both")
+        path = os.fspath(path)
+        os.makedirs(path, mode=0o700, exist_ok=True)
+        cfg = ffi.new("shmq_log_config *")
+        cfg.slot_count = config.segment_count
+        cfg.segment_bytes = config.segment_bytes
+        cfg.index_interval = config.index_interval_bytes
+        cfg.flags = lib.SHMQ_FLAG_OVERFLOW_BLOCK if config.overflow == "block" else 0
+        cfg.unblock_timeout_ns = config.unblock_timeout_ms * 1_000_000
+        rc = lib.shmq_log_create(path.encode(), cfg)
+        label = name or os.path.basename(path.rstrip("/"))
+        if rc < 0:
+            need = config.segment_count * config.segment_bytes
+            raise_for(rc, f"create partition log {label} at {path} ({config.segment_count} slots of "
+                      f"{config.segment_bytes} bytes, {need} bytes in all)")
+        return cls(path, name=name)
+
+    def close(self) -> None:
+        h, self._h = getattr(self, "_h", None), None
+        if h is not None:
+            lib.shmq_log_close(h)
+
+    def __enter__(self) -> "PartitionLog":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        try:
+            self.close()
+        except Exception:
+            pass
+
+    # ----------------------------------------------------------------- errors
+    def _fail(self, rc: int, what: str, offset: Optional[int] = None) -> None:
+        if rc == lib.SHMQ_ERR_TOO_LARGE:
+            raise MessageSizeTooLarge(
+                f"{what} on {self.name}: the record needs more than one segment "
+                f"({self.max_frame_bytes} bytes) can hold", topic=self.topic, partition=self.partition)
+        if offset is None and rc in (lib.SHMQ_ERR_CORRUPT, lib.SHMQ_ERR_CRC, lib.SHMQ_ERR_OUT_OF_RANGE):
+            offset = int(lib.shmq_log_error_offset(self._h))
+        detail = (f"segment {lib.shmq_log_error_seq(self._h)} byte {lib.shmq_log_error_position(self._h)}"
+                  if rc in (lib.SHMQ_ERR_CORRUPT, lib.SHMQ_ERR_CRC) else "")
+        at = f" at offset {offset}" if offset is not None else ""
+        raise_for(rc, f"{what} on {self.name}{at}", topic=self.topic, partition=self.partition,
+                  offset=offset, detail=detail)
+
+    # ----------------------------------------------------------------- append
+    def append(self, value: Optional[BytesLike], key: Optional[BytesLike] = None,
+               headers: Optional[Iterable[Header]] = None, timestamp_ms: Optional[int] = None,
+               timeout: Optional[float] = None) -> int:
+        """Append one record; returns its offset.
+
+        ``timestamp_ms`` defaults to now. ``timeout`` bounds the wait for room
+        in ``overflow="block"`` logs (``None`` waits forever).
+        """
+        if headers:
+            hb = encode_headers(headers)
+            hlen = len(hb)
+        else:
+            hb, hlen = _NULL, 0
+        if value is None:
+            vlen = -1
+            value = _NULL
+        else:
+            if type(value) is not bytes:
+                value = _as_bytes(value, "value")
+            vlen = len(value)
+        if key is None:
+            klen = -1
+            key = _NULL
+        else:
+            if type(key) is not bytes:
+                key = _as_bytes(key, "key")
+            klen = len(key)
+        if timestamp_ms is None:
+            ts = -1
+        elif type(timestamp_ms) is int and timestamp_ms >= 0:
+            ts = timestamp_ms
+        else:
+            raise InvalidRecord(f"timestamp_ms must be a non-negative int, got {timestamp_ms!r}",
+                                topic=self.topic, partition=self.partition)
+        off = lib.shmq_log_append1(self._h, key, klen, value, vlen, hb, hlen, ts, self._ts_out,
+                                   -1 if timeout is None else _timeout_ns(timeout))
+        if off < 0:
+            self._fail(off, "append")
+        return off
+
+    def append_batch(self, values: Union[Sequence[Optional[BytesLike]], np.ndarray],
+                     keys: Optional[Union[Sequence[Optional[BytesLike]], np.ndarray]] = None, *,
+                     timestamp_ms: Optional[int] = None, timeout: Optional[float] = None) -> int:
+        """Append a batch as one Kafka RecordBatch; returns its base offset.
+
+        ``values`` is a list of bytes (``None`` for a null value) or a 2-D
+        ``uint8`` numpy array of fixed-width values; ``keys`` likewise or None.
+        """
+        recs = ffi.new("shmq_records *")
+        keep: List[Any] = []
+        n = _fill_field(recs, "value", values, keep)
+        if keys is not None:
+            nk = _fill_field(recs, "key", keys, keep)
+            if nk != n:
+                raise InvalidRecord(f"{nk} keys for {n} values", topic=self.topic, partition=self.partition)
+        if n == 0:
+            raise InvalidRecord("a batch needs at least one record", topic=self.topic, partition=self.partition)
+        recs.count = n
+        if timestamp_ms is None:
+            recs.base_timestamp = _now_ms()
+        elif type(timestamp_ms) is int and timestamp_ms >= 0:
+            recs.base_timestamp = timestamp_ms
+        else:
+            raise InvalidRecord(f"timestamp_ms must be a non-negative int, got {timestamp_ms!r}")
+        off = lib.shmq_log_append(self._h, recs, _NULL, _timeout_ns(timeout))
+        if off < 0:
+            self._fail(off, f"append a batch of {n} records")
+        return off
+
+    def append_raw(self, batch: BytesLike, timeout: Optional[float] = None) -> int:
+        """Append a complete RecordBatch v2 built elsewhere (its baseOffset is
+        replaced). The batch's CRC is checked first; returns the base offset."""
+        buf = ffi.from_buffer(batch)
+        off = lib.shmq_log_append_raw(self._h, buf, len(buf), _timeout_ns(timeout))
+        if off < 0:
+            if off in (lib.SHMQ_ERR_CORRUPT, lib.SHMQ_ERR_CRC, lib.SHMQ_ERR_ARG):
+                raise InvalidRecord(f"append_raw on {self.name}: not a valid RecordBatch v2 "
+                                    f"({'CRC mismatch' if off == lib.SHMQ_ERR_CRC else 'bad header'})",
+                                    topic=self.topic, partition=self.partition)
+            self._fail(off, "append a raw batch")
+        return off
+
+    # ------------------------------------------------------------ positions
+    @property
+    def start_offset(self) -> int:
+        """Offset of the oldest record still held (Kafka's log start offset)."""
+        return int(lib.shmq_log_start_offset(self._h))
+
+    @property
+    def end_offset(self) -> int:
+        """The next offset to be assigned (Kafka's log end offset)."""
+        return int(lib.shmq_log_end_offset(self._h))
+
+    def reader(self, offset: Optional[int] = None, **kwargs: Any) -> "LogReader":
+        """A reader positioned at ``offset`` (default: the log start)."""
+        from .reader import LogReader
+        return LogReader(self, self.start_offset if offset is None else offset, **kwargs)
+
+    # ------------------------------------------------------------ housekeeping
+    def housekeep(self) -> int:
+        """Prepare the next slot, finish abandoned seals, pad dead claims.
+
+        Call it periodically from one process (the coordinator, later the
+        leader's replica host); any number of callers is safe. Returns the
+        number of frames padded over.
+        """
+        rc = lib.shmq_log_housekeep(self._h, self._unblock)
+        if rc < 0:
+            self._fail(rc, "housekeeping")
+        return rc
+
+    def set_slowest_position(self, offset: int) -> None:
+        """Block mode: the lowest offset any consumer still needs. Producers
+        blocked on a full ring go on once it passes the oldest segment."""
+        lib.shmq_log_set_slowest(self._h, int(offset))
+
+    def __repr__(self) -> str:
+        return f"PartitionLog({self.name!r}, path={self.path!r})"
+
+
+def _split_name(name: str) -> "tuple[Optional[str], Optional[int]]":
+    topic, _, part = name.rpartition("-")
+    if topic and part.isdigit():
+        return topic, int(part)
+    return name, None
+
+
+def _as_bytes(v: Any, what: str) -> bytes:
+    if isinstance(v, (bytearray, memoryview)):
+        return bytes(v)
+    raise InvalidRecord(f"{what} must be bytes-like or None, got {type(v).__name__}")
+
+
+def _fill_field(recs: Any, field: str, items: Any, keep: List[Any]) -> int:
+    """Point recs.<field>s at a concatenated buffer (+ offsets) or a 2-D array."""
+    if isinstance(items, np.ndarray):
+        if items.ndim != 2 or items.dtype != np.uint8:
+            raise InvalidRecord(f"a numpy batch of {field}s must be a 2-D uint8 array, "
+                                f"got {items.ndim}-D {items.dtype}")
+        arr = np.ascontiguousarray(items)
+        keep.append(arr)
+        setattr(recs, field + "s", ffi.cast("uint8_t *", arr.ctypes.data))
+        setattr(recs, field + "_width", arr.shape[1])
+        return int(arr.shape[0])
+    if not isinstance(items, (list, tuple)):
+        raise InvalidRecord(f"{field}s must be a list of bytes or a 2-D uint8 numpy array, "
+                            f"got {type(items).__name__}")
+    n = len(items)
+    nulls = None
+    if any(v is None for v in items):
+        nulls = bytes(v is None for v in items)
+        items = [b"" if v is None else v for v in items]
+    try:
+        joined = b"".join(items)
+    except TypeError:
+        bad = next(v for v in items if not isinstance(v, (bytes, bytearray, memoryview)))
+        raise InvalidRecord(f"each {field} must be bytes-like or None, got {type(bad).__name__}") from None
+    lens = np.fromiter(map(len, items), dtype=np.int64, count=n)
+    offs = np.zeros(n + 1, dtype=np.int64)
+    np.cumsum(lens, out=offs[1:])
+    keep.extend((joined, offs, nulls))
+    setattr(recs, field + "s", ffi.from_buffer("uint8_t[]", joined) if joined else ffi.new("uint8_t[1]"))
+    keep.append(getattr(recs, field + "s"))
+    setattr(recs, field + "_offs", ffi.cast("int64_t *", offs.ctypes.data))
+    if nulls is not None:
+        nb = ffi.from_buffer("uint8_t[]", nulls)
+        keep.append(nb)
+        setattr(recs, field + "_null", nb)
+    return n

@@ -1,0 +1,165 @@
+"""LogReader: reads a partition log from an offset, as records or in bulk.
+
+Each ``read`` is one C call that copies complete frames from the mapping into
+this reader's private buffer, re-checks the slot generation (so a recycled
+segment is never returned as data) and decodes the batches into an array of
+record views; Python then slices keys and values out of the private copy.
+
+Blocking: ``read(timeout=...)`` spins briefly, then sleeps on the log's futex
+until a producer commits. A reader stuck behind a frame that stays incomplete
+past the log's unblock timeout pads it over itself, so it never waits on a dead
+producer for good even when no housekeeper runs.
+
+A reader is used by one thread at a time.
+"""
+from __future__ import annotations
+
+from typing import Any, List, NamedTuple, Optional
+
+import numpy as np
+
+from ..native import ffi, lib
+from .log import PartitionLog
+from .records import LogRecord, decode_headers
+
+_VIEW_FIELDS = 8  # offset, timestamp, key_pos, key_len, value_pos, value_len, headers_pos, headers_count
+
+
+class RecordArrays(NamedTuple):
+    """Records in bulk: parallel arrays, plus the value and key bytes.
+
+    ``values`` is a 2-D uint8 array when every value has the same width,
+    otherwise a list of bytes (``None`` for null); ``keys`` likewise.
+    """
+
+    offsets: np.ndarray
+    timestamps: np.ndarray
+    values: Any
+    keys: Any
+
+
+class LogReader:
+    """Reads records of one log from ``offset`` onward."""
+
+    def __init__(self, log: PartitionLog, offset: int = 0, *, buffer_bytes: int = 1 << 20,
+                 max_records: int = 8192, check_crc: bool = False, spin_us: int = 50) -> None:
+        self.log = log
+        self._h = log._h
+        buffer_bytes = max(buffer_bytes, log.max_frame_bytes)
+        self._buf = ffi.new("uint8_t[]", buffer_bytes)
+        self._buf_len = buffer_bytes
+        self._max = max_records
+        self._views = ffi.new("shmq_record_view[]", max_records)
+        self._view_arr = np.frombuffer(ffi.buffer(self._views), dtype=np.int64).reshape(max_records, _VIEW_FIELDS)
+        self._used = ffi.new("int64_t *")
+        self._cur = ffi.new("shmq_cursor *")
+        self._unblock = ffi.new("shmq_unblock_state *")
+        self.check_crc = 1 if check_crc else 0
+        self.spin_ns = spin_us * 1000
+        self.seek(offset)
+
+    # -------------------------------------------------------------- position
+    @property
+    def position(self) -> int:
+        """The offset of the next record this reader returns."""
+        return int(self._cur.next_offset)
+
+    def seek(self, offset: int) -> None:
+        """Move to ``offset``. Below the log start: ``OffsetOutOfRange``."""
+        if not isinstance(offset, int) or offset < 0:
+            raise ValueError(f"offset must be a non-negative int, got {offset!r}")
+        rc = lib.shmq_log_seek(self._h, self._cur, offset)
+        if rc < 0:
+            self.log._fail(rc, "seek", offset)
+
+    def seek_to_time(self, timestamp_ms: int) -> int:
+        """Move to the first record whose timestamp >= ``timestamp_ms`` (or the
+        end if none) and return its offset. Exact when timestamps do not
+        decrease within the log (the time index is a max-so-far index)."""
+        off = lib.shmq_log_seek_time(self._h, self._cur, int(timestamp_ms))
+        if off < 0:
+            self.log._fail(off, f"seek to time {timestamp_ms}")
+        return int(off)
+
+    # ------------------------------------------------------------------ read
+    def _fill(self, max_records: int, timeout: float) -> int:
+        """Read up to max_records views into self._views; returns the count."""
+        n = lib.shmq_log_read(self._h, self._cur, self._buf, self._buf_len, self._views,
+                              min(max_records, self._max), self.check_crc, self._used)
+        if n == 0 and timeout > 0:
+            n = self._wait_and_read(max_records, timeout)
+        if n < 0:
+            self.log._fail(n, "read", int(self._cur.next_offset))
+        return n
+
+    def _wait_and_read(self, max_records: int, timeout: float) -> int:
+        import time
+        deadline = time.monotonic() + timeout
+        spin = self.spin_ns
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return 0
+            # Wake at least every unblock interval to check for a dead claim.
+            slice_ns = min(int(left * 1e9), self.log.config.unblock_timeout_ms * 1_000_000 // 2 + 1)
+            lib.shmq_log_wait(self._h, self._cur, spin, slice_ns)
+            spin = 0
+            n = lib.shmq_log_read(self._h, self._cur, self._buf, self._buf_len, self._views,
+                                  min(max_records, self._max), self.check_crc, self._used)
+            if n != 0:
+                return n
+            rc = lib.shmq_log_unblock_cursor(self._h, self._cur, self._unblock)
+            if rc < 0:
+                return rc
+
+    def read(self, max_records: int = 1024, timeout: float = 0.0) -> List[LogRecord]:
+        """Up to ``max_records`` records from the position; waits up to
+        ``timeout`` seconds when there is nothing yet. Raises
+        ``OffsetOutOfRange`` when the position was recycled (overwrite mode)
+        and ``CorruptRecord`` for bytes that do not parse."""
+        n = self._fill(max_records, timeout)
+        if n == 0:
+            return []
+        data = ffi.buffer(self._buf, self._used[0])[:]
+        rows = self._view_arr[:n].tolist()
+        out = []
+        new = LogRecord.__new__
+        for off, ts, kp, kl, vp, vl, hp, hc in rows:
+            out.append(new(LogRecord, off, ts,
+                           None if kl < 0 else data[kp:kp + kl],
+                           None if vl < 0 else data[vp:vp + vl],
+                           decode_headers(data, hp, hc, len(data)) if hc else ()))
+        return out
+
+    def read_arrays(self, max_records: int = 8192, timeout: float = 0.0) -> Optional[RecordArrays]:
+        """Like ``read`` but in bulk: numpy arrays of offsets and timestamps,
+        and values/keys as a 2-D uint8 array when they are fixed-width."""
+        n = self._fill(max_records, timeout)
+        if n == 0:
+            return None
+        v = self._view_arr[:n]
+        buf = np.frombuffer(ffi.buffer(self._buf, self._used[0]), dtype=np.uint8)
+        return RecordArrays(v[:, 0].copy(), v[:, 1].copy(), _gather(buf, v[:, 4], v[:, 5]),
+                            _gather(buf, v[:, 2], v[:, 3]))
+
+    def __iter__(self) -> "LogReader":
+        return self
+
+    def __next__(self) -> LogRecord:
+        recs = self.read(1, timeout=3600.0)
+        while not recs:
+            recs = self.read(1, timeout=3600.0)
+        return recs[0]
+
+
+def _gather(buf: np.ndarray, pos: np.ndarray, lens: np.ndarray) -> Any:
+    if len(lens) == 0:
+        return []
+    w = int(lens[0])
+    if w >= 0 and (lens == w).all():
+        if w == 0:
+            return np.zeros((len(lens), 0), dtype=np.uint8)
+        idx = pos[:, None] + np.arange(w, dtype=np.int64)[None, :]
+        return buf[idx]
+    data = buf.tobytes()
+    return [None if ln < 0 else data[p:p + ln] for p, ln in zip(pos.tolist(), lens.tolist())]
