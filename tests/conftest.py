@@ -1,0 +1,67 @@
+"""Shared fixtures: every test gets its own root under /dev/shm, removed after
+the test even when it fails, and every process a test starts is killed at the
+end of the test."""
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+import shutil
+import signal
+import tempfile
+from typing import Iterator, List
+
+import pytest
+
+SHM = "/dev/shm" if os.path.isdir("/dev/shm") else None
+
+
+@pytest.fixture
+def shm_dir() -> Iterator[str]:
+    """A fresh private directory on tmpfs (mode 0700)."""
+    d = tempfile.mkdtemp(prefix="shmq-test-", dir=SHM)
+    try:
+        yield d
+    finally:
+        shutil.rmtree(d, ignore_errors=True)
+
+
+class ProcessReaper:
+    """Tracks processes started by a test; kills whatever is left at teardown."""
+
+    def __init__(self) -> None:
+        self.procs: List[mp.Process] = []
+        self.pids: List[int] = []
+
+    def start(self, target, *args, **kwargs) -> mp.Process:  # type: ignore[no-untyped-def]
+        ctx = mp.get_context("fork")
+        p = ctx.Process(target=target, args=args, kwargs=kwargs, daemon=True)
+        p.start()
+        self.procs.append(p)
+        return p
+
+    def track(self, pid: int) -> None:
+        self.pids.append(pid)
+
+    def cleanup(self) -> None:
+        for p in self.procs:
+            if p.is_alive():
+                try:
+                    os.kill(p.pid, signal.SIGCONT)
+                    p.kill()
+                except ProcessLookupError:
+                    pass
+            p.join(timeout=5)
+        for pid in self.pids:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+
+@pytest.fixture
+def reaper() -> Iterator[ProcessReaper]:
+    r = ProcessReaper()
+    try:
+        yield r
+    finally:
+        r.cleanup()
