@@ -628,11 +628,13 @@ static int check_frame_len(int64_t batch_len)
     return 0;
 }
 
-int64_t shmq_log_append1(shmq_log *log, const uint8_t *key, int64_t key_len,
-                         const uint8_t *value, int64_t value_len,
-                         const uint8_t *headers, int64_t headers_len,
+int64_t shmq_log_append1(shmq_log *log, const char *key_, int64_t key_len,
+                         const char *value_, int64_t value_len,
+                         const char *headers_, int64_t headers_len,
                          int64_t timestamp, int64_t *timestamp_out, int64_t timeout_ns)
 {
+    const uint8_t *key = (const uint8_t *)key_, *value = (const uint8_t *)value_;
+    const uint8_t *headers = (const uint8_t *)headers_;
     int64_t blen = shmq_batch_size1(key_len, value_len, headers_len);
     if (blen < 0 || check_frame_len(blen))
         return SHMQ_ERR_ARG;
@@ -655,6 +657,16 @@ int64_t shmq_log_append1(shmq_log *log, const uint8_t *key, int64_t key_len,
         if (commit_frame(log, &c, timestamp) == SHMQ_OK)
             return c.base_offset;
     }
+}
+
+int64_t shmq_log_append_value(shmq_log *log, const char *value, int64_t value_len)
+{
+    return shmq_log_append1(log, NULL, -1, value, value_len, NULL, 0, -1, NULL, -1);
+}
+
+int64_t shmq_log_append_kv(shmq_log *log, const char *key, int64_t key_len, const char *value, int64_t value_len)
+{
+    return shmq_log_append1(log, key, key_len, value, value_len, NULL, 0, -1, NULL, -1);
 }
 
 int64_t shmq_log_append(shmq_log *log, const shmq_records *r, const shmq_batch_meta *meta, int64_t timeout_ns)

@@ -58,6 +58,8 @@ class PartitionLog:
                       topic=self.topic, partition=self.partition)
         self._h = handle[0]
         self._ts_out = ffi.new("int64_t *")
+        self._append_value = lib.shmq_log_append_value
+        self._append_kv = lib.shmq_log_append_kv
         hdr = lib.shmq_log_header(self._h)
         self.config = LogConfig(
             segment_bytes=int(hdr.segment_bytes),
@@ -139,6 +141,17 @@ class PartitionLog:
         ``timestamp_ms`` defaults to now. ``timeout`` bounds the wait for room
         in ``overflow="block"`` logs (``None`` waits forever).
         """
+        if type(value) is bytes and headers is None and timestamp_ms is None and timeout is None:
+            # Fast path: one three- or five-argument C call.
+            if key is None:
+                off = self._append_value(self._h, value, len(value))
+            elif type(key) is bytes:
+                off = self._append_kv(self._h, key, len(key), value, len(value))
+            else:
+                off = self._append_kv(self._h, _as_bytes(key, "key"), len(key), value, len(value))
+            if off < 0:
+                self._fail(off, "append")
+            return off
         if headers:
             hb = encode_headers(headers)
             hlen = len(hb)
