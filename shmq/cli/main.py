@@ -12,6 +12,11 @@ def _demo(args: argparse.Namespace) -> int:
                     value_size=args.value_size, root=args.root)
 
 
+def _dump_log(args: argparse.Namespace) -> int:
+    from .dump_log import dump
+    return dump(args.path, slot=args.slot, records=args.records, as_json=args.json)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="shmq", description="A Kafka-style message broker for one host.")
     p.add_argument("--root", default=None, help="root directory (default $SHMQ_ROOT or /dev/shm/shmq-<uid>)")
@@ -22,6 +27,12 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--count", type=int, default=200_000, help="records per producer")
     d.add_argument("--value-size", type=int, default=64)
     d.set_defaults(func=_demo)
+    dl = sub.add_parser("dump-log", help="frames and batches of a partition log, like kafka-dump-log")
+    dl.add_argument("path", help="partition directory (<root>/data/<replica>/<topic>-<partition>)")
+    dl.add_argument("--slot", type=int, default=None, help="only this ring slot")
+    dl.add_argument("--records", action="store_true", help="print every record too")
+    dl.add_argument("--json", action="store_true", help="one JSON object per line")
+    dl.set_defaults(func=_dump_log)
     return p
 
 

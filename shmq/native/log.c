@@ -664,9 +664,10 @@ int64_t shmq_log_append_value(shmq_log *log, const char *value, int64_t value_le
     return shmq_log_append1(log, NULL, -1, value, value_len, NULL, 0, -1, NULL, -1);
 }
 
-int64_t shmq_log_append_kv(shmq_log *log, const char *key, int64_t key_len, const char *value, int64_t value_len)
+int64_t shmq_log_append_kv(shmq_log *log, const char *key, int64_t key_len, const char *value, int64_t value_len,
+                           int64_t timestamp)
 {
-    return shmq_log_append1(log, key, key_len, value, value_len, NULL, 0, -1, NULL, -1);
+    return shmq_log_append1(log, key, key_len, value, value_len, NULL, 0, timestamp, NULL, -1);
 }
 
 int64_t shmq_log_append(shmq_log *log, const shmq_records *r, const shmq_batch_meta *meta, int64_t timeout_ns)
@@ -909,10 +910,11 @@ int64_t shmq_log_read(shmq_log *log, shmq_cursor *cur, uint8_t *dst, int64_t dst
         shmq_ctl_slot *slot = &log->slots[i];
         uint64_t ss = ld_acq(&slot->state_seq);
         if (ss != ss_make(seq, SHMQ_SLOT_ACTIVE)) {
-            if (ss_seq(ss) > seq || (ss_seq(ss) == seq && ss_state(ss) != SHMQ_SLOT_ACTIVE && ss_state(ss) != SHMQ_SLOT_CLEAN &&
-                                     ss_state(ss) != SHMQ_SLOT_ACTIVATING))
+            /* A newer generation in the slot: our segment was recycled. The
+             * same or an older one: our segment is still being prepared. */
+            if (ss_seq(ss) > seq)
                 return nrec ? nrec : set_error(log, SHMQ_ERR_OUT_OF_RANGE, seq, cur->pos, cur->next_offset);
-            return nrec; /* segment seq not active yet */
+            return nrec;
         }
         int64_t base = __atomic_load_n(&slot->base_offset, __ATOMIC_RELAXED);
         uint64_t pos = cur->pos;

@@ -195,7 +195,7 @@ int64_t shmq_log_append1(shmq_log *log, const char *key, int64_t key_len,
  * than the append itself): timestamp now, no headers, wait without limit. */
 int64_t shmq_log_append_value(shmq_log *log, const char *value, int64_t value_len);
 int64_t shmq_log_append_kv(shmq_log *log, const char *key, int64_t key_len,
-                           const char *value, int64_t value_len);
+                           const char *value, int64_t value_len, int64_t timestamp);
 /* Append a batch of records; returns the base offset or an error. */
 int64_t shmq_log_append(shmq_log *log, const shmq_records *r, const shmq_batch_meta *meta,
                         int64_t timeout_ns);

@@ -145,10 +145,10 @@ class PartitionLog:
             # Fast path: one three- or five-argument C call.
             if key is None:
                 off = self._append_value(self._h, value, len(value))
-            elif type(key) is bytes:
-                off = self._append_kv(self._h, key, len(key), value, len(value))
             else:
-                off = self._append_kv(self._h, _as_bytes(key, "key"), len(key), value, len(value))
+                if type(key) is not bytes:
+                    key = _as_bytes(key, "key")
+                off = self._append_kv(self._h, key, len(key), value, len(value), -1)
             if off < 0:
                 self._fail(off, "append")
             return off

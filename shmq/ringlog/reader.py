@@ -121,15 +121,26 @@ class LogReader:
         if n == 0:
             return []
         data = ffi.buffer(self._buf, self._used[0])[:]
-        rows = self._view_arr[:n].tolist()
-        out = []
-        new = LogRecord.__new__
-        for off, ts, kp, kl, vp, vl, hp, hc in rows:
-            out.append(new(LogRecord, off, ts,
-                           None if kl < 0 else data[kp:kp + kl],
-                           None if vl < 0 else data[vp:vp + vl],
-                           decode_headers(data, hp, hc, len(data)) if hc else ()))
-        return out
+        new = tuple.__new__
+        cls = LogRecord
+        return [new(cls, (off, ts, None if kl < 0 else data[kp:kp + kl], None if vl < 0 else data[vp:vp + vl],
+                          decode_headers(data, hp, hc, len(data)) if hc else ()))
+                for off, ts, kp, kl, vp, vl, hp, hc in self._view_arr[:n].tolist()]
+
+    def read_as(self, cls: Any, topic: str, partition: int, max_records: int = 1024,
+                timeout: float = 0.0) -> List[Any]:
+        """Like ``read`` but builds ``cls`` tuples laid out as
+        (topic, partition, offset, key, value, headers, timestamp_ms), the
+        field order of ``shmq.Message``, without an intermediate record."""
+        n = self._fill(max_records, timeout)
+        if n == 0:
+            return []
+        data = ffi.buffer(self._buf, self._used[0])[:]
+        new = tuple.__new__
+        return [new(cls, (topic, partition, off, None if kl < 0 else data[kp:kp + kl],
+                          None if vl < 0 else data[vp:vp + vl],
+                          decode_headers(data, hp, hc, len(data)) if hc else (), ts))
+                for off, ts, kp, kl, vp, vl, hp, hc in self._view_arr[:n].tolist()]
 
     def read_arrays(self, max_records: int = 8192, timeout: float = 0.0) -> Optional[RecordArrays]:
         """Like ``read`` but in bulk: numpy arrays of offsets and timestamps,

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from typing import Iterable, List, NamedTuple, Optional, Sequence, Tuple
 
+from ..errors import InvalidRecord
+
 Header = Tuple[str, Optional[bytes]]
 
 
@@ -35,16 +37,19 @@ def encode_headers(headers: Iterable[Header]) -> bytes:
     _zigzag_varint(len(items), out)
     for item in items:
         if not isinstance(item, tuple) or len(item) != 2:
-            raise TypeError(f"a header must be a (str, bytes) pair, got {item!r}")
+            raise InvalidRecord(f"a header must be a (str, bytes) pair, got {item!r}")
         key, value = item
         if not isinstance(key, str):
-            raise TypeError(f"a header key must be str, got {type(key).__name__}")
+            raise InvalidRecord(f"a header key must be str, got {type(key).__name__}")
         kb = key.encode()
         _zigzag_varint(len(kb), out)
         out += kb
         if value is None:
             _zigzag_varint(-1, out)
         else:
+            # bytes(int) would silently store zero bytes: accept bytes-like only
+            if not isinstance(value, (bytes, bytearray, memoryview)):
+                raise InvalidRecord(f"a header value must be bytes-like or None, got {type(value).__name__}")
             vb = bytes(value)
             _zigzag_varint(len(vb), out)
             out += vb

@@ -1,0 +1,445 @@
+"""Consumer: reads assigned partitions straight from shared memory.
+
+Each assigned partition has a ``LogReader`` over the partition's log; ``poll``
+and ``consume`` take records from whichever assigned, unpaused partition has
+some, round-robin, so one busy partition cannot starve the others.
+
+Positions and commits follow Kafka: ``position(tp)`` is the offset of the next
+record this consumer will return; ``commit()`` stores the positions of what has
+been returned so far; with ``enable_auto_commit`` that happens from ``poll``
+every ``auto_commit_interval_ms``, so auto-commit never commits a record that
+``poll`` has not returned. A partition without a committed offset starts per
+``auto_offset_reset`` (``earliest``, ``latest`` or ``none``), and a position
+that retention removed (``OffsetOutOfRange``) is reset the same way.
+
+Until consumer groups land, ``Consumer(*topics)`` / ``subscribe`` assigns every
+partition of the topics to this consumer.
+
+A Consumer is used by one thread at a time.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from collections import deque
+from typing import Any, Callable, Deque, Dict, Iterable, List, Optional, Sequence, Tuple
+
+from .cluster import Cluster
+from .errors import IllegalState, InvalidConfig, NoOffsetForPartition, OffsetOutOfRange, UnknownTopicOrPartition
+from .message import Message, OffsetAndTimestamp, TopicPartition
+from .ringlog import LogReader, RecordArrays
+
+log = logging.getLogger("shmq.consumer")
+
+RESETS = ("earliest", "latest", "none")
+
+
+class _Assigned:
+    """State of one assigned partition."""
+
+    __slots__ = ("tp", "log", "reader", "paused", "position")
+
+    def __init__(self, tp: TopicPartition, plog: Any, reader: Optional[LogReader]) -> None:
+        self.tp = tp
+        self.log = plog
+        self.reader = reader
+        self.paused = False
+        self.position: Optional[int] = None  # next offset to return; None until initialized
+
+
+class Consumer:
+    """Reads records of shmq topics, Kafka-style.
+
+    ``Consumer("orders", group_id="billing")`` subscribes; ``Consumer()`` then
+    ``assign([...])`` for manual assignment.
+    """
+
+    def __init__(self, *topics: str, group_id: Optional[str] = None, root: Any = None,
+                 auto_offset_reset: str = "latest", enable_auto_commit: bool = True,
+                 auto_commit_interval_ms: int = 5000, max_poll_records: int = 500,
+                 value_deserializer: Optional[Callable[[bytes], Any]] = None,
+                 key_deserializer: Optional[Callable[[bytes], Any]] = None,
+                 check_crcs: bool = False, consumer_timeout_ms: Optional[int] = None,
+                 client_id: str = "shmq-consumer", spin_us: int = 50, **unknown: Any) -> None:
+        if unknown:
+            raise InvalidConfig(f"unknown Consumer option(s): {', '.join(sorted(unknown))}")
+        if auto_offset_reset not in RESETS:
+            raise InvalidConfig(f"auto_offset_reset={auto_offset_reset!r} must be one of {RESETS}")
+        for name, v in (("auto_commit_interval_ms", auto_commit_interval_ms), ("max_poll_records", max_poll_records)):
+            if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
+                raise InvalidConfig(f"{name}={v!r} must be a positive int")
+        self._cluster = Cluster(root)
+        if group_id is not None:
+            from .root import validate_group
+            validate_group(group_id)
+        self.group_id = group_id
+        self.client_id = client_id
+        self.auto_offset_reset = auto_offset_reset
+        self.enable_auto_commit = bool(enable_auto_commit) and group_id is not None
+        self._auto_commit_s = auto_commit_interval_ms / 1000
+        self._next_auto_commit = time.monotonic() + self._auto_commit_s
+        self.max_poll_records = max_poll_records
+        self._value_de = value_deserializer
+        self._key_de = key_deserializer
+        self._check_crcs = check_crcs
+        self._consumer_timeout = None if consumer_timeout_ms is None else consumer_timeout_ms / 1000
+        self._spin_us = spin_us
+        self._assigned: Dict[TopicPartition, _Assigned] = {}
+        self._order: List[_Assigned] = []
+        self._rr = 0
+        self._buffer: Deque[Message] = deque()
+        self._buffer_tp: Optional[_Assigned] = None
+        self._subscription: Tuple[str, ...] = ()
+        self._closed = False
+        if topics:
+            self.subscribe(list(topics))
+
+    # ------------------------------------------------------------ assignment
+    def subscribe(self, topics: Sequence[str]) -> None:
+        """Consume every partition of ``topics`` (group membership comes with
+        consumer groups; until then the whole topic is assigned here)."""
+        if isinstance(topics, str):
+            topics = [topics]
+        tps = []
+        for t in topics:
+            info = self._cluster.topic(t)
+            tps.extend(TopicPartition(t, p) for p in range(info.partitions))
+        self._subscription = tuple(topics)
+        self.assign(tps)
+
+    def subscription(self) -> Tuple[str, ...]:
+        return self._subscription
+
+    def assign(self, partitions: Iterable[TopicPartition]) -> None:
+        """Replace the assignment with exactly ``partitions``."""
+        self._check_open()
+        wanted = []
+        for tp in partitions:
+            if not isinstance(tp, tuple) or len(tp) != 2:
+                raise InvalidConfig(f"assign() takes TopicPartition(topic, partition) items, got {tp!r}")
+            tp = TopicPartition(*tp)
+            info = self._cluster.topic(tp.topic)
+            if not isinstance(tp.partition, int) or not 0 <= tp.partition < info.partitions:
+                raise UnknownTopicOrPartition(
+                    f"partition {tp.partition!r} of topic {tp.topic!r} does not exist (it has {info.partitions})",
+                    topic=tp.topic, partition=tp.partition if isinstance(tp.partition, int) else None)
+            wanted.append(tp)
+        keep = {tp: self._assigned[tp] for tp in wanted if tp in self._assigned}
+        for tp in wanted:
+            if tp not in keep:
+                keep[tp] = _Assigned(tp, self._cluster.log(tp.topic, tp.partition), None)
+        self._assigned = keep
+        self._order = list(keep.values())
+        self._drop_buffer()
+
+    def unsubscribe(self) -> None:
+        self._subscription = ()
+        self.assign([])
+
+    def assignment(self) -> List[TopicPartition]:
+        return [a.tp for a in self._order]
+
+    def _state(self, tp: TopicPartition) -> _Assigned:
+        st = self._assigned.get(TopicPartition(*tp))
+        if st is None:
+            raise IllegalState(f"{tp[0]}-{tp[1]} is not assigned to this consumer", topic=tp[0], partition=tp[1])
+        return st
+
+    # -------------------------------------------------------------- positions
+    def _reset_position(self, st: _Assigned, why: str) -> None:
+        if self.auto_offset_reset == "none":
+            raise NoOffsetForPartition(f"{st.tp.topic}-{st.tp.partition}: {why} and auto_offset_reset='none'",
+                                       topic=st.tp.topic, partition=st.tp.partition)
+        off = st.log.start_offset if self.auto_offset_reset == "earliest" else st.log.end_offset
+        self._seek_state(st, off)
+
+    def _seek_state(self, st: _Assigned, offset: int) -> None:
+        if self._buffer_tp is st:
+            self._drop_buffer()
+        if st.reader is None:
+            st.reader = LogReader(st.log, offset, check_crc=self._check_crcs, spin_us=self._spin_us,
+                                  max_records=max(1024, self.max_poll_records))
+        else:
+            st.reader.seek(offset)
+        st.position = offset
+
+    def _init_position(self, st: _Assigned) -> None:
+        committed = self.committed(st.tp) if self.group_id else None
+        if committed is None:
+            self._reset_position(st, "no committed offset")
+            return
+        try:
+            self._seek_state(st, committed)
+        except OffsetOutOfRange:
+            self._reset_position(st, f"committed offset {committed} is out of range")
+
+    def position(self, tp: TopicPartition) -> int:
+        """Offset of the next record ``poll`` will return for ``tp``."""
+        st = self._state(tp)
+        if st.position is None:
+            self._init_position(st)
+        assert st.position is not None
+        return st.position
+
+    def seek(self, tp: TopicPartition, offset: int) -> None:
+        """Make ``offset`` the next record returned for ``tp``."""
+        if not isinstance(offset, int) or isinstance(offset, bool) or offset < 0:
+            raise InvalidConfig(f"seek offset must be a non-negative int, got {offset!r}")
+        self._seek_state(self._state(tp), offset)
+
+    def seek_to_beginning(self, *partitions: TopicPartition) -> None:
+        for st in self._targets(partitions):
+            self._seek_state(st, st.log.start_offset)
+
+    def seek_to_end(self, *partitions: TopicPartition) -> None:
+        for st in self._targets(partitions):
+            self._seek_state(st, st.log.end_offset)
+
+    def _targets(self, partitions: Sequence[TopicPartition]) -> List[_Assigned]:
+        if len(partitions) == 1 and isinstance(partitions[0], list):
+            partitions = partitions[0]  # type: ignore[assignment]
+        return [self._state(tp) for tp in partitions] if partitions else list(self._order)
+
+    def get_watermark_offsets(self, tp: TopicPartition) -> Tuple[int, int]:
+        """(low, high): the log start offset and the log end offset."""
+        plog = self._cluster.log(tp[0], tp[1])
+        return plog.start_offset, plog.end_offset
+
+    def offsets_for_times(self, timestamps: Dict[TopicPartition, int]) -> Dict[TopicPartition, Optional[OffsetAndTimestamp]]:
+        """For each partition, the earliest offset whose timestamp is >= the
+        given one (None when there is none), as Kafka's offsetsForTimes."""
+        out: Dict[TopicPartition, Optional[OffsetAndTimestamp]] = {}
+        for tp, ts in timestamps.items():
+            tp = TopicPartition(*tp)
+            plog = self._cluster.log(tp.topic, tp.partition)
+            reader = LogReader(plog, plog.start_offset, buffer_bytes=plog.max_frame_bytes, max_records=1)
+            off = reader.seek_to_time(int(ts))
+            recs = reader.read(1)
+            out[tp] = OffsetAndTimestamp(off, recs[0].timestamp_ms) if recs and recs[0].offset == off else None
+        return out
+
+    def pause(self, *partitions: TopicPartition) -> None:
+        for st in self._targets(partitions):
+            st.paused = True
+            if self._buffer_tp is st:
+                self._drop_buffer()
+
+    def resume(self, *partitions: TopicPartition) -> None:
+        for st in self._targets(partitions):
+            st.paused = False
+
+    def paused(self) -> List[TopicPartition]:
+        return [st.tp for st in self._order if st.paused]
+
+    # ------------------------------------------------------------------ fetch
+    def _drop_buffer(self) -> None:
+        """Forget buffered records; the reader goes back to the position."""
+        st = self._buffer_tp
+        self._buffer.clear()
+        self._buffer_tp = None
+        if st is not None and st.reader is not None and st.position is not None:
+            st.reader.seek(st.position)
+
+    def _fetch_from(self, st: _Assigned, max_records: int, timeout: float) -> List[Message]:
+        if st.position is None:
+            self._init_position(st)
+        assert st.reader is not None
+        try:
+            return st.reader.read_as(Message, st.tp.topic, st.tp.partition, max_records, timeout)
+        except OffsetOutOfRange:
+            log.warning("%s-%d: position %s is out of range; resetting to %s", st.tp.topic, st.tp.partition,
+                        st.position, self.auto_offset_reset)
+            self._reset_position(st, f"position {st.position} is out of range")
+            return []
+
+    def _fetch(self, max_records: int, timeout: float) -> Tuple[Optional[_Assigned], List[Message]]:
+        """Records from the next partition that has some, waiting up to timeout."""
+        deadline = time.monotonic() + timeout
+        while True:
+            active = [st for st in self._order if not st.paused]
+            n = len(active)
+            if n == 0:
+                if timeout > 0:
+                    time.sleep(max(0.0, min(deadline - time.monotonic(), 0.01)))
+                if time.monotonic() >= deadline:
+                    return None, []
+                continue
+            for k in range(n):
+                st = active[(self._rr + k) % n]
+                recs = self._fetch_from(st, max_records, 0.0)
+                if recs:
+                    self._rr = (self._rr + k + 1) % n
+                    return st, recs
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return None, []
+            if n == 1:
+                st = active[0]
+                recs = self._fetch_from(st, max_records, left)
+                return (st, recs) if recs else (None, [])
+            # Several partitions: wait on each in turn for a short slice.
+            st = active[self._rr % n]
+            self._rr = (self._rr + 1) % n
+            recs = self._fetch_from(st, max_records, min(left, 0.001))
+            if recs:
+                return st, recs
+
+    def _deliver(self, st: _Assigned, recs: List[Message]) -> List[Message]:
+        st.position = recs[-1].offset + 1
+        if self._value_de is not None or self._key_de is not None:
+            vd, kd = self._value_de, self._key_de
+            recs = [m._replace(value=vd(m.value) if vd and m.value is not None else m.value,
+                               key=kd(m.key) if kd and m.key is not None else m.key) for m in recs]
+        return recs
+
+    def poll(self, timeout: float = 1.0) -> Optional[Message]:
+        """The next record, or None if none arrives within ``timeout`` seconds."""
+        self._check_open()
+        self._maybe_auto_commit()
+        if not self._buffer:
+            st, recs = self._fetch(self.max_poll_records, timeout)
+            if not recs:
+                return None
+            self._buffer.extend(recs)
+            self._buffer_tp = st
+        msg = self._buffer.popleft()
+        st = self._buffer_tp
+        assert st is not None
+        st.position = msg.offset + 1
+        if not self._buffer:
+            self._buffer_tp = None
+        if self._value_de is not None or self._key_de is not None:
+            return self._deliver(st, [msg])[0]
+        return msg
+
+    def consume(self, num_messages: int = 1, timeout: float = -1) -> List[Message]:
+        """Up to ``num_messages`` records, waiting up to ``timeout`` seconds for
+        the first (``-1``: wait indefinitely)."""
+        self._check_open()
+        self._maybe_auto_commit()
+        if not isinstance(num_messages, int) or num_messages <= 0:
+            raise InvalidConfig(f"num_messages={num_messages!r} must be a positive int")
+        out: List[Message] = []
+        if self._buffer:
+            st = self._buffer_tp
+            assert st is not None
+            while self._buffer and len(out) < num_messages:
+                out.append(self._buffer.popleft())
+            if not self._buffer:
+                self._buffer_tp = None
+            return self._deliver(st, out)
+        wait = 1e9 if timeout is None or timeout < 0 else timeout
+        st2, recs = self._fetch(num_messages, wait)
+        if not recs:
+            return []
+        return self._deliver(st2, recs)  # type: ignore[arg-type]
+
+    def consume_arrays(self, num_messages: int = 65536, timeout: float = 0.0
+                       ) -> Optional[Tuple[TopicPartition, RecordArrays]]:
+        """Bulk variant: (partition, RecordArrays) from one partition — numpy
+        arrays of offsets and timestamps, values as a 2-D uint8 array when they
+        are fixed-width — or None when nothing arrives within ``timeout``."""
+        self._check_open()
+        self._maybe_auto_commit()
+        if self._buffer:
+            self._drop_buffer()
+        deadline = time.monotonic() + timeout
+        while True:
+            for st in [s for s in self._order if not s.paused]:
+                if st.position is None:
+                    self._init_position(st)
+                assert st.reader is not None
+                try:
+                    arrs = st.reader.read_arrays(num_messages)
+                except OffsetOutOfRange:
+                    self._reset_position(st, f"position {st.position} is out of range")
+                    continue
+                if arrs is not None:
+                    st.position = int(arrs.offsets[-1]) + 1
+                    return st.tp, arrs
+            if time.monotonic() >= deadline:
+                return None
+            time.sleep(0.0002)
+
+    def __iter__(self) -> "Consumer":
+        return self
+
+    def __next__(self) -> Message:
+        deadline = None if self._consumer_timeout is None else time.monotonic() + self._consumer_timeout
+        while True:
+            wait = 1.0 if deadline is None else max(0.0, deadline - time.monotonic())
+            msg = self.poll(wait)
+            if msg is not None:
+                return msg
+            if deadline is not None and time.monotonic() >= deadline:
+                raise StopIteration
+
+    # --------------------------------------------------------------- commits
+    def _maybe_auto_commit(self) -> None:
+        if self.enable_auto_commit and time.monotonic() >= self._next_auto_commit:
+            self._next_auto_commit = time.monotonic() + self._auto_commit_s
+            offsets = {st.tp: st.position for st in self._order if st.position is not None}
+            if offsets:
+                self._cluster.commit_offsets(self.group_id, offsets, sync=False)  # type: ignore[arg-type]
+
+    def commit(self, message: Optional[Message] = None, offsets: Optional[Dict[TopicPartition, int]] = None,
+               asynchronous: bool = True) -> Dict[TopicPartition, int]:
+        """Commit offsets for the group: those of ``offsets`` (the next offset
+        to read, as Kafka), else the one after ``message``, else the current
+        positions. With ``asynchronous=False`` returns once they are durable."""
+        self._check_open()
+        if self.group_id is None:
+            raise IllegalState("commit needs a group_id")
+        if offsets is not None:
+            todo = {TopicPartition(*tp): int(o) for tp, o in offsets.items()}
+        elif message is not None:
+            todo = {TopicPartition(message.topic, message.partition): message.offset + 1}
+        else:
+            todo = {st.tp: st.position for st in self._order if st.position is not None}
+        for tp, o in todo.items():
+            if not isinstance(o, int) or o < 0:
+                raise InvalidConfig(f"commit offset for {tp.topic}-{tp.partition} must be a non-negative int, got {o!r}")
+        if todo:
+            self._cluster.commit_offsets(self.group_id, todo, sync=not asynchronous)
+        return todo
+
+    def committed(self, tp: TopicPartition, timeout: Optional[float] = None) -> Optional[int]:
+        """The group's committed offset for ``tp`` (None if there is none)."""
+        if self.group_id is None:
+            return None
+        tp = TopicPartition(*tp)
+        return self._cluster.fetch_offsets(self.group_id, [tp]).get(tp)
+
+    def lag(self, tp: TopicPartition) -> int:
+        """Log end offset minus this consumer's position."""
+        return self._cluster.log(tp[0], tp[1]).end_offset - self.position(tp)
+
+    # -------------------------------------------------------------- lifecycle
+    def _check_open(self) -> None:
+        if self._closed:
+            raise IllegalState("the consumer is closed")
+
+    def close(self, autocommit: bool = True) -> None:
+        if self._closed:
+            return
+        if autocommit and self.enable_auto_commit:
+            offsets = {st.tp: st.position for st in self._order if st.position is not None}
+            if offsets:
+                try:
+                    self._cluster.commit_offsets(self.group_id, offsets, sync=True)  # type: ignore[arg-type]
+                except Exception as e:  # closing must not fail on a coordinator hiccup
+                    log.warning("final commit failed: %s", e)
+        self._closed = True
+        self._assigned.clear()
+        self._order = []
+        self._buffer.clear()
+        self._cluster.close()
+
+    def __enter__(self) -> "Consumer":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+
+__all__ = ["Consumer"]

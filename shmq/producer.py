@@ -1,0 +1,229 @@
+"""Producer: sends records to topics, appending straight into the partition logs.
+
+There is no broker between a producer and the log: ``send`` picks the
+partition, then one C call claims a frame in that partition's active segment,
+encodes the Kafka batch in place and commits it. So ``send`` returns the
+record's final ``RecordMetadata`` (no future to wait for) and ``flush`` has
+nothing to wait for while no replication is configured.
+
+A Producer is safe to use from several threads (the append is lock-free);
+create one per process.
+"""
+from __future__ import annotations
+
+import time
+from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple, Union
+
+import numpy as np
+
+from .cluster import Cluster
+from .errors import InvalidConfig, InvalidRecord, UnknownTopicOrPartition
+from .message import Header, RecordMetadata
+from .native import ffi, lib
+from .partitioner import Partitioner
+from .ringlog import PartitionLog
+
+ACKS = (0, 1, "all", -1)
+_NULL = ffi.NULL
+_time_ns = time.time_ns
+
+
+class _TopicRoute:
+    """A topic's partitions as the producer sends to them (refreshed when the
+    published metadata version changes)."""
+
+    __slots__ = ("name", "logs", "handles", "count", "max_bytes")
+
+    def __init__(self, name: str, logs: List[PartitionLog], max_bytes: int) -> None:
+        self.name = name
+        self.logs = logs
+        self.handles = [log._h for log in logs]
+        self.count = len(logs)
+        self.max_bytes = max_bytes
+
+
+class Producer:
+    """Sends records to shmq topics.
+
+    ``acks``: 0, 1 or ``"all"`` (Kafka's meaning; without replication all
+    three are satisfied once the record is committed in the shared log).
+    ``partitioner``: ``murmur2_random`` (default, Kafka's placement for keys,
+    sticky for null keys), ``murmur2``, ``xxhash`` or ``roundrobin``.
+    ``value_serializer`` / ``key_serializer`` turn other objects into bytes.
+    """
+
+    def __init__(self, root: Any = None, *, acks: Union[int, str] = 1, partitioner: str = "murmur2_random",
+                 value_serializer: Optional[Callable[[Any], bytes]] = None,
+                 key_serializer: Optional[Callable[[Any], bytes]] = None,
+                 max_block_ms: int = 60_000, client_id: str = "shmq-producer", **unknown: Any) -> None:
+        if unknown:
+            raise InvalidConfig(f"unknown Producer option(s): {', '.join(sorted(unknown))}")
+        if acks not in ACKS:
+            raise InvalidConfig(f"acks={acks!r} must be 0, 1 or 'all'")
+        if not isinstance(max_block_ms, int) or max_block_ms < 0:
+            raise InvalidConfig(f"max_block_ms={max_block_ms!r} must be a non-negative int")
+        self.acks = "all" if acks == -1 else acks
+        self.client_id = client_id
+        self._partitioner = Partitioner(partitioner)
+        self._value_ser = value_serializer
+        self._key_ser = key_serializer
+        self._timeout_ns = max_block_ms * 1_000_000
+        self._cluster = Cluster(root)
+        self._routes: Dict[str, _TopicRoute] = {}
+        self._version = self._cluster.version()
+        self._sends = 0
+        self._append_kv = lib.shmq_log_append_kv
+        self._ts_out = ffi.new("int64_t *")
+        self._closed = False
+
+    # --------------------------------------------------------------- routing
+    def _route(self, topic: str) -> _TopicRoute:
+        """The cached route for topic, re-read when the metadata changed."""
+        version = self._cluster.version()
+        if version != self._version:
+            self._version = version
+            self._routes.clear()
+        route = self._routes.get(topic)
+        if route is None:
+            if self._closed:
+                raise InvalidConfig("the producer is closed")
+            info = self._cluster.topic(topic)  # raises UnknownTopicOrPartition / InvalidTopic
+            logs = [self._cluster.log(topic, p) for p in range(info.partitions)]
+            route = _TopicRoute(topic, logs, info.max_message_bytes)
+            self._routes[topic] = route
+        return route
+
+    def partitions_for(self, topic: str) -> List[int]:
+        """The partition numbers of ``topic``."""
+        return list(range(self._route(topic).count))
+
+    # ------------------------------------------------------------------ send
+    def send(self, topic: str, value: Any = None, key: Any = None, *, partition: Optional[int] = None,
+             headers: Optional[Iterable[Header]] = None, timestamp_ms: Optional[int] = None) -> RecordMetadata:
+        """Append one record; returns where it was stored.
+
+        Raises ``UnknownTopicOrPartition``, ``InvalidRecord`` (a value or key
+        that is not bytes-like and no serializer), ``MessageSizeTooLarge``,
+        ``KafkaTimeoutError`` (a full ``overflow="block"`` topic past
+        ``max_block_ms``).
+        """
+        self._sends += 1
+        if self._sends & 255 == 0 or topic not in self._routes:
+            route = self._route(topic)
+        else:
+            route = self._routes[topic]
+        if self._value_ser is not None:
+            value = self._value_ser(value)
+        if self._key_ser is not None and key is not None:
+            key = self._key_ser(key)
+        if type(value) is not bytes and value is not None:
+            value = _to_bytes(value, "value", topic)
+        if type(key) is not bytes and key is not None:
+            key = _to_bytes(key, "key", topic)
+        if partition is None:
+            partition = self._partitioner(key, route.count)
+        elif type(partition) is not int or not 0 <= partition < route.count:
+            raise UnknownTopicOrPartition(
+                f"partition {partition!r} of topic {topic!r} does not exist (it has {route.count})",
+                topic=topic, partition=partition if isinstance(partition, int) else None)
+        if timestamp_ms is None:
+            ts = _time_ns() // 1_000_000
+        elif type(timestamp_ms) is int and timestamp_ms >= 0:
+            ts = timestamp_ms
+        else:
+            raise InvalidRecord(f"timestamp_ms must be a non-negative int, got {timestamp_ms!r}", topic=topic)
+        size = (0 if value is None else len(value)) + (0 if key is None else len(key))
+        if size > route.max_bytes:
+            self._too_large(route, partition, size)
+        if headers is None:
+            off = self._append_kv(route.handles[partition], _NULL if key is None else key,
+                                  -1 if key is None else len(key), _NULL if value is None else value,
+                                  -1 if value is None else len(value), ts)
+        else:
+            off = route.logs[partition].append(value, key, headers, ts, self._timeout_ns / 1e9)
+        if off < 0:
+            route.logs[partition]._fail(off, "send")
+        return RecordMetadata(topic, partition, off, ts)
+
+    def send_batch(self, topic: str, values: Union[Sequence[Any], np.ndarray],
+                   keys: Optional[Union[Sequence[Any], np.ndarray]] = None, *,
+                   partition: Optional[int] = None, timestamp_ms: Optional[int] = None) -> List[RecordMetadata]:
+        """Send many records at once: a list of values (and keys), or a 2-D
+        uint8 numpy array of fixed-width values.
+
+        With ``partition`` (or without keys), the whole batch is one Kafka
+        RecordBatch in one partition: one claim for all of it. With keys and no
+        partition, records are grouped by their key's partition, one batch
+        per partition, each partition's records kept in order. Returns one
+        RecordMetadata per batch written (its offset is the batch's first
+        offset); ``sum`` over them of the batch sizes equals ``len(values)``.
+        """
+        route = self._route(topic)
+        if self._value_ser is not None and not isinstance(values, np.ndarray):
+            values = [self._value_ser(v) for v in values]
+        if keys is not None and self._key_ser is not None and not isinstance(keys, np.ndarray):
+            keys = [None if k is None else self._key_ser(k) for k in keys]
+        ts = _time_ns() // 1_000_000 if timestamp_ms is None else timestamp_ms
+        n = len(values)
+        if keys is not None and len(keys) != n:
+            raise InvalidRecord(f"send_batch: {len(keys)} keys for {n} values", topic=topic)
+        if partition is not None:
+            if type(partition) is not int or not 0 <= partition < route.count:
+                raise UnknownTopicOrPartition(
+                    f"partition {partition!r} of topic {topic!r} does not exist (it has {route.count})",
+                    topic=topic)
+            groups: List[Tuple[int, Any, Any]] = [(partition, values, keys)]
+        elif keys is None:
+            groups = [(self._partitioner(None, route.count), values, None)]
+        else:
+            by_part: Dict[int, List[int]] = {}
+            key_list = keys.tolist() if isinstance(keys, np.ndarray) else keys
+            for i, k in enumerate(key_list):
+                kb = bytes(k) if isinstance(k, list) else k
+                by_part.setdefault(self._partitioner(kb, route.count), []).append(i)
+            groups = []
+            for p, idx in sorted(by_part.items()):
+                if isinstance(values, np.ndarray):
+                    vs: Any = values[idx]
+                else:
+                    vs = [values[i] for i in idx]
+                ks = keys[idx] if isinstance(keys, np.ndarray) else [keys[i] for i in idx]
+                groups.append((p, vs, ks))
+        out = []
+        for p, vs, ks in groups:
+            off = route.logs[p].append_batch(vs, ks, timestamp_ms=ts, timeout=self._timeout_ns / 1e9)
+            out.append(RecordMetadata(topic, p, off, ts))
+        return out
+
+    def _too_large(self, route: _TopicRoute, partition: int, size: int) -> None:
+        from .errors import MessageSizeTooLarge
+        raise MessageSizeTooLarge(
+            f"record of {size} bytes for {route.name}-{partition} exceeds max_message_bytes={route.max_bytes}",
+            topic=route.name, partition=partition)
+
+    # ------------------------------------------------------------- lifecycle
+    def flush(self, timeout: Optional[float] = None) -> int:
+        """Wait until every sent record is acknowledged; returns the number
+        still pending (always 0: each send is committed when it returns)."""
+        return 0
+
+    def close(self, timeout: Optional[float] = None) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        self.flush(timeout)
+        self._routes.clear()
+        self._cluster.close()
+
+    def __enter__(self) -> "Producer":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+
+def _to_bytes(v: Any, what: str, topic: str) -> bytes:
+    if isinstance(v, (bytearray, memoryview)):
+        return bytes(v)
+    raise InvalidRecord(f"{what} for topic {topic!r} must be bytes-like or None, got {type(v).__name__} "
+                        f"(pass {what}_serializer= to send other types)", topic=topic)
