@@ -61,11 +61,17 @@ static inline uint64_t zigzag(int64_t v)
     return ((uint64_t)v << 1) ^ (0 - ((uint64_t)v >> 63));
 }
 
-/* Bytes needed to encode v as a zig-zag varint (1..10). */
+/* Bytes needed to encode v as a zig-zag varint (1..10). A loop rather than
+ * a bit scan: the values here are mostly small, and this is faster for them. */
 static inline int64_t varint_size(int64_t v)
 {
-    int bits = 64 - __builtin_clzll(zigzag(v) | 1);
-    return (bits + 6) / 7;
+    uint64_t z = zigzag(v);
+    int64_t n = 1;
+    while (z >= 0x80) {
+        z >>= 7;
+        n++;
+    }
+    return n;
 }
 
 static inline uint8_t *put_varint(uint8_t *p, int64_t v)
@@ -80,15 +86,23 @@ static inline uint8_t *put_varint(uint8_t *p, int64_t v)
 }
 
 /*
- * Read a zig-zag varint of at most max_bytes bytes from [*pp, end) whose
- * unzigzagged value must fit in `limit_bits` bits of raw encoding (32 for
- * Kafka's varint, 64 for varlong). Returns 0 and advances *pp, or -1 if the
+ * Read a zig-zag varint of at most max_bytes bytes from [*pp, end) whose raw
+ * (still zig-zagged) value must be <= raw_max (UINT32_MAX for Kafka's
+ * varint, UINT64_MAX for varlong). Returns 0 and advances *pp, or -1 if the
  * varint runs past end, is too long, or overflows.
  */
 static inline int get_varint_n(const uint8_t **pp, const uint8_t *end, int max_bytes,
                                uint64_t raw_max, int64_t *out)
 {
     const uint8_t *p = *pp;
+    if (p < end) {                      /* one-byte fast path */
+        uint8_t b = *p;
+        if (!(b & 0x80)) {
+            *out = (int64_t)(b >> 1) ^ -(int64_t)(b & 1);
+            *pp = p + 1;
+            return 0;
+        }
+    }
     uint64_t z = 0;
     for (int i = 0; i < max_bytes; i++) {
         if (p >= end)
@@ -111,12 +125,6 @@ static inline int get_varint_n(const uint8_t **pp, const uint8_t *end, int max_b
 /* Kafka varint: int32, at most 5 bytes. */
 static inline int get_varint32(const uint8_t **pp, const uint8_t *end, int64_t *out)
 {
-    const uint8_t *p = *pp;
-    if (p < end && !(*p & 0x80)) {      /* one-byte fast path */
-        *out = (int64_t)(*p >> 1) ^ -(int64_t)(*p & 1);
-        *pp = p + 1;
-        return 0;
-    }
     return get_varint_n(pp, end, 5, UINT32_MAX, out);
 }
 

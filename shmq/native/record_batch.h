@@ -100,6 +100,24 @@ int shmq_crc32c_hardware_available(void);
 int32_t shmq_murmur2(const uint8_t *key, size_t len);  /* Kafka's Utils.murmur2 */
 int32_t shmq_murmur2_partition(const uint8_t *key, size_t len, int32_t num_partitions); /* toPositive(murmur2) % n */
 
+/*
+ * Implementation notes (record_batch.c):
+ *  - meta may be NULL: producer id/epoch/sequence -1, attributes 0, leader
+ *    epoch -1. Compression attribute bits are refused (SHMQ_ERR_ARG); base
+ *    offsets must be >= 0. shmq_batch_encode needs count >= 1.
+ *  - Pre-encoded headers are copied as given (not validated); an empty
+ *    slice (header_offs[i] == header_offs[i+1]) means no headers.
+ *  - shmq_batch_check/decode also require lastOffsetDelta >= 0, baseOffset
+ *    >= 0, recordCount <= (batch bytes - 61) / 7; decode requires strictly
+ *    increasing offset deltas <= lastOffsetDelta, key/value lengths >= -1,
+ *    non-null header keys, each record to end exactly at its length and the
+ *    last record at the batch end; compressed batches with records are
+ *    SHMQ_ERR_CORRUPT. With the LogAppendTime attribute (bit 3) every record
+ *    gets maxTimestamp, as in Kafka.
+ *  - decode returns as soon as out is full (later records are not looked
+ *    at): call again with min_offset = last offset + 1 for the rest.
+ */
+
 /* Exact encoded size of a batch holding r (header included); <0 on bad args. */
 int64_t shmq_batch_size(const shmq_records *r);
 /* Exact encoded size of a one-record batch (fast path). */
