@@ -20,10 +20,11 @@ from .root import Root, validate_topic
 class TopicInfo:
     """What producers and consumers need about a topic."""
 
-    __slots__ = ("name", "partitions", "paths", "config", "max_message_bytes")
+    __slots__ = ("name", "topic_id", "partitions", "paths", "config", "max_message_bytes")
 
-    def __init__(self, name: str, partitions: int, paths: List[str], config: Dict[str, Any]) -> None:
+    def __init__(self, name: str, topic_id: str, partitions: int, paths: List[str], config: Dict[str, Any]) -> None:
         self.name = name
+        self.topic_id = topic_id
         self.partitions = partitions
         self.paths = paths
         self.config = config
@@ -38,7 +39,11 @@ class Cluster:
         self.root = Root(root)
         self._client = CoordinatorClient(self.root)
         self._view = self._client.metadata()
-        self._logs: Dict[Tuple[str, int, str], PartitionLog] = {}
+        # Keyed by topic id: a topic deleted and re-created under the same name
+        # has new files at the same path, and must not reuse the old mapping.
+        self._logs: Dict[Tuple[str, int], PartitionLog] = {}
+        self._slots: Dict[Tuple[str, str, str, int], int] = {}
+        self._table: Any = None
         self._lock = threading.Lock()
 
     # -------------------------------------------------------------- metadata
@@ -55,7 +60,7 @@ class Cluster:
             md = self._view.topic(name)
         if md is None:
             raise UnknownTopicOrPartition(f"topic {name!r} does not exist in {self.root.path}", topic=name)
-        return TopicInfo(md.name, md.partitions, list(md.paths), dict(md.config))
+        return TopicInfo(md.name, md.topic_id, md.partitions, list(md.paths), dict(md.config))
 
     def topics(self) -> List[str]:
         self._view.refresh()
@@ -68,25 +73,51 @@ class Cluster:
             raise UnknownTopicOrPartition(
                 f"partition {partition!r} of topic {topic!r} does not exist (it has {info.partitions})",
                 topic=topic, partition=partition if isinstance(partition, int) else None)
-        path = info.paths[partition]
-        key = (topic, partition, path)
+        key = (info.topic_id, partition)
         plog = self._logs.get(key)
         if plog is None:
             with self._lock:
                 plog = self._logs.get(key)
                 if plog is None:
-                    plog = PartitionLog(path, name=f"{topic}-{partition}")
+                    plog = PartitionLog(info.paths[partition], name=f"{topic}-{partition}")
                     self._logs[key] = plog
         return plog
 
     # --------------------------------------------------------------- offsets
+    def offset_slot(self, group: str, topic: str, partition: int) -> int:
+        """Index of ``group``'s entry for ``topic``-``partition`` in the shared
+        offsets table (one RPC the first time, then cached)."""
+        info = self.topic(topic)
+        key = (group, info.topic_id, topic, partition)
+        idx = self._slots.get(key)
+        if idx is None:
+            idx, _ = self._client.offsets_slot(group, topic, partition)
+            self._slots[key] = idx
+        return idx
+
+    def offsets_table(self) -> Any:
+        if self._table is None:
+            self._table = self._client.offsets_table()
+        return self._table
+
     def commit_offsets(self, group: str, offsets: Dict[TopicPartition, int], sync: bool) -> None:
-        """Store committed offsets for ``group``; with ``sync`` only return once durable."""
-        self._client.commit_offsets(group, {(tp[0], tp[1]): int(o) for tp, o in offsets.items()}, sync=sync)
+        """Store committed offsets for ``group`` in the shared table (no RPC);
+        with ``sync``, return only once the coordinator made them durable."""
+        table = self.offsets_table()
+        for tp, o in offsets.items():
+            table.store(self.offset_slot(group, tp[0], tp[1]), int(o))
+        if sync:
+            self._client.sync_offsets()
 
     def fetch_offsets(self, group: str, partitions: Iterable[TopicPartition]) -> Dict[TopicPartition, int]:
-        got = self._client.fetch_offsets(group, [(tp[0], tp[1]) for tp in partitions])
-        return {TopicPartition(t, p): o for (t, p), o in got.items() if o is not None}
+        """Committed offsets of ``group`` (partitions with none are left out)."""
+        table = self.offsets_table()
+        out = {}
+        for tp in partitions:
+            o = table.load(self.offset_slot(group, tp[0], tp[1]))
+            if o >= 0:
+                out[TopicPartition(tp[0], tp[1])] = o
+        return out
 
     @property
     def client(self) -> Any:

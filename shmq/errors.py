@@ -69,5 +69,34 @@ class NotCoordinator(ShmqError):
     retriable = True
 
 
+class InvalidGroupId(ShmqError):
+    """A consumer group id is not valid (same rule as topic names)."""
+
+
+class InvalidPartitions(ShmqError):
+    """A partition count is not valid (e.g. fewer than the topic has already)."""
+
+
+class InvalidRequest(ShmqError):
+    """A request to the coordinator is malformed (wrong fields or types)."""
+
+
+class ClusterAuthorizationFailed(ShmqError):
+    """The caller may not use this root: another user owns it, its mode lets
+    others in, or the coordinator refused the peer's credentials."""
+
+
 class FencedClaim(ShmqError):
     """Internal: a claim was padded over by an unblocker; the append is retried."""
+
+
+class IllegalState(ShmqError):
+    """The call does not fit the object's state (closed, not assigned, no group)."""
+
+
+class NoOffsetForPartition(ShmqError):
+    """No committed offset and ``auto_offset_reset='none'``."""
+
+
+class CommitFailed(ShmqError):
+    """The commit was rejected (the member no longer owns the partition)."""

@@ -27,6 +27,8 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--count", type=int, default=200_000, help="records per producer")
     d.add_argument("--value-size", type=int, default=64)
     d.set_defaults(func=_demo)
+    from .commands import add_parsers
+    add_parsers(sub)
     dl = sub.add_parser("dump-log", help="frames and batches of a partition log, like kafka-dump-log")
     dl.add_argument("path", help="partition directory (<root>/data/<replica>/<topic>-<partition>)")
     dl.add_argument("--slot", type=int, default=None, help="only this ring slot")
@@ -38,7 +40,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
-    return int(args.func(args) or 0)
+    from ..errors import ShmqError
+    try:
+        return int(args.func(args) or 0)
+    except ShmqError as e:
+        print(f"shmq {args.command}: {type(e).__name__}: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
 
 
 if __name__ == "__main__":

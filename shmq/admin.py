@@ -1,0 +1,100 @@
+"""Admin: create, delete, list, describe and alter topics, as Kafka's admin clients do.
+
+Every call is one request to the root's coordinator (started on first use if
+none runs). Bad input raises the ``shmq.errors`` class Kafka would use
+(``InvalidTopic``, ``TopicAlreadyExists``, ``UnknownTopicOrPartition``,
+``InvalidConfig``, ``InvalidPartitions``) with a message naming the topic,
+and changes nothing. Names are validated here first so obviously bad input
+never costs a round trip.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Dict, List, Mapping, Optional, Union
+
+from .coordinator.client import CoordinatorClient
+from .root import Root, validate_topic
+
+__all__ = ["Admin", "TopicDescription", "PartitionDescription"]
+
+
+@dataclass(frozen=True)
+class PartitionDescription:
+    """One partition: its offsets (Kafka's log start / log end) and replicas."""
+
+    partition: int
+    start_offset: int
+    end_offset: int
+    leader: int
+    leader_epoch: int
+    replicas: List[int]
+    isr: List[int]
+    path: str
+
+
+@dataclass(frozen=True)
+class TopicDescription:
+    name: str
+    topic_id: str
+    partitions: List[PartitionDescription]
+    config: Dict[str, Any]
+
+    @property
+    def partition_count(self) -> int:
+        return len(self.partitions)
+
+
+def _description(d: Mapping[str, Any]) -> TopicDescription:
+    return TopicDescription(name=d["name"], topic_id=d["topic_id"], config=dict(d["config"]),
+                            partitions=[PartitionDescription(**p) for p in d["partitions"]])
+
+
+class Admin:
+    """Topic administration for one root (default: ``$SHMQ_ROOT`` or ``/dev/shm/shmq-<user>``)."""
+
+    def __init__(self, root: Union[str, Root, None] = None, *, timeout: float = 30.0) -> None:
+        self._client = CoordinatorClient(root, timeout=timeout)
+
+    @property
+    def root(self) -> Root:
+        return self._client.root
+
+    def create_topic(self, name: str, partitions: int = 1, config: Optional[Mapping[str, Any]] = None
+                     ) -> TopicDescription:
+        """Create ``name`` with ``partitions`` partitions; ``config`` keys as
+        ``segment_bytes`` or ``segment.bytes`` (see ``shmq.coordinator.topic_config``)."""
+        validate_topic(name)
+        return _description(self._client.create_topic(name, partitions, config))
+
+    def delete_topic(self, name: str) -> None:
+        """Delete ``name``, its partition logs and its committed offsets."""
+        validate_topic(name)
+        self._client.delete_topic(name)
+
+    def list_topics(self) -> List[str]:
+        """Names of every topic, sorted."""
+        return self._client.list_topics()
+
+    def describe_topic(self, name: str) -> TopicDescription:
+        """Partitions (with log start and end offsets) and config of ``name``."""
+        validate_topic(name)
+        return _description(self._client.describe_topic(name))
+
+    def create_partitions(self, name: str, total: int) -> TopicDescription:
+        """Grow ``name`` to ``total`` partitions (Kafka's createPartitions)."""
+        validate_topic(name)
+        return _description(self._client.create_partitions(name, total))
+
+    def alter_config(self, name: str, config: Mapping[str, Any]) -> Dict[str, Any]:
+        """Change alterable config keys of ``name``; returns the full new config."""
+        validate_topic(name)
+        return self._client.alter_config(name, config)
+
+    def close(self) -> None:
+        self._client.close()
+
+    def __enter__(self) -> "Admin":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()

@@ -1,0 +1,209 @@
+"""`shmq` subcommands that talk to a root: serve, topics, produce, consume, status.
+
+Each command is one function taking the parsed arguments and returning an
+exit status; output goes to stdout, errors to stderr as one line naming what
+was wrong (exit status 1).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from typing import Any, Dict, List, Optional
+
+
+def _config_pairs(pairs: Optional[List[str]]) -> Dict[str, Any]:
+    out: Dict[str, Any] = {}
+    for item in pairs or []:
+        if "=" not in item:
+            raise SystemExit(f"shmq: --config takes key=value, got {item!r}")
+        k, v = item.split("=", 1)
+        try:
+            out[k] = int(v)
+        except ValueError:
+            out[k] = v
+    return out
+
+
+def serve(args: argparse.Namespace) -> int:
+    from ..coordinator.__main__ import main as coordinator_main
+    argv = ["--root", args.root] if args.root else []
+    if args.standby:
+        argv.append("--standby")
+    return coordinator_main(argv)
+
+
+def topics(args: argparse.Namespace) -> int:
+    from ..admin import Admin
+    with Admin(args.root) as admin:
+        if args.action == "create":
+            admin.create_topic(args.topic, partitions=args.partitions, config=_config_pairs(args.config))
+            print(f"Created topic {args.topic}.")
+        elif args.action == "list":
+            for name in admin.list_topics():
+                print(name)
+        elif args.action == "delete":
+            admin.delete_topic(args.topic)
+            print(f"Deleted topic {args.topic}.")
+        elif args.action == "alter":
+            admin.alter_config(args.topic, _config_pairs(args.config))
+            print(f"Altered config of topic {args.topic}.")
+        elif args.action == "describe":
+            names = [args.topic] if args.topic else admin.list_topics()
+            for name in names:
+                d = admin.describe_topic(name)
+                cfg = ",".join(f"{k}={v}" for k, v in sorted(d.config.items()))
+                print(f"Topic: {d.name}\tTopicId: {d.topic_id}\tPartitionCount: {d.partition_count}\tConfigs: {cfg}")
+                for p in d.partitions:
+                    print(f"\tTopic: {d.name}\tPartition: {p.partition}\tLeader: {p.leader}\t"
+                          f"Replicas: {','.join(map(str, p.replicas))}\tIsr: {','.join(map(str, p.isr))}\t"
+                          f"LogStartOffset: {p.start_offset}\tLogEndOffset: {p.end_offset}")
+    return 0
+
+
+def produce(args: argparse.Namespace) -> int:
+    from ..producer import Producer
+    sent = 0
+    with Producer(args.root, acks=args.acks if args.acks == "all" else int(args.acks)) as producer:
+        for line in sys.stdin.buffer:
+            line = line.rstrip(b"\r\n")
+            key = None
+            if args.key_separator:
+                sep = args.key_separator.encode()
+                if sep not in line:
+                    print(f"shmq produce: line {sent + 1} has no key separator {args.key_separator!r}",
+                          file=sys.stderr)
+                    return 1
+                key, line = line.split(sep, 1)
+            md = producer.send(args.topic, line, key=key, partition=args.partition)
+            sent += 1
+            if args.verbose:
+                print(f"{md.topic}-{md.partition}@{md.offset}")
+    print(f"Sent {sent} records to {args.topic}.", file=sys.stderr)
+    return 0
+
+
+def consume(args: argparse.Namespace) -> int:
+    from ..consumer import Consumer
+    from ..message import TopicPartition
+    reset = "earliest" if args.from_beginning else "latest"
+    consumer = Consumer(group_id=args.group, root=args.root, auto_offset_reset=reset,
+                        enable_auto_commit=args.group is not None)
+    try:
+        if args.partition is not None:
+            consumer.assign([TopicPartition(args.topic, args.partition)])
+            if args.offset is not None:
+                consumer.seek(TopicPartition(args.topic, args.partition), args.offset)
+        else:
+            if args.offset is not None:
+                print("shmq consume: --offset needs --partition", file=sys.stderr)
+                return 1
+            consumer.subscribe([args.topic])
+        got = 0
+        idle_deadline = time.monotonic() + args.timeout_ms / 1000 if args.timeout_ms else None
+        while args.max_messages is None or got < args.max_messages:
+            msg = consumer.poll(0.1)
+            if msg is None:
+                if idle_deadline is not None and time.monotonic() >= idle_deadline:
+                    break
+                continue
+            if args.timeout_ms:
+                idle_deadline = time.monotonic() + args.timeout_ms / 1000
+            got += 1
+            if args.json:
+                print(json.dumps({"topic": msg.topic, "partition": msg.partition, "offset": msg.offset,
+                                  "timestamp_ms": msg.timestamp_ms,
+                                  "key": None if msg.key is None else msg.key.decode("utf-8", "replace"),
+                                  "value": None if msg.value is None else msg.value.decode("utf-8", "replace"),
+                                  "headers": [[k, None if v is None else v.decode("utf-8", "replace")]
+                                              for k, v in msg.headers]}))
+            else:
+                parts = []
+                if args.print_timestamp:
+                    parts.append(f"CreateTime:{msg.timestamp_ms}")
+                if args.print_partition:
+                    parts.append(f"Partition:{msg.partition}")
+                if args.print_offset:
+                    parts.append(f"Offset:{msg.offset}")
+                if args.print_key:
+                    parts.append("null" if msg.key is None else msg.key.decode("utf-8", "replace"))
+                parts.append("null" if msg.value is None else msg.value.decode("utf-8", "replace"))
+                print("\t".join(parts))
+            sys.stdout.flush()
+        print(f"Processed a total of {got} messages", file=sys.stderr)
+    finally:
+        consumer.close()
+    return 0
+
+
+def status(args: argparse.Namespace) -> int:
+    import psutil
+
+    from ..admin import Admin
+    from ..coordinator.client import CoordinatorClient
+    with CoordinatorClient(args.root) as client:
+        st = client.status()
+        print(f"Coordinator: pid {st.get('pid')} on {client.root.path}, up {st.get('uptime_s', 0):.0f} s")
+        clients = st.get("clients") or []
+    with Admin(args.root) as admin:
+        for name in admin.list_topics():
+            d = admin.describe_topic(name)
+            print(f"Topic {name}: {d.partition_count} partitions")
+            for p in d.partitions:
+                print(f"  {name}-{p.partition}: log start {p.start_offset}  log end {p.end_offset}  "
+                      f"records {p.end_offset - p.start_offset}")
+    pids = sorted({int(c["pid"]) for c in clients if isinstance(c, dict) and c.get("pid")})
+    if pids:
+        print("Client processes:")
+        for pid in pids:
+            try:
+                proc = psutil.Process(pid)
+                with proc.oneshot():
+                    cpu = proc.cpu_times()
+                    rss = proc.memory_info().rss
+                    print(f"  pid {pid:>7}  {' '.join(proc.cmdline())[:60]:<60}  cpu {cpu.user + cpu.system:8.2f} s"
+                          f"  rss {rss / 1e6:8.1f} MB")
+            except psutil.Error:
+                print(f"  pid {pid:>7}  (gone)")
+    return 0
+
+
+def add_parsers(sub: Any) -> None:
+    s = sub.add_parser("serve", help="run the coordinator in the foreground")
+    s.add_argument("--standby", action="store_true", help="wait and take over when the active one dies")
+    s.set_defaults(func=serve)
+
+    t = sub.add_parser("topics", help="create, list, describe, delete or alter topics")
+    t.add_argument("action", choices=["create", "list", "describe", "delete", "alter"])
+    t.add_argument("topic", nargs="?")
+    t.add_argument("--partitions", type=int, default=1)
+    t.add_argument("--config", action="append", metavar="KEY=VALUE", help="topic config (repeatable)")
+    t.set_defaults(func=topics)
+
+    p = sub.add_parser("produce", help="send lines from stdin as records")
+    p.add_argument("topic")
+    p.add_argument("--key-separator", default=None, help="split each line into key and value at this string")
+    p.add_argument("--partition", type=int, default=None)
+    p.add_argument("--acks", default="1", choices=["0", "1", "all"])
+    p.add_argument("--verbose", action="store_true", help="print topic-partition@offset per record")
+    p.set_defaults(func=produce)
+
+    c = sub.add_parser("consume", help="print records of a topic")
+    c.add_argument("topic")
+    c.add_argument("--group", default=None)
+    c.add_argument("--from-beginning", action="store_true")
+    c.add_argument("--partition", type=int, default=None)
+    c.add_argument("--offset", type=int, default=None)
+    c.add_argument("--max-messages", type=int, default=None)
+    c.add_argument("--timeout-ms", type=int, default=0, help="stop after this long without a record")
+    c.add_argument("--print-key", action="store_true")
+    c.add_argument("--print-offset", action="store_true")
+    c.add_argument("--print-partition", action="store_true")
+    c.add_argument("--print-timestamp", action="store_true")
+    c.add_argument("--json", action="store_true", help="one JSON object per record")
+    c.set_defaults(func=consume)
+
+    st = sub.add_parser("status", help="coordinator, topics, partitions and client processes")
+    st.set_defaults(func=status)
+

@@ -1,0 +1,64 @@
+"""``python -m shmq.coordinator --root R [--standby] [--daemon]``
+
+Runs a coordinator in the foreground (as ``shmq serve`` will). ``--standby``
+waits for the root's lock instead of exiting when another coordinator is
+active. ``--daemon`` detaches (double fork, new session, stdio to
+``<root>/coordinator.log``) and returns at once: this is how a client starts
+the embedded coordinator. Exit status: 0 after a clean stop, 3 if another
+coordinator is active (without ``--standby``).
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from typing import List, Optional
+
+from ..root import Root
+from .server import Coordinator, install_signal_handlers
+
+LOG_LIMIT = 16 << 20
+
+
+def _daemonize(root: Root) -> None:
+    if os.fork() > 0:
+        os._exit(0)
+    os.setsid()
+    if os.fork() > 0:
+        os._exit(0)
+    try:
+        if os.path.getsize(root.log_path) > LOG_LIMIT:
+            os.unlink(root.log_path)
+    except OSError:
+        pass
+    fd = os.open(root.log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW, 0o600)
+    null = os.open(os.devnull, os.O_RDONLY)
+    os.dup2(null, 0)
+    os.dup2(fd, 1)
+    os.dup2(fd, 2)
+    os.close(fd)
+    os.close(null)
+    os.chdir("/")
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m shmq.coordinator", description=__doc__.split("\n")[0])
+    ap.add_argument("--root", default=None, help="root directory (default: $SHMQ_ROOT or /dev/shm/shmq-<user>)")
+    ap.add_argument("--standby", action="store_true", help="wait to take over when the active coordinator dies")
+    ap.add_argument("--daemon", action="store_true", help="detach and log to <root>/coordinator.log")
+    ap.add_argument("--log-level", default="INFO")
+    args = ap.parse_args(argv)
+    os.umask(0o077)
+    root = Root(args.root)
+    if args.daemon:
+        _daemonize(root)
+    logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
+                        format=f"%(asctime)s %(levelname)s [pid {os.getpid()}] %(name)s: %(message)s")
+    coord = Coordinator(root)
+    install_signal_handlers(coord)
+    return 0 if coord.run(standby=args.standby) else 3
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,407 @@
+"""The coordinator process: one active per root, serving metadata over a Unix socket.
+
+Theory of operation:
+
+1. ``Coordinator.run()`` takes an exclusive ``flock`` on ``<root>/coordinator.lock``
+   (non-blocking, or blocking with ``standby=True``: a standby sleeps in the
+   kernel and wakes the instant the active process dies, since the kernel
+   drops a dead process's locks).
+2. It writes ``<root>/coordinator.pid``, recovers the metadata (snapshot +
+   journal), opens every partition log (recreating missing ones with a
+   warning and removing orphan directories), publishes ``metadata.map`` and
+   starts the housekeeping thread.
+3. It binds ``<root>/coordinator.sock`` (a stale socket file is removed: the
+   lock proves its owner is dead) and serves each connection in a thread.
+   Every connection's ``SO_PEERCRED`` uid must equal ours, else the peer gets
+   one ``ClusterAuthorizationFailed`` frame and is disconnected.
+4. Requests are served one at a time under one lock: validate
+   (``Store.prepare_*``), do file work, journal + fsync, apply, publish
+   ``metadata.map``, answer. A crash at any point leaves either the old or
+   the new state after recovery (orphan files are swept at startup).
+5. A thread journals hot-path offset commits from ``<root>/offsets.table``
+   every 10 ms (``offsets_sync``); ``sync_offsets`` does it at once.
+6. It exits on SIGTERM/SIGINT, or when its root directory disappears.
+
+Operations (``op_<name>``, arguments by keyword): ping, create_topic,
+delete_topic, list_topics, describe_topic, create_partitions, alter_config,
+commit_offsets, fetch_offsets, offsets_slot, sync_offsets,
+allocate_producer_id, status.
+"""
+from __future__ import annotations
+
+import fcntl
+import inspect
+import logging
+import os
+import signal
+import socket
+import struct
+import threading
+import time
+from typing import Any, Callable, Dict, List, Optional
+
+import psutil
+
+from ..errors import ClusterAuthorizationFailed, InvalidRequest, ShmqError
+from ..root import Root
+from .durable import DurableStore
+from .housekeeping import Housekeeper, LogRegistry
+from .metamap import MetadataPublisher
+from .offsets_sync import OffsetsTableSync
+from .partition_files import create_logs, open_all_logs, remove_logs
+from .protocol import error_to_wire, recv_frame, send_frame
+
+__all__ = ["Coordinator", "acquire_lock"]
+
+log = logging.getLogger("shmq.coordinator")
+
+_UCRED = struct.Struct("3i")      # pid, uid, gid
+
+
+def acquire_lock(root: Root, *, wait: bool) -> Optional[int]:
+    """The fd holding the root's coordinator lock, or None if another holds it (wait=False)."""
+    fd = os.open(root.lock_path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+    except BlockingIOError:
+        os.close(fd)
+        return None
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+class Coordinator:
+    """The coordinator of one root (see the module doc)."""
+
+    def __init__(self, root: Root, *, housekeeping_interval: float = 0.002) -> None:
+        self.root = root
+        self.housekeeping_interval = housekeeping_interval
+        self.started = time.time()
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._clients: Dict[int, Dict[str, Any]] = {}
+        self._next_conn = 0
+        self._root_ino = os.stat(root.path).st_ino
+        self.registry = LogRegistry()
+        self._handlers: Dict[str, Callable[..., Any]] = {
+            name[3:]: getattr(self, name) for name in dir(self) if name.startswith("op_")}
+
+    # ------------------------------------------------------------ lifecycle
+    def run(self, *, standby: bool = False, on_ready: Optional[Callable[[], None]] = None) -> bool:
+        """Become the active coordinator and serve until stopped; False if
+        another one is active and ``standby`` is off."""
+        lock_fd = acquire_lock(self.root, wait=standby)
+        if lock_fd is None:
+            log.info("another coordinator is active on %s (pid %s); exiting",
+                     self.root.path, self.root.coordinator_pid())
+            return False
+        try:
+            self._write_pid()
+            log.info("coordinator pid %d active on %s", os.getpid(), self.root.path)
+            self.db = DurableStore.open(self.root)
+            open_all_logs(self.root, self.db.store, self.registry)
+            for name, t in self.db.store.topics.items():
+                self._update_slowest(name, range(len(t["partitions"])))
+            self.offsets = OffsetsTableSync(self.root, self.db)
+            self.publisher = MetadataPublisher(self.root.metadata_map_path, self._payload())
+            self.housekeeper = Housekeeper(self.registry, self.housekeeping_interval)
+            self.housekeeper.start()
+            threading.Thread(target=self._offsets_loop, name="shmq-offsets", daemon=True).start()
+            listener = self._listen()
+            if on_ready is not None:
+                on_ready()
+            self._serve(listener)
+        finally:
+            os.close(lock_fd)
+        return True
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def _write_pid(self) -> None:
+        tmp = self.root.pid_path + ".tmp"
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(f"{os.getpid()} {psutil.Process().create_time()!r}\n")
+        os.rename(tmp, self.root.pid_path)
+
+    def _listen(self) -> socket.socket:
+        path = self.root.socket_path
+        try:
+            os.unlink(path)              # we hold the lock: its creator is dead
+        except FileNotFoundError:
+            pass
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        old = os.umask(0o177)
+        try:
+            s.bind(path)
+        finally:
+            os.umask(old)
+        s.listen(128)
+        s.settimeout(0.2)
+        return s
+
+    def _serve(self, listener: socket.socket) -> None:
+        try:
+            while not self._stop.is_set():
+                try:
+                    conn, _ = listener.accept()
+                except socket.timeout:
+                    if not self._root_alive():
+                        log.warning("root %s was removed; coordinator exits", self.root.path)
+                        break
+                    continue
+                except OSError as e:          # e.g. EMFILE: keep serving the others
+                    log.error("accept on %s failed: %s", self.root.socket_path, e)
+                    time.sleep(0.05)
+                    continue
+                conn.settimeout(None)
+                threading.Thread(target=self._connection, args=(conn,), daemon=True,
+                                 name="shmq-conn").start()
+        finally:
+            self._stop.set()
+            log.info("coordinator pid %d stopping", os.getpid())
+            self.housekeeper.stop()
+            listener.close()
+            try:
+                if os.stat(self.root.socket_path).st_ino == os.fstat(listener.fileno()).st_ino:
+                    os.unlink(self.root.socket_path)
+            except OSError:
+                pass
+            self.housekeeper.join(timeout=1)
+            with self._lock:
+                self._sync_offsets()
+                self.offsets.close()
+                self.db.close()
+                self.publisher.close()
+                self.registry.close_all()
+
+    def _offsets_loop(self, interval: float = 0.01) -> None:
+        """Journal hot-path commits from the offsets table every ``interval`` seconds."""
+        while not self._stop.wait(interval):
+            with self._lock:
+                if not self._stop.is_set():
+                    self._sync_offsets()
+
+    def _sync_offsets(self) -> int:
+        try:
+            changed = self.offsets.sync()
+        except Exception:
+            log.exception("journaling committed offsets from the offsets table failed")
+            return 0
+        for topic in {t for t, _ in changed}:
+            self._update_slowest(topic, sorted({p for t, p in changed if t == topic}))
+        return len(changed)
+
+    def _root_alive(self) -> bool:
+        try:
+            return os.stat(self.root.path).st_ino == self._root_ino
+        except OSError:
+            return False
+
+    # ----------------------------------------------------------- connections
+    def _connection(self, conn: socket.socket) -> None:
+        pid, uid, _gid = _UCRED.unpack(conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _UCRED.size))
+        if uid != os.geteuid():
+            log.warning("refused a connection from pid %d uid %d (only uid %d may connect)", pid, uid,
+                        os.geteuid())
+            try:
+                send_frame(conn, {"id": 0, **error_to_wire(ClusterAuthorizationFailed(
+                    f"the shmq coordinator of {self.root.path} refuses uid {uid}: only its owner "
+                    f"(uid {os.geteuid()}) may connect"))})
+                # Half-close and drain what the peer sent, so that closing does not
+                # reset the connection before the peer has read the refusal.
+                conn.shutdown(socket.SHUT_WR)
+                conn.settimeout(1.0)
+                drained = 0
+                while drained < (1 << 20):
+                    chunk = conn.recv(65536)
+                    if not chunk:
+                        break
+                    drained += len(chunk)
+            except OSError:
+                pass
+            conn.close()
+            return
+        with self._lock:
+            self._next_conn += 1
+            cid = self._next_conn
+            self._clients[cid] = {"pid": pid, "uid": uid, "connected": time.time()}
+        try:
+            while True:
+                req = recv_frame(conn)
+                if req is None:
+                    break
+                send_frame(conn, {"id": req.get("id"), **self._dispatch(req)})
+        except (OSError, ConnectionError, ValueError) as e:
+            log.debug("connection of pid %d closed: %s", pid, e)
+        finally:
+            conn.close()
+            with self._lock:
+                self._clients.pop(cid, None)
+
+    def _dispatch(self, req: Dict[str, Any]) -> Dict[str, Any]:
+        op, args = req.get("op"), req.get("args") or {}
+        handler = self._handlers.get(op) if isinstance(op, str) else None
+        try:
+            if handler is None:
+                raise InvalidRequest(f"unknown coordinator operation {op!r}")
+            if not isinstance(args, dict):
+                raise InvalidRequest(f"arguments of {op} must be an object")
+            try:
+                inspect.signature(handler).bind(**args)
+            except TypeError as e:
+                raise InvalidRequest(f"bad arguments for {op}: {e}") from None
+            with self._lock:
+                return {"ok": True, "result": handler(**args)}
+        except ShmqError as e:
+            return error_to_wire(e)
+        except Exception as e:
+            log.exception("internal error serving %s", op)
+            return error_to_wire(ShmqError(f"coordinator internal error in {op}: {type(e).__name__}: {e}"))
+
+    # ------------------------------------------------------------ partitions
+    def _update_slowest(self, topic: str, partitions: Any) -> None:
+        """Block-mode logs: producers may overwrite only what every group committed past."""
+        t = self.db.store.topics.get(topic)
+        if t is None or t["config"]["overflow"] != "block":
+            return
+        for p in partitions:
+            low = self.db.store.committed_min(topic, p)
+            plog = self.registry.get(topic, p)
+            if low is not None and plog is not None:
+                plog.set_slowest_position(low)
+
+    def _payload(self) -> Dict[str, Any]:
+        topics = {}
+        for name, t in self.db.store.topics.items():
+            n = len(t["partitions"])
+            topics[name] = {"topic_id": t["topic_id"], "partitions": n, "config": t["config"],
+                            "paths": [self.root.partition_dir(name, p) for p in range(n)]}
+        return {"topics": topics, "coordinator_pid": os.getpid()}
+
+    def _publish(self) -> None:
+        self.publisher.publish(self._payload())
+
+    # ----------------------------------------------------------- operations
+    def op_ping(self) -> Dict[str, Any]:
+        return {"pid": os.getpid(), "started": self.started}
+
+    def op_create_topic(self, name: str, partitions: int = 1, config: Optional[Dict[str, Any]] = None
+                        ) -> Dict[str, Any]:
+        rec = self.db.store.prepare_create_topic(name, partitions, config)
+        create_logs(self.root, self.registry, name, 0, partitions, rec["config"])
+        try:
+            self.db.commit([rec])
+        except BaseException:
+            remove_logs(self.root, self.registry, name, range(partitions))
+            raise
+        self._publish()
+        log.info("created topic %s with %d partitions", name, partitions)
+        return self.op_describe_topic(name)
+
+    def op_delete_topic(self, name: str) -> None:
+        rec = self.db.store.prepare_delete_topic(name)
+        n = len(self.db.store.topics[name]["partitions"])
+        slots = dict(self.db.store.offset_slots)
+        self.db.commit([rec])
+        self.offsets.release_topic(slots, name)
+        self._publish()
+        remove_logs(self.root, self.registry, name, range(n))
+        log.info("deleted topic %s", name)
+
+    def op_list_topics(self) -> List[str]:
+        return sorted(self.db.store.topics)
+
+    def op_describe_topic(self, name: str) -> Dict[str, Any]:
+        t = self.db.store.topic(name)
+        parts = []
+        for p, meta in enumerate(t["partitions"]):
+            plog = self.registry.get(name, p)
+            parts.append({"partition": p, "leader": meta["leader"], "leader_epoch": meta["leader_epoch"],
+                          "replicas": meta["replicas"], "isr": meta["isr"],
+                          "start_offset": plog.start_offset if plog else -1,
+                          "end_offset": plog.end_offset if plog else -1,
+                          "path": self.root.partition_dir(name, p)})
+        return {"name": name, "topic_id": t["topic_id"], "config": t["config"], "partitions": parts}
+
+    def op_create_partitions(self, name: str, total: int) -> Dict[str, Any]:
+        rec = self.db.store.prepare_create_partitions(name, total)
+        t = self.db.store.topics[name]
+        have = len(t["partitions"])
+        create_logs(self.root, self.registry, name, have, total, t["config"])
+        try:
+            self.db.commit([rec])
+        except BaseException:
+            remove_logs(self.root, self.registry, name, range(have, total))
+            raise
+        self._publish()
+        log.info("topic %s now has %d partitions", name, total)
+        return self.op_describe_topic(name)
+
+    def op_alter_config(self, name: str, config: Dict[str, Any]) -> Dict[str, Any]:
+        rec = self.db.store.prepare_alter_config(name, config)
+        self.db.commit([rec])
+        self._publish()
+        return dict(self.db.store.topics[name]["config"])
+
+    def op_commit_offsets(self, group: str, offsets: List[Any], monotonic: bool = False) -> List[Any]:
+        self._sync_offsets()                  # hot-path commits first, so ordering holds
+        rec, stored = self.db.store.prepare_commit_offsets(group, offsets, monotonic=bool(monotonic))
+        if rec is not None:
+            self.db.commit([rec])
+            for topic, p, off, _meta in rec["offsets"]:
+                self.offsets.write_through(group, topic, p, off)
+            for topic in {o[0] for o in rec["offsets"]}:
+                self._update_slowest(topic, sorted({o[1] for o in rec["offsets"] if o[0] == topic}))
+        return [list(s) for s in stored]
+
+    def op_fetch_offsets(self, group: str, partitions: Optional[List[Any]] = None) -> List[Any]:
+        if partitions is not None:
+            if not isinstance(partitions, list) or not all(
+                    isinstance(tp, (list, tuple)) and len(tp) == 2 for tp in partitions):
+                raise InvalidRequest("partitions must be a list of [topic, partition]")
+            partitions = [(tp[0], tp[1]) for tp in partitions]
+        self._sync_offsets()
+        return [list(o) for o in self.db.store.fetch_offsets(group, partitions)]
+
+    def op_offsets_slot(self, group: str, topic: str, partition: int) -> Dict[str, Any]:
+        """The offsets-table entry through which ``group`` commits ``topic``-``partition``."""
+        index, offset = self.offsets.slot(group, topic, partition)
+        return {"index": index, "offset": offset, "path": self.root.offsets_table_path}
+
+    def op_sync_offsets(self) -> Dict[str, int]:
+        """Journal (fsync) every offset stored in the table so far; then it is durable."""
+        return {"changed": self._sync_offsets()}
+
+    def op_allocate_producer_id(self, transactional_id: Optional[str] = None) -> Dict[str, int]:
+        rec = self.db.store.prepare_allocate_producer_id(transactional_id)
+        self.db.commit([rec])
+        return {"producer_id": rec["producer_id"], "epoch": rec["epoch"]}
+
+    def op_status(self) -> Dict[str, Any]:
+        now = time.time()
+        j = self.db.journal
+        return {"pid": os.getpid(), "root": self.root.path, "started": self.started,
+                "uptime_s": now - self.started,
+                "clients": [{"pid": c["pid"], "uid": c["uid"], "connected_s": now - c["connected"]}
+                            for c in self._clients.values()],
+                "topics": len(self.db.store.topics), "groups": len(self.db.store.offsets),
+                "partitions": len(self.registry),
+                "housekeeping": {"ticks": self.housekeeper.ticks,
+                                 "failing": [f"{t}-{p}" for t, p in sorted(self.registry.failing)]},
+                "journal": {"base_seq": j.base_seq, "next_seq": j.next_seq, "bytes": j.size}}
+
+
+def install_signal_handlers(coord: Coordinator) -> None:
+    """SIGTERM/SIGINT stop the coordinator cleanly (main thread only)."""
+    def handler(signum: int, frame: Any) -> None:
+        coord.stop()
+    signal.signal(signal.SIGTERM, handler)
+    signal.signal(signal.SIGINT, handler)
