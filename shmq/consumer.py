@@ -332,7 +332,17 @@ class Consumer:
         st2, recs = self._fetch(num_messages, wait)
         if not recs:
             return []
-        return self._deliver(st2, recs)  # type: ignore[arg-type]
+        out = self._deliver(st2, recs)  # type: ignore[arg-type]
+        # Top up from the other partitions without waiting, as Kafka's
+        # consume(n) returns records of every partition that has some.
+        for _ in range(len(self._order) - 1):
+            if len(out) >= num_messages:
+                break
+            st3, more = self._fetch(num_messages - len(out), 0.0)
+            if not more:
+                break
+            out.extend(self._deliver(st3, more))  # type: ignore[arg-type]
+        return out
 
     def consume_arrays(self, num_messages: int = 65536, timeout: float = 0.0
                        ) -> Optional[Tuple[TopicPartition, RecordArrays]]:
