@@ -26,16 +26,19 @@ from .ringlog import PartitionLog
 ACKS = (0, 1, "all", -1)
 _NULL = ffi.NULL
 _time_ns = time.time_ns
+_new_tuple = tuple.__new__
 
 
 class _TopicRoute:
     """A topic's partitions as the producer sends to them (refreshed when the
     published metadata version changes)."""
 
-    __slots__ = ("name", "logs", "handles", "count", "max_bytes")
+    __slots__ = ("name", "logs", "handles", "count", "max_bytes", "blocking")
 
     def __init__(self, name: str, logs: List[PartitionLog], max_bytes: int) -> None:
         self.name = name
+        # overflow="block" topics take the path with a timeout (max_block_ms).
+        self.blocking = any(log.config.overflow == "block" for log in logs)
         self.logs = logs
         self.handles = [log._h for log in logs]
         self.count = len(logs)
@@ -107,19 +110,33 @@ class Producer:
         ``KafkaTimeoutError`` (a full ``overflow="block"`` topic past
         ``max_block_ms``).
         """
+        # The common case costs one dict lookup, a few type checks and one C
+        # call; the metadata version is re-checked every 256 sends.
         self._sends += 1
-        if self._sends & 255 == 0 or topic not in self._routes:
+        route = self._routes.get(topic)
+        if route is None or not self._sends & 255:
             route = self._route(topic)
-        else:
-            route = self._routes[topic]
         if self._value_ser is not None:
             value = self._value_ser(value)
-        if self._key_ser is not None and key is not None:
-            key = self._key_ser(key)
-        if type(value) is not bytes and value is not None:
+        if key is not None:
+            if self._key_ser is not None:
+                key = self._key_ser(key)
+            if type(key) is not bytes:
+                key = _to_bytes(key, "key", topic)
+            klen = len(key)
+        else:
+            klen = -1
+        if type(value) is bytes:
+            vlen = len(value)
+            if vlen > route.max_bytes:
+                self._too_large(route, partition, vlen)
+        elif value is None:
+            vlen = -1
+        else:
             value = _to_bytes(value, "value", topic)
-        if type(key) is not bytes and key is not None:
-            key = _to_bytes(key, "key", topic)
+            vlen = len(value)
+            if vlen > route.max_bytes:
+                self._too_large(route, partition, vlen)
         if partition is None:
             partition = self._partitioner(key, route.count)
         elif type(partition) is not int or not 0 <= partition < route.count:
@@ -132,18 +149,14 @@ class Producer:
             ts = timestamp_ms
         else:
             raise InvalidRecord(f"timestamp_ms must be a non-negative int, got {timestamp_ms!r}", topic=topic)
-        size = (0 if value is None else len(value)) + (0 if key is None else len(key))
-        if size > route.max_bytes:
-            self._too_large(route, partition, size)
-        if headers is None:
-            off = self._append_kv(route.handles[partition], _NULL if key is None else key,
-                                  -1 if key is None else len(key), _NULL if value is None else value,
-                                  -1 if value is None else len(value), ts)
+        if headers is None and not route.blocking:
+            off = self._append_kv(route.handles[partition], _NULL if key is None else key, klen,
+                                  _NULL if value is None else value, vlen, ts)
+            if off < 0:
+                route.logs[partition]._fail(off, "send")
         else:
             off = route.logs[partition].append(value, key, headers, ts, self._timeout_ns / 1e9)
-        if off < 0:
-            route.logs[partition]._fail(off, "send")
-        return RecordMetadata(topic, partition, off, ts)
+        return _new_tuple(RecordMetadata, (topic, partition, off, ts))
 
     def send_batch(self, topic: str, values: Union[Sequence[Any], np.ndarray],
                    keys: Optional[Union[Sequence[Any], np.ndarray]] = None, *,
@@ -195,10 +208,11 @@ class Producer:
             out.append(RecordMetadata(topic, p, off, ts))
         return out
 
-    def _too_large(self, route: _TopicRoute, partition: int, size: int) -> None:
+    def _too_large(self, route: _TopicRoute, partition: Optional[int], size: int) -> None:
         from .errors import MessageSizeTooLarge
         raise MessageSizeTooLarge(
-            f"record of {size} bytes for {route.name}-{partition} exceeds max_message_bytes={route.max_bytes}",
+            f"record of {size} bytes for topic {route.name!r}"
+            f"{'' if partition is None else f' partition {partition}'} exceeds max_message_bytes={route.max_bytes}",
             topic=route.name, partition=partition)
 
     # ------------------------------------------------------------- lifecycle
