@@ -9,7 +9,7 @@ an RPC per record.
 from __future__ import annotations
 
 import threading
-from typing import Any, Dict, Iterable, List, Optional, Tuple
+from typing import Any, Dict, Iterable, List, Tuple
 
 from .errors import UnknownTopicOrPartition
 from .message import TopicPartition

@@ -16,14 +16,17 @@ from __future__ import annotations
 
 import os
 import time
-from typing import Any, Iterable, List, Optional, Sequence, Union
+from typing import TYPE_CHECKING, Any, Iterable, List, Optional, Sequence, Union
 
 import numpy as np
 
-from ..errors import InvalidRecord, KafkaStorageError, MessageSizeTooLarge
+from ..errors import InvalidRecord, MessageSizeTooLarge
 from ..native import ffi, lib, raise_for
 from .config import LogConfig
 from .records import Header, encode_headers
+
+if TYPE_CHECKING:
+    from .reader import LogReader
 
 BytesLike = Union[bytes, bytearray, memoryview]
 
@@ -230,12 +233,18 @@ class PartitionLog:
     @property
     def start_offset(self) -> int:
         """Offset of the oldest record still held (Kafka's log start offset)."""
-        return int(lib.shmq_log_start_offset(self._h))
+        off = int(lib.shmq_log_start_offset(self._h))
+        if off < 0:  # the control block does not make sense
+            self._fail(off, "start offset")
+        return off
 
     @property
     def end_offset(self) -> int:
         """The next offset to be assigned (Kafka's log end offset)."""
-        return int(lib.shmq_log_end_offset(self._h))
+        off = int(lib.shmq_log_end_offset(self._h))
+        if off < 0:  # the control block does not make sense
+            self._fail(off, "end offset")
+        return off
 
     def reader(self, offset: Optional[int] = None, **kwargs: Any) -> "LogReader":
         """A reader positioned at ``offset`` (default: the log start)."""
