@@ -178,17 +178,23 @@ static int create_file(const char *path, size_t len)
     return SHMQ_OK;
 }
 
-static void remove_files(const char *dir, uint32_t upto)
+/* Remove what a failed create made, and nothing else (the directory may
+ * hold an existing log: its files are not ours to delete): every file of
+ * slots < full, the first `partial` files of slot `full`, and the control
+ * block if `ctl`. */
+static void remove_files(const char *dir, uint32_t full, int partial, int ctl)
 {
     char path[4096];
     static const char *exts[] = { "log", "index", "timeindex" };
-    for (uint32_t i = 0; i < upto; i++)
-        for (int e = 0; e < 3; e++) {
+    for (uint32_t i = 0; i <= full; i++)
+        for (int e = 0; e < (i < full ? 3 : partial); e++) {
             file_name(path, sizeof path, dir, i, exts[e]);
             unlink(path);
         }
-    file_name(path, sizeof path, dir, 0, NULL);
-    unlink(path);
+    if (ctl) {
+        file_name(path, sizeof path, dir, 0, NULL);
+        unlink(path);
+    }
 }
 
 int shmq_log_create(const char *dir, const shmq_log_config *cfg)
@@ -209,7 +215,7 @@ int shmq_log_create(const char *dir, const shmq_log_config *cfg)
             file_name(path, sizeof path, dir, made, exts[e]);
             if ((rc = create_file(path, lens[e])) != SHMQ_OK) {
                 int saved = errno;
-                remove_files(dir, made + 1);
+                remove_files(dir, made, e, 0);
                 errno = saved;
                 return rc;
             }
@@ -219,17 +225,20 @@ int shmq_log_create(const char *dir, const shmq_log_config *cfg)
     size_t clen = ctl_bytes(cfg->slot_count);
     if ((rc = create_file(path, clen)) != SHMQ_OK) {
         int saved = errno;
-        remove_files(dir, made);
+        remove_files(dir, made, 0, 0);
         errno = saved;
         return rc;
     }
     int fd = open(path, O_RDWR | O_NOFOLLOW | O_CLOEXEC);
-    if (fd < 0)
+    uint8_t *m = fd < 0 ? MAP_FAILED : mmap(NULL, clen, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
+    if (fd >= 0)
+        close(fd);
+    if (m == MAP_FAILED) {
+        int saved = errno;
+        remove_files(dir, made, 0, 1);
+        errno = saved;
         return SHMQ_ERR_IO;
-    uint8_t *m = mmap(NULL, clen, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
-    close(fd);
-    if (m == MAP_FAILED)
-        return SHMQ_ERR_IO;
+    }
     shmq_ctl_header *h = (shmq_ctl_header *)m;
     shmq_ctl_slot *slots = (shmq_ctl_slot *)(m + SHMQ_CTL_HEADER_SIZE);
     h->version = SHMQ_LOG_VERSION;
@@ -760,6 +769,27 @@ static inline int frame_rel_ok(uint64_t h, int64_t rel)
 
 /* ------------------------------------------------------------------ read */
 
+/* Checks on live shared memory can fail because the slot was recycled
+ * under the walker (its bytes are being zeroed or rewritten): that is not
+ * corruption. Re-check the generation before calling anything corrupt. */
+static inline int recycled(shmq_ctl_slot *slot, uint64_t ss)
+{
+    __atomic_thread_fence(__ATOMIC_ACQUIRE);
+    return ld_rlx(&slot->state_seq) != ss;
+}
+
+/* Base offset of segment seq if its slot holds it ACTIVE (1), else 0; read
+ * under the slot generation so a recycling never mixes two segments. */
+static int slot_base(shmq_ctl_slot *slot, uint64_t seq, int64_t *base)
+{
+    uint64_t ss = ld_acq(&slot->state_seq);
+    if (ss != ss_make(seq, SHMQ_SLOT_ACTIVE))
+        return 0;
+    *base = __atomic_load_n(&slot->base_offset, __ATOMIC_RELAXED);
+    __atomic_thread_fence(__ATOMIC_ACQUIRE);
+    return ld_rlx(&slot->state_seq) == ss;
+}
+
 int64_t shmq_log_start_offset(shmq_log *log)
 {
     uint64_t s = ld_acq(&log->hdr->active_seq);
@@ -767,10 +797,14 @@ int64_t shmq_log_start_offset(shmq_log *log)
     /* Oldest generation still ACTIVE in the ring, walking back from s. */
     for (uint64_t k = 0; k < log->n && k <= s; k++) {
         shmq_ctl_slot *slot = slot_of(log, s - k);
-        uint64_t ss = ld_acq(&slot->state_seq);
-        if (ss != ss_make(s - k, SHMQ_SLOT_ACTIVE))
+        int64_t base;
+        int ok = slot_base(slot, s - k, &base);
+        if (ok <= 0)
             break;
-        start = __atomic_load_n(&slot->base_offset, __ATOMIC_RELAXED);
+        /* bases fall strictly going back (no segment is empty) */
+        if (base < 0 || (start >= 0 && base >= start))
+            return set_error(log, SHMQ_ERR_CORRUPT, s - k, 0, start < 0 ? 0 : start);
+        start = base;
     }
     return start < 0 ? 0 : start;
 }
@@ -784,8 +818,20 @@ int64_t shmq_log_end_offset(shmq_log *log)
         int64_t base = __atomic_load_n(&slot->base_offset, __ATOMIC_RELAXED);
         uint64_t seal = ld_acq(&slot->seal);
         uint64_t c = ld_acq(&slot->claim);
-        if (ss != ss_make(s, SHMQ_SLOT_ACTIVE) || ld_acq(&log->hdr->active_seq) != s)
+        if (ss != ss_make(s, SHMQ_SLOT_ACTIVE) || ld_acq(&log->hdr->active_seq) != s) {
+            /* A slot is ACTIVE before active_seq names it: this lasts only
+             * while the ring turns under us, unless the control block is
+             * garbage (then an error, never an endless loop). */
+            if (round > 4000)
+                return set_error(log, SHMQ_ERR_CORRUPT, s, 0, base < 0 ? 0 : base);
+            relax(round);
             continue;
+        }
+        /* Every record takes more than a byte of its segment: a count
+         * above the byte position means the control block is garbage. */
+        if (base < 0 || claim_count(c) > claim_pos(c) ||
+            (seal && (!(seal & SEAL_BIT) || seal_size(seal) > log->cap || seal_count(seal) > seal_size(seal))))
+            return set_error(log, SHMQ_ERR_CORRUPT, s, seal ? seal_size(seal) : claim_pos(c), base < 0 ? 0 : base);
         if (seal)
             return base + seal_count(seal);
         if (claim_pos(c) <= log->cap || round > 1000)
@@ -828,16 +874,42 @@ static void index_floor(shmq_log *log, uint32_t i, uint32_t rel, uint64_t *pos, 
     }
 }
 
+/* The indexes are hints written into shared memory: trust an entry (pos,
+ * rel) of slot i only if it lands inside the claimed part of the segment on
+ * a frame header that agrees with it (complete, or claimed by its writer);
+ * callers scan from the segment start otherwise, so a corrupt entry never
+ * sends a reader past records or into the middle of a frame. */
+static int index_entry_ok(shmq_log *log, uint32_t i, uint64_t pos, uint32_t rel)
+{
+    uint64_t c = ld_acq(&log->slots[i].claim);
+    uint64_t limit = claim_pos(c) < log->cap ? claim_pos(c) : log->cap;
+    if (pos % SHMQ_FRAME_ALIGN || pos + SHMQ_MIN_FRAME > limit)
+        return 0;
+    uint64_t h = ld_acq(frame_word(log, i, pos));
+    int32_t len = fh_len(h);
+    if (len > 0)
+        return frame_len_checked(log, h, pos) > 0 && frame_rel_ok(h, rel);
+    if (len == 0 || fh_type(h) == SHMQ_FRAME_PADDING)
+        return 0;
+    len = -len;
+    return len >= SHMQ_MIN_FRAME && len % SHMQ_FRAME_ALIGN == 0 && pos + (uint64_t)len <= log->cap &&
+           fh_rel(h) == rel;
+}
+
 /* Find the segment holding offset: returns its seq via *seq_out. */
 static int find_segment(shmq_log *log, int64_t offset, uint64_t *seq_out)
 {
     uint64_t s = ld_acq(&log->hdr->active_seq);
+    int64_t above = INT64_MAX;
     for (uint64_t k = 0; k < log->n && k <= s; k++) {
         uint64_t seq = s - k;
         shmq_ctl_slot *slot = slot_of(log, seq);
-        if (ld_acq(&slot->state_seq) != ss_make(seq, SHMQ_SLOT_ACTIVE))
+        int64_t base;
+        if (slot_base(slot, seq, &base) <= 0)
             break;
-        int64_t base = __atomic_load_n(&slot->base_offset, __ATOMIC_RELAXED);
+        if (base < 0 || base >= above)
+            return SHMQ_ERR_CORRUPT; /* garbage in the slot table */
+        above = base;
         if (offset >= base) {
             *seq_out = seq;
             return SHMQ_OK;
@@ -852,6 +924,8 @@ int shmq_log_seek(shmq_log *log, shmq_cursor *cur, int64_t offset)
         return SHMQ_ERR_ARG;
     for (int round = 0;; round++) {
         int64_t end = shmq_log_end_offset(log);
+        if (end < 0)
+            return (int)end;
         if (offset > end)
             return set_error(log, SHMQ_ERR_OUT_OF_RANGE, 0, 0, offset);
         uint64_t seq;
@@ -866,19 +940,27 @@ int shmq_log_seek(shmq_log *log, shmq_cursor *cur, int64_t offset)
         uint64_t pos;
         uint32_t rel;
         index_floor(log, i, target > REL_MASK ? REL_MASK : (uint32_t)target, &pos, &rel);
+        if (pos && !index_entry_ok(log, i, pos, rel))
+            pos = 0, rel = 0;
         /* Walk complete frames up to the one holding offset. */
         while (pos < log->cap) {
             uint64_t h = ld_acq(frame_word(log, i, pos));
             if (fh_len(h) <= 0)
                 break;
             int64_t len = frame_len_checked(log, h, pos);
-            if (len < 0 || !frame_rel_ok(h, rel))
+            if (len < 0 || !frame_rel_ok(h, rel)) {
+                if (recycled(slot, ss))
+                    break;
                 return set_error(log, SHMQ_ERR_CORRUPT, seq, pos, base + rel);
+            }
             int64_t next_rel = fh_rel(h);
             if (fh_type(h) == SHMQ_FRAME_DATA) {
                 int64_t n = frame_records(log, i, pos);
-                if (n < 0)
+                if (n < 0) {
+                    if (recycled(slot, ss))
+                        break;
                     return set_error(log, SHMQ_ERR_CORRUPT, seq, pos, base + rel);
+                }
                 next_rel += n;
             }
             if (next_rel > (int64_t)target && fh_type(h) == SHMQ_FRAME_DATA)
@@ -897,6 +979,18 @@ int shmq_log_seek(shmq_log *log, shmq_cursor *cur, int64_t offset)
     }
 }
 
+/* The cursor's segment seq was recycled. Kafka semantics: out of range only
+ * if the offset it wants is gone; if a later segment holds it (the cursor
+ * sat at the very end of seq), move there. */
+static int reseek_recycled(shmq_log *log, shmq_cursor *cur, uint64_t seq)
+{
+    shmq_cursor c;
+    if (shmq_log_seek(log, &c, cur->next_offset) != SHMQ_OK || c.seq <= seq)
+        return set_error(log, SHMQ_ERR_OUT_OF_RANGE, seq, cur->pos, cur->next_offset);
+    *cur = c;
+    return SHMQ_OK;
+}
+
 int64_t shmq_log_read(shmq_log *log, shmq_cursor *cur, uint8_t *dst, int64_t dst_len,
                       shmq_record_view *views, int64_t max_records, int check_crc, int64_t *dst_used)
 {
@@ -904,6 +998,9 @@ int64_t shmq_log_read(shmq_log *log, shmq_cursor *cur, uint8_t *dst, int64_t dst
     int64_t used = 0;
     if (dst_used)
         *dst_used = 0;
+    /* Stop early: records already decoded are returned (with the bytes they
+     * point into), else the error. */
+#define READ_STOP(err) do { if (nrec) { if (dst_used) *dst_used = used; return nrec; } return (err); } while (0)
     for (int hops = 0; hops < 4 && nrec < max_records; hops++) {
         uint64_t seq = cur->seq;
         uint32_t i = (uint32_t)(seq % log->n);
@@ -912,9 +1009,17 @@ int64_t shmq_log_read(shmq_log *log, shmq_cursor *cur, uint8_t *dst, int64_t dst
         if (ss != ss_make(seq, SHMQ_SLOT_ACTIVE)) {
             /* A newer generation in the slot: our segment was recycled. The
              * same or an older one: our segment is still being prepared. */
-            if (ss_seq(ss) > seq)
-                return nrec ? nrec : set_error(log, SHMQ_ERR_OUT_OF_RANGE, seq, cur->pos, cur->next_offset);
-            return nrec;
+            if (ss_seq(ss) > seq) {
+                if (nrec)
+                    READ_STOP(0);
+                /* The offset the cursor wants may still be held by a later
+                 * segment (it sat at the end of the recycled one). */
+                int rc = reseek_recycled(log, cur, seq);
+                if (rc != SHMQ_OK)
+                    return rc;
+                continue;
+            }
+            READ_STOP(0);
         }
         int64_t base = __atomic_load_n(&slot->base_offset, __ATOMIC_RELAXED);
         uint64_t pos = cur->pos;
@@ -927,8 +1032,11 @@ int64_t shmq_log_read(shmq_log *log, shmq_cursor *cur, uint8_t *dst, int64_t dst
             if (fh_len(h) <= 0)
                 break;
             int64_t len = frame_len_checked(log, h, pos);
-            if (len < 0 || !frame_rel_ok(h, rel))
-                return nrec ? nrec : set_error(log, SHMQ_ERR_CORRUPT, seq, pos, base + rel);
+            if (len < 0 || !frame_rel_ok(h, rel)) {
+                if (recycled(slot, ss))
+                    break;
+                READ_STOP(set_error(log, SHMQ_ERR_CORRUPT, seq, pos, base + rel));
+            }
             if (used + len > dst_len) {
                 if (used == 0)
                     return set_error(log, SHMQ_ERR_TOO_LARGE, seq, pos, base + rel);
@@ -937,8 +1045,11 @@ int64_t shmq_log_read(shmq_log *log, shmq_cursor *cur, uint8_t *dst, int64_t dst
             memcpy(dst + used, log->seg[i] + pos, (size_t)len);
             if (fh_type(h) == SHMQ_FRAME_DATA) {
                 int32_t lod = be32(dst + used + SHMQ_FRAME_HEADER_SIZE + SHMQ_BATCH_OFF_LAST_OFFSET_DELTA);
-                if (lod < 0 || lod >= (int32_t)SHMQ_MAX_RECORDS_PER_SEGMENT)
-                    return nrec ? nrec : set_error(log, SHMQ_ERR_CORRUPT, seq, pos, base + fh_rel(h));
+                if (lod < 0 || lod >= (int32_t)SHMQ_MAX_RECORDS_PER_SEGMENT) {
+                    if (recycled(slot, ss))
+                        break;
+                    READ_STOP(set_error(log, SHMQ_ERR_CORRUPT, seq, pos, base + fh_rel(h)));
+                }
                 copied_records += lod + 1;
                 rel = fh_rel(h) + (int64_t)lod + 1;
             } else {
@@ -949,8 +1060,15 @@ int64_t shmq_log_read(shmq_log *log, shmq_cursor *cur, uint8_t *dst, int64_t dst
         }
         /* 2. Seqlock: the copy is good only if the slot kept its generation. */
         __atomic_thread_fence(__ATOMIC_ACQUIRE);
-        if (ld_rlx(&slot->state_seq) != ss)
-            return nrec ? nrec : set_error(log, SHMQ_ERR_OUT_OF_RANGE, seq, cur->pos, cur->next_offset);
+        if (ld_rlx(&slot->state_seq) != ss) {
+            used = start_used;
+            if (nrec)
+                READ_STOP(0);
+            int rc = reseek_recycled(log, cur, seq);
+            if (rc != SHMQ_OK)
+                return rc;
+            continue;
+        }
         /* 3. Decode the private copy. */
         uint64_t fpos = cur->pos;
         int64_t at = start_used;
@@ -962,13 +1080,13 @@ int64_t shmq_log_read(shmq_log *log, shmq_cursor *cur, uint8_t *dst, int64_t dst
                 const uint8_t *b = dst + at + SHMQ_FRAME_HEADER_SIZE;
                 int64_t blen = shmq_batch_check(b, len - SHMQ_FRAME_HEADER_SIZE, check_crc);
                 if (blen < 0)
-                    return nrec ? nrec : set_error(log, (int)blen, seq, fpos, base + fh_rel(h));
+                    READ_STOP(set_error(log, (int)blen, seq, fpos, base + fh_rel(h)));
                 if (be64(b) != base + fh_rel(h))
-                    return nrec ? nrec : set_error(log, SHMQ_ERR_CORRUPT, seq, fpos, base + fh_rel(h));
+                    READ_STOP(set_error(log, SHMQ_ERR_CORRUPT, seq, fpos, base + fh_rel(h)));
                 int64_t room = max_records - nrec;
                 int64_t got = shmq_batch_decode(b, blen, cur->next_offset, views + nrec, room);
                 if (got < 0)
-                    return nrec ? nrec : set_error(log, (int)got, seq, fpos, base + fh_rel(h));
+                    READ_STOP(set_error(log, (int)got, seq, fpos, base + fh_rel(h)));
                 for (int64_t k = 0; k < got; k++) {
                     shmq_record_view *v = &views[nrec + k];
                     v->key_pos += at + SHMQ_FRAME_HEADER_SIZE;
@@ -1001,17 +1119,35 @@ int64_t shmq_log_read(shmq_log *log, shmq_cursor *cur, uint8_t *dst, int64_t dst
             cur->pos = fpos;
         }
         /* 4. End of a sealed segment: continue in the next one. */
+        uint64_t act = ld_acq(&log->hdr->active_seq); /* before the seal: a later segment implies a seal */
         uint64_t seal = ld_acq(&slot->seal);
+        __atomic_thread_fence(__ATOMIC_ACQUIRE);
+        if (ld_rlx(&slot->state_seq) != ss)
+            break;
+        if ((seal && (!(seal & SEAL_BIT) || seal_size(seal) > log->cap)) || (!seal && act > seq))
+            READ_STOP(set_error(log, SHMQ_ERR_CORRUPT, seq, cur->pos, base + cur->rel));
         if (!seal || cur->pos < seal_size(seal))
             break;
-        if (cur->pos > seal_size(seal))
-            return nrec ? nrec : set_error(log, SHMQ_ERR_CORRUPT, seq, cur->pos, base + seal_count(seal));
+        /* The seal must agree with the frames walked up to it, and the
+         * next segment must start where this one ends (else the control
+         * block is garbage: an error, never skipped or renumbered records). */
+        if (cur->pos > seal_size(seal) || !(seal & SEAL_BIT) || cur->rel != (int64_t)seal_count(seal))
+            READ_STOP(set_error(log, SHMQ_ERR_CORRUPT, seq, cur->pos, base + cur->rel));
         if (cur->next_offset < base + seal_count(seal))
             cur->next_offset = base + seal_count(seal);
         if (ld_acq(&log->hdr->active_seq) <= seq) {
             advance(log, seq);
             if (ld_acq(&log->hdr->active_seq) <= seq)
                 break;
+        }
+        {
+            shmq_ctl_slot *next = slot_of(log, seq + 1);
+            uint64_t nss = ld_acq(&next->state_seq);
+            int64_t nbase = __atomic_load_n(&next->base_offset, __ATOMIC_RELAXED);
+            __atomic_thread_fence(__ATOMIC_ACQUIRE);
+            if (nss == ss_make(seq + 1, SHMQ_SLOT_ACTIVE) && ld_rlx(&next->state_seq) == nss &&
+                nbase != base + (int64_t)seal_count(seal))
+                READ_STOP(set_error(log, SHMQ_ERR_CORRUPT, seq + 1, 0, base + seal_count(seal)));
         }
         cur->seq = seq + 1;
         cur->pos = 0;
@@ -1020,6 +1156,20 @@ int64_t shmq_log_read(shmq_log *log, shmq_cursor *cur, uint8_t *dst, int64_t dst
     if (dst_used)
         *dst_used = used;
     return nrec;
+#undef READ_STOP
+}
+
+int shmq_gather_fixed(const uint8_t *buf, int64_t buf_len, const shmq_record_view *views, int64_t n,
+                      int field, int64_t width, uint8_t *out)
+{
+    for (int64_t k = 0; k < n; k++) {
+        int64_t pos = field ? views[k].key_pos : views[k].value_pos;
+        int64_t len = field ? views[k].key_len : views[k].value_len;
+        if (len != width || pos < 0 || pos > buf_len - width)
+            return -1;
+        memcpy(out + k * width, buf + pos, (size_t)width);
+    }
+    return 0;
 }
 
 /* Is there something for the cursor to look at (a complete frame, a segment
@@ -1071,6 +1221,17 @@ void shmq_log_set_slowest(shmq_log *log, int64_t offset)
 
 /* ---------------------------------------------------------- time seek */
 
+/* Does a time-index entry of slot i name a timestamp above mts? The slot's
+ * max timestamp lets seek_time skip a segment; garbage there must not make
+ * it skip records, so the hint is used only when the index agrees. */
+static int tindex_above(shmq_log *log, uint32_t i, int64_t mts)
+{
+    for (uint32_t k = 0; k < log->index_entries; k++)
+        if (ld_acq(&log->tidx[i][2 * k + 1]) && (int64_t)ld_rlx(&log->tidx[i][2 * k]) > mts)
+            return 1;
+    return 0;
+}
+
 int64_t shmq_log_seek_time(shmq_log *log, shmq_cursor *cur, int64_t ts)
 {
     for (int round = 0; round < 1000; round++) {
@@ -1086,7 +1247,8 @@ int64_t shmq_log_seek_time(shmq_log *log, shmq_cursor *cur, int64_t ts)
             uint64_t ss = ld_acq(&slot->state_seq);
             if (ss != ss_make(seq, SHMQ_SLOT_ACTIVE))
                 goto again;
-            if (__atomic_load_n(&slot->max_timestamp, __ATOMIC_RELAXED) < ts)
+            int64_t mts = __atomic_load_n(&slot->max_timestamp, __ATOMIC_RELAXED);
+            if (mts < ts && !tindex_above(log, (uint32_t)(seq % log->n), mts))
                 continue;
             uint32_t i = (uint32_t)(seq % log->n);
             int64_t base = __atomic_load_n(&slot->base_offset, __ATOMIC_RELAXED);
@@ -1094,6 +1256,8 @@ int64_t shmq_log_seek_time(shmq_log *log, shmq_cursor *cur, int64_t ts)
              * expected to be non-decreasing for the index to help; the frame
              * walk below is exact either way from where it starts). */
             uint64_t pos = 0;
+            int64_t pos_ts = 0;
+            uint32_t pos_rel = 0;
             for (uint32_t k = 0; k < log->index_entries; k++) {
                 uint64_t e = ld_acq(&log->tidx[i][2 * k + 1]);
                 if (!e)
@@ -1104,14 +1268,27 @@ int64_t shmq_log_seek_time(shmq_log *log, shmq_cursor *cur, int64_t ts)
                 uint64_t p = ((e >> 32) - 1) * 8;
                 if (p < log->cap)
                     pos = p;
+                else
+                    pos = 0;
+                pos_ts = ets;
+                pos_rel = (uint32_t)e;
             }
+            /* Trust the entry only if the frame there is the one it names,
+             * with the max timestamp it recorded (else scan from 0). */
+            if (pos && !(index_entry_ok(log, i, pos, pos_rel) &&
+                         fh_len(ld_acq(frame_word(log, i, pos))) > 0 &&
+                         be64(log->seg[i] + pos + SHMQ_FRAME_HEADER_SIZE + SHMQ_BATCH_OFF_MAX_TIMESTAMP) == pos_ts))
+                pos = 0;
             while (pos < log->cap) {
                 uint64_t h = ld_acq(frame_word(log, i, pos));
                 if (fh_len(h) <= 0)
                     break;
                 int64_t len = frame_len_checked(log, h, pos);
-                if (len < 0)
+                if (len < 0) {
+                    if (recycled(slot, ss))
+                        goto again;
                     return set_error(log, SHMQ_ERR_CORRUPT, seq, pos, base + fh_rel(h));
+                }
                 if (fh_type(h) == SHMQ_FRAME_DATA) {
                     const uint8_t *b = log->seg[i] + pos + SHMQ_FRAME_HEADER_SIZE;
                     if (be64(b + SHMQ_BATCH_OFF_MAX_TIMESTAMP) >= ts) {
@@ -1134,6 +1311,8 @@ int64_t shmq_log_seek_time(shmq_log *log, shmq_cursor *cur, int64_t ts)
                         }
                         free(views);
                         free(copy);
+                        if (recycled(slot, ss))
+                            goto again; /* the copy may mix generations */
                         if (blen < 0 || n < 0)
                             return set_error(log, SHMQ_ERR_CORRUPT, seq, pos, base + fh_rel(h));
                         if (found >= 0) {
@@ -1147,7 +1326,7 @@ int64_t shmq_log_seek_time(shmq_log *log, shmq_cursor *cur, int64_t ts)
         }
         {
             int64_t end = shmq_log_end_offset(log);
-            int rc = shmq_log_seek(log, cur, end);
+            int rc = end < 0 ? (int)end : shmq_log_seek(log, cur, end);
             return rc < 0 ? rc : end;
         }
     again:
@@ -1267,11 +1446,11 @@ static int64_t walk_and_unblock(shmq_log *log, uint64_t seq, uint64_t pos, int64
                 break;
             int64_t len = frame_len_checked(log, h, pos);
             if (len < 0 || !frame_rel_ok(h, rel))
-                return set_error(log, SHMQ_ERR_CORRUPT, seq, pos, base + rel);
+                return recycled(slot, ss) ? 0 : set_error(log, SHMQ_ERR_CORRUPT, seq, pos, base + rel);
             if (fh_type(h) == SHMQ_FRAME_DATA) {
                 int64_t n = frame_records(log, i, pos);
                 if (n < 0)
-                    return set_error(log, SHMQ_ERR_CORRUPT, seq, pos, base + rel);
+                    return recycled(slot, ss) ? 0 : set_error(log, SHMQ_ERR_CORRUPT, seq, pos, base + rel);
                 rel = fh_rel(h) + n;
             } else {
                 rel = fh_rel(h);
@@ -1309,6 +1488,8 @@ static int64_t walk_and_unblock(shmq_log *log, uint64_t seq, uint64_t pos, int64
             return 0;
         int rc = unblock_at(log, seq, pos, (uint32_t)rel);
         unlock_unblocker(log);
+        if (rc < 0 && recycled(slot, ss))
+            rc = 0;
         st->since_ns = 0;
         return rc;
     }

@@ -224,6 +224,13 @@ int64_t shmq_log_read(shmq_log *log, shmq_cursor *cur, uint8_t *dst, int64_t dst
                       shmq_record_view *views, int64_t max_records, int check_crc,
                       int64_t *dst_used);
 
+/* Copy the value (field 0) or key (field 1) of n decoded records, all of
+ * length width, from buf into out (n * width bytes). Returns 0, or -1 when a
+ * record's length differs from width or its bytes fall outside buf (the
+ * caller then takes the records one by one). */
+int shmq_gather_fixed(const uint8_t *buf, int64_t buf_len, const shmq_record_view *views, int64_t n,
+                      int field, int64_t width, uint8_t *out);
+
 /* Wait until the frame at the cursor may be complete, or timeout_ns passes.
  * Spins for spin_ns first. Returns 1 if something changed, 0 on timeout. */
 int shmq_log_wait(shmq_log *log, const shmq_cursor *cur, int64_t spin_ns, int64_t timeout_ns);

@@ -29,7 +29,8 @@ class RecordArrays(NamedTuple):
     """Records in bulk: parallel arrays, plus the value and key bytes.
 
     ``values`` is a 2-D uint8 array when every value has the same width,
-    otherwise a list of bytes (``None`` for null); ``keys`` likewise.
+    otherwise a list of bytes (``None`` for null); ``keys`` likewise, and
+    ``None`` when every key is null.
     """
 
     offsets: np.ndarray
@@ -149,9 +150,23 @@ class LogReader:
         if n == 0:
             return None
         v = self._view_arr[:n]
-        buf = np.frombuffer(ffi.buffer(self._buf, self._used[0]), dtype=np.uint8)
-        return RecordArrays(v[:, 0].copy(), v[:, 1].copy(), _gather(buf, v[:, 4], v[:, 5]),
-                            _gather(buf, v[:, 2], v[:, 3]))
+        return RecordArrays(v[:, 0].copy(), v[:, 1].copy(), self._gather(n, 0, v[:, 4], v[:, 5]),
+                            self._gather(n, 1, v[:, 2], v[:, 3]))
+
+    def _gather(self, n: int, field: int, pos: np.ndarray, lens: np.ndarray) -> Any:
+        """A field of n records: a 2-D uint8 array when all have one width
+        (copied in C), else a list of bytes (None for null)."""
+        used = self._used[0]
+        width = int(lens[0])
+        if field == 1 and width < 0 and not (lens >= 0).any():
+            return None  # no record has a key
+        if width >= 0:
+            out = np.empty((n, width), dtype=np.uint8)
+            if lib.shmq_gather_fixed(self._buf, used, self._views, n, field, width,
+                                     ffi.from_buffer("uint8_t[]", out, require_writable=True)) == 0:
+                return out
+        data = ffi.buffer(self._buf, used)[:]
+        return [None if ln < 0 else data[p:p + ln] for p, ln in zip(pos.tolist(), lens.tolist())]
 
     def __iter__(self) -> "LogReader":
         return self
@@ -162,15 +177,3 @@ class LogReader:
             recs = self.read(1, timeout=3600.0)
         return recs[0]
 
-
-def _gather(buf: np.ndarray, pos: np.ndarray, lens: np.ndarray) -> Any:
-    if len(lens) == 0:
-        return []
-    w = int(lens[0])
-    if w >= 0 and (lens == w).all():
-        if w == 0:
-            return np.zeros((len(lens), 0), dtype=np.uint8)
-        idx = pos[:, None] + np.arange(w, dtype=np.int64)[None, :]
-        return buf[idx]
-    data = buf.tobytes()
-    return [None if ln < 0 else data[p:p + ln] for p, ln in zip(pos.tolist(), lens.tolist())]
