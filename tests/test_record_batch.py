@@ -26,7 +26,7 @@ from shmq.native._shmq import ffi, lib
 HEADER = struct.Struct(">qiibIhiqqqhii")
 HEADER_SIZE = 61
 MANY = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-LOTS = settings(max_examples=3000, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+LOTS = settings(max_examples=800, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 
 # ---- helpers -----------------------------------------------------------------

@@ -1187,6 +1187,11 @@ static int cursor_ready(shmq_log *log, const shmq_cursor *cur)
     return seal && cur->pos >= seal_size(seal) && ld_acq(&log->hdr->active_seq) > cur->seq;
 }
 
+int shmq_log_ready(shmq_log *log, const shmq_cursor *cur)
+{
+    return cursor_ready(log, cur);
+}
+
 int shmq_log_wait(shmq_log *log, const shmq_cursor *cur, int64_t spin_ns, int64_t timeout_ns)
 {
     int64_t start = shmq_now_ns();

@@ -231,6 +231,10 @@ int64_t shmq_log_read(shmq_log *log, shmq_cursor *cur, uint8_t *dst, int64_t dst
 int shmq_gather_fixed(const uint8_t *buf, int64_t buf_len, const shmq_record_view *views, int64_t n,
                       int field, int64_t width, uint8_t *out);
 
+/* 1 if a read at the cursor may return something (a complete frame, a
+ * segment change, a recycled slot), else 0: a cheap check for spinning. */
+int shmq_log_ready(shmq_log *log, const shmq_cursor *cur);
+
 /* Wait until the frame at the cursor may be complete, or timeout_ns passes.
  * Spins for spin_ns first. Returns 1 if something changed, 0 on timeout. */
 int shmq_log_wait(shmq_log *log, const shmq_cursor *cur, int64_t spin_ns, int64_t timeout_ns);
