@@ -13,9 +13,10 @@ from dataclasses import dataclass
 from typing import Any, Dict, List, Mapping, Optional, Union
 
 from .coordinator.client import CoordinatorClient
-from .root import Root, validate_topic
+from .root import Root, validate_group, validate_topic
 
-__all__ = ["Admin", "TopicDescription", "PartitionDescription"]
+__all__ = ["Admin", "TopicDescription", "PartitionDescription", "GroupDescription", "GroupMemberDescription",
+           "GroupPartitionDescription"]
 
 
 @dataclass(frozen=True)
@@ -42,6 +43,42 @@ class TopicDescription:
     @property
     def partition_count(self) -> int:
         return len(self.partitions)
+
+
+@dataclass(frozen=True)
+class GroupMemberDescription:
+    member_id: str
+    client_id: str
+    pid: int
+    host: str
+    group_instance_id: Optional[str]
+    assignment: List[Any]                  # [(topic, partition), ...]
+    revoking: List[Any]
+
+
+@dataclass(frozen=True)
+class GroupPartitionDescription:
+    """Kafka's consumer-groups --describe row."""
+
+    topic: str
+    partition: int
+    committed: Optional[int]               # CURRENT-OFFSET
+    log_end: int                           # LOG-END-OFFSET
+    lag: Optional[int]
+    member_id: Optional[str]               # CONSUMER-ID
+    client_id: Optional[str]
+    pid: Optional[int]
+    host: Optional[str]
+
+
+@dataclass(frozen=True)
+class GroupDescription:
+    group: str
+    state: str                             # Empty, Stable, Rebalancing, Dead
+    assignor: Optional[str]
+    generation: Optional[int]
+    members: List[GroupMemberDescription]
+    partitions: List[GroupPartitionDescription]
 
 
 def _description(d: Mapping[str, Any]) -> TopicDescription:
@@ -89,6 +126,42 @@ class Admin:
         """Change alterable config keys of ``name``; returns the full new config."""
         validate_topic(name)
         return self._client.alter_config(name, config)
+
+    # ------------------------------------------------------------- groups
+    def list_groups(self) -> List[Dict[str, Any]]:
+        """Every group with members or committed offsets: {group, state, members, assignor, generation}."""
+        return list(self._client.call("list_groups"))
+
+    def describe_group(self, group: str) -> GroupDescription:
+        """State, members (client id, pid, host, assignment) and per partition the
+        committed offset, log-end offset, lag and owner."""
+        validate_group(group)
+        d = self._client.call("describe_group", group=group)
+        return GroupDescription(
+            group=d["group"], state=d["state"], assignor=d["assignor"], generation=d["generation"],
+            members=[GroupMemberDescription(m["member_id"], m["client_id"], m["pid"], m["host"],
+                                            m["group_instance_id"], [tuple(x) for x in m["assignment"]],
+                                            [tuple(x) for x in m["revoking"]]) for m in d["members"]],
+            partitions=[GroupPartitionDescription(**p) for p in d["partitions"]])
+
+    def delete_group(self, group: str) -> None:
+        """Delete an empty group's committed offsets (refused while it has members)."""
+        validate_group(group)
+        self._client.call("delete_group", group=group)
+
+    def reset_offsets(self, group: str, to: str, *, topics: Optional[List[str]] = None,
+                      partitions: Optional[List[Any]] = None, value: Optional[int] = None,
+                      dry_run: bool = False) -> Dict[Any, int]:
+        """Reset an empty group's committed offsets to ``earliest``, ``latest``,
+        ``offset`` (``value``, clamped to the log) or ``timestamp`` (``value`` in
+        ms: the first offset at or after it). Default scope: every partition
+        the group committed; else ``topics`` or ``partitions`` [(topic, p)].
+        Returns {(topic, partition): new offset}."""
+        validate_group(group)
+        res = self._client.call("reset_offsets", group=group, to=to, topics=topics,
+                                partitions=None if partitions is None else [list(tp) for tp in partitions],
+                                value=value, dry_run=dry_run)
+        return {(t, p): off for t, p, off in res}
 
     def close(self) -> None:
         self._client.close()

@@ -9,9 +9,9 @@ an RPC per record.
 from __future__ import annotations
 
 import threading
-from typing import Any, Dict, Iterable, List, Tuple
+from typing import Any, Dict, Iterable, List, Optional, Tuple
 
-from .errors import UnknownTopicOrPartition
+from .errors import CommitFailed, UnknownTopicOrPartition
 from .message import TopicPartition
 from .ringlog import PartitionLog
 from .root import Root, validate_topic
@@ -100,12 +100,31 @@ class Cluster:
             self._table = self._client.offsets_table()
         return self._table
 
-    def commit_offsets(self, group: str, offsets: Dict[TopicPartition, int], sync: bool) -> None:
+    def commit_offsets(self, group: str, offsets: Dict[TopicPartition, int], sync: bool,
+                       generations: Optional[Dict[TopicPartition, int]] = None) -> None:
         """Store committed offsets for ``group`` in the shared table (no RPC);
-        with ``sync``, return only once the coordinator made them durable."""
+        with ``sync``, return only once the coordinator made them durable.
+
+        Fencing: ``generations`` gives the generation in which this member owns
+        each partition (a group member); without it the commit is a non-member's
+        (generation 0). A partition whose entry names another owner generation
+        raises ``CommitFailed`` before anything is stored; the coordinator drops
+        a stale store that races with a reassignment."""
         table = self.offsets_table()
+        todo = []
         for tp, o in offsets.items():
-            table.store(self.offset_slot(group, tp[0], tp[1]), int(o))
+            idx = self.offset_slot(group, tp[0], tp[1])
+            gen = 0 if generations is None else generations.get(tp, -1)
+            owner = table.generation(idx)
+            if gen != owner:
+                raise CommitFailed(
+                    f"group {group!r}: cannot commit {tp[0]}-{tp[1]}: "
+                    + ("this consumer does not own it in the group's current generation" if gen != 0 else
+                       "the partition is owned by an active member of the group"),
+                    topic=tp[0], partition=tp[1])
+            todo.append((idx, int(o), gen))
+        for idx, o, gen in todo:
+            table.store(idx, o, 0, gen)
         if sync:
             self._client.sync_offsets()
 

@@ -12,20 +12,30 @@ every ``auto_commit_interval_ms``, so auto-commit never commits a record that
 ``auto_offset_reset`` (``earliest``, ``latest`` or ``none``), and a position
 that retention removed (``OffsetOutOfRange``) is reset the same way.
 
-Until consumer groups land, ``Consumer(*topics)`` / ``subscribe`` assigns every
-partition of the topics to this consumer.
+Groups: with a ``group_id``, ``Consumer(*topics)`` / ``subscribe(topics or
+pattern, on_assign, on_revoke, on_lost)`` joins the group through a
+``GroupMember`` (its own coordinator connection and thread); ``poll`` applies
+assignment changes in the caller's thread: for partitions being revoked it
+commits positions (auto-commit), calls ``on_revoke`` and acknowledges, and
+only then does the coordinator give them to another member; newly assigned
+partitions start from the committed offset and are reported to ``on_assign``.
+Commits carry the generation in which this member owns each partition; a
+partition it does not own (any more) raises ``CommitFailed``. Without a
+``group_id`` ``subscribe`` assigns every partition of the topics here.
 
 A Consumer is used by one thread at a time.
 """
 from __future__ import annotations
 
 import logging
+import re
 import time
 from collections import deque
 from typing import Any, Callable, Deque, Dict, Iterable, List, Optional, Sequence, Tuple
 
 from .cluster import Cluster
-from .errors import IllegalState, InvalidConfig, NoOffsetForPartition, OffsetOutOfRange, UnknownTopicOrPartition
+from .errors import (CommitFailed, IllegalState, InvalidConfig, NoOffsetForPartition, OffsetOutOfRange, ShmqError,
+                     UnknownTopicOrPartition)
 from .message import Message, OffsetAndTimestamp, TopicPartition
 from .ringlog import LogReader, RecordArrays
 
@@ -52,6 +62,11 @@ class Consumer:
 
     ``Consumer("orders", group_id="billing")`` subscribes; ``Consumer()`` then
     ``assign([...])`` for manual assignment.
+
+    Group options (as Kafka's): ``group_instance_id`` (static membership),
+    ``session_timeout_ms``, ``max_poll_interval_ms``, ``heartbeat_interval_ms``
+    and ``partition_assignment_strategy`` (``sticky`` default, ``range``,
+    ``roundrobin``).
     """
 
     def __init__(self, *topics: str, group_id: Optional[str] = None, root: Any = None,
@@ -60,7 +75,10 @@ class Consumer:
                  value_deserializer: Optional[Callable[[bytes], Any]] = None,
                  key_deserializer: Optional[Callable[[bytes], Any]] = None,
                  check_crcs: bool = False, consumer_timeout_ms: Optional[int] = None,
-                 client_id: str = "shmq-consumer", spin_us: int = 50, **unknown: Any) -> None:
+                 client_id: str = "shmq-consumer", spin_us: int = 50,
+                 group_instance_id: Optional[str] = None, session_timeout_ms: int = 10000,
+                 max_poll_interval_ms: int = 300000, heartbeat_interval_ms: Optional[int] = None,
+                 partition_assignment_strategy: str = "sticky", **unknown: Any) -> None:
         if unknown:
             raise InvalidConfig(f"unknown Consumer option(s): {', '.join(sorted(unknown))}")
         if auto_offset_reset not in RESETS:
@@ -91,21 +109,163 @@ class Consumer:
         self._buffer_tp: Optional[_Assigned] = None
         self._subscription: Tuple[str, ...] = ()
         self._closed = False
+        self._group: Any = None                 # GroupMember when subscribed to a group
+        self._group_version = -1
+        self._gens: Dict[TopicPartition, int] = {}
+        self._listeners: Tuple[Any, Any, Any] = (None, None, None)
+        self._group_opts = {"group_instance_id": group_instance_id, "session_timeout_ms": session_timeout_ms,
+                            "max_poll_interval_ms": max_poll_interval_ms,
+                            "heartbeat_interval_ms": heartbeat_interval_ms,
+                            "assignor": partition_assignment_strategy}
         if topics:
             self.subscribe(list(topics))
 
     # ------------------------------------------------------------ assignment
-    def subscribe(self, topics: Sequence[str]) -> None:
-        """Consume every partition of ``topics`` (group membership comes with
-        consumer groups; until then the whole topic is assigned here)."""
-        if isinstance(topics, str):
+    def subscribe(self, topics: Any = (), on_assign: Optional[Callable[[List[TopicPartition]], None]] = None,
+                  on_revoke: Optional[Callable[[List[TopicPartition]], None]] = None,
+                  on_lost: Optional[Callable[[List[TopicPartition]], None]] = None,
+                  pattern: Optional[str] = None) -> None:
+        """Subscribe to ``topics`` (names; a name starting with ``^`` or a
+        compiled ``re.Pattern`` is a regex, as is ``pattern``). With a
+        ``group_id`` the group's coordinator assigns partitions (see the module
+        doc); without one every partition of the topics is assigned here."""
+        self._check_open()
+        if isinstance(topics, (str, re.Pattern)):
             topics = [topics]
-        tps = []
+        names: List[str] = []
         for t in topics:
-            info = self._cluster.topic(t)
-            tps.extend(TopicPartition(t, p) for p in range(info.partitions))
-        self._subscription = tuple(topics)
-        self.assign(tps)
+            if isinstance(t, re.Pattern):
+                pattern = t.pattern
+            elif isinstance(t, str) and t.startswith("^"):
+                pattern = t
+            else:
+                names.append(t)
+        if pattern is not None and names:
+            raise InvalidConfig("subscribe takes topic names or one pattern, not both")
+        if pattern is not None:
+            try:
+                rx = re.compile(pattern)
+            except re.error as e:
+                raise InvalidConfig(f"bad subscription pattern {pattern!r}: {e}") from None
+        self._leave_group()
+        self._listeners = (on_assign, on_revoke, on_lost)
+        self._subscription = (pattern,) if pattern is not None else tuple(names)
+        if self.group_id is None:
+            if pattern is not None:
+                names = [t for t in self._cluster.topics() if rx.fullmatch(t)]
+            tps = []
+            for t in names:
+                info = self._cluster.topic(t)
+                tps.extend(TopicPartition(t, p) for p in range(info.partitions))
+            self.assign(tps)
+            if on_assign is not None:
+                on_assign(list(tps))
+            return
+        for t in names:
+            self._cluster.topic(t)              # unknown topic: a clear error now
+        from .group_member import GroupMember
+        self.assign([])
+        o = self._group_opts
+        self._group = GroupMember(self._cluster.root, self.group_id, topics=names if pattern is None else None,
+                                  pattern=pattern, client_id=self.client_id,
+                                  group_instance_id=o["group_instance_id"],
+                                  session_timeout_ms=o["session_timeout_ms"],
+                                  max_poll_interval_ms=o["max_poll_interval_ms"],
+                                  heartbeat_interval_ms=o["heartbeat_interval_ms"], assignor=o["assignor"])
+        self._group.start()
+        self._prewarm(names, pattern)
+        self._apply_group()
+
+    def _prewarm(self, names: List[str], pattern: Optional[str]) -> None:
+        """Open (map) every partition log of the subscription in the background,
+        so a partition moved here is consumed at once: mapping a log populates
+        its page tables, tens of ms for a large ring."""
+        import threading
+
+        def run() -> None:
+            try:
+                topics = names if pattern is None else [t for t in self._cluster.topics()
+                                                        if re.fullmatch(pattern, t)]
+                for t in topics:
+                    for p in range(self._cluster.topic(t).partitions):
+                        if self._closed:
+                            return
+                        self._cluster.log(t, p)
+            except Exception as e:          # only an optimisation
+                log.debug("pre-opening partition logs failed: %s", e)
+
+        threading.Thread(target=run, name="shmq-prewarm", daemon=True).start()
+
+    def _leave_group(self) -> None:
+        g, self._group = self._group, None
+        if g is not None:
+            try:
+                g.close()
+            except Exception as e:
+                log.warning("leaving group %s failed: %s", self.group_id, e)
+            self._gens = {}
+            self._group_version = -1
+
+    def _apply_group(self) -> None:
+        """Apply the group member's newest state (in the consumer's thread)."""
+        g = self._group
+        version, owned, revoke, lost = g.snapshot()
+        self._group_version = version
+        on_assign, on_revoke, on_lost = self._listeners
+        have = set(self._assigned)
+        if lost is not None:
+            gone = sorted(have)
+            self._gens = {}
+            self._remove_partitions(have)
+            have = set()
+            if on_lost is not None:
+                on_lost(gone)
+            elif gone:
+                raise CommitFailed(f"group {self.group_id!r}: this consumer lost its partitions "
+                                   f"{', '.join(f'{t}-{p}' for t, p in gone)}: {lost}; it rejoins the group")
+        revoking = sorted(TopicPartition(*tp) for tp in revoke if tp in have)
+        # Assigned and already asked back before this consumer ever took them: just give them back.
+        never_had = [TopicPartition(*tp) for tp in revoke if tp not in have]
+        if never_had:
+            g.ack_revoked(never_had)
+        if revoking:
+            if self.enable_auto_commit:
+                offsets = {tp: self._assigned[tp].position for tp in revoking
+                           if self._assigned[tp].position is not None}
+                if offsets:
+                    try:
+                        self._cluster.commit_offsets(self.group_id, offsets, sync=False,  # type: ignore[arg-type]
+                                                     generations=self._gens)
+                    except ShmqError as e:             # e.g. CommitFailed, or the topic was deleted
+                        log.warning("commit before revocation failed: %s", e)
+            if on_revoke is not None:
+                on_revoke(list(revoking))
+            self._remove_partitions(set(revoking))
+            for tp in revoking:
+                self._gens.pop(tp, None)
+            g.ack_revoked(list(revoking))
+        # Partitions that went away without a revocation (none in normal operation).
+        stale = {tp for tp in self._assigned if tp not in owned}
+        if stale:
+            self._remove_partitions(stale)
+        added = sorted(TopicPartition(*tp) for tp in owned if tp not in revoke and tp not in self._assigned)
+        self._gens = {TopicPartition(*tp): gen for tp, gen in owned.items() if tp not in revoke}
+        if added:
+            for tp in added:
+                st = _Assigned(tp, self._cluster.log(tp.topic, tp.partition), None)
+                self._assigned[tp] = st
+                self._order.append(st)
+            if on_assign is not None:
+                on_assign(list(added))
+
+    def _remove_partitions(self, tps: Any) -> None:
+        if not tps:
+            return
+        if self._buffer_tp is not None and self._buffer_tp.tp in tps:
+            self._drop_buffer()
+        for tp in tps:
+            self._assigned.pop(tp, None)
+        self._order = [st for st in self._order if st.tp not in tps]
 
     def subscription(self) -> Tuple[str, ...]:
         return self._subscription
@@ -113,6 +273,9 @@ class Consumer:
     def assign(self, partitions: Iterable[TopicPartition]) -> None:
         """Replace the assignment with exactly ``partitions``."""
         self._check_open()
+        if self._group is not None:
+            raise IllegalState(f"this consumer is subscribed to group {self.group_id!r}: its coordinator "
+                               f"assigns partitions; unsubscribe() before assign()")
         wanted = []
         for tp in partitions:
             if not isinstance(tp, tuple) or len(tp) != 2:
@@ -133,6 +296,9 @@ class Consumer:
         self._drop_buffer()
 
     def unsubscribe(self) -> None:
+        if self._group is not None and self.enable_auto_commit:
+            self._commit_positions(sync=True)
+        self._leave_group()
         self._subscription = ()
         self.assign([])
 
@@ -284,6 +450,19 @@ class Consumer:
             if recs:
                 return st, recs
 
+    def _group_fetch(self, max_records: int, timeout: float) -> Tuple[Optional[_Assigned], List[Message]]:
+        """``_fetch`` in short slices, applying group changes in between."""
+        deadline = time.monotonic() + timeout
+        g = self._group
+        while True:
+            left = deadline - time.monotonic()
+            st, recs = self._fetch(max_records, max(0.0, min(left, 0.005)))
+            if recs or left <= 0:
+                return st, recs
+            g.last_poll = time.monotonic()
+            if g.version != self._group_version:
+                self._apply_group()
+
     def _deliver(self, st: _Assigned, recs: List[Message]) -> List[Message]:
         st.position = recs[-1].offset + 1
         if self._value_de is not None or self._key_de is not None:
@@ -295,9 +474,15 @@ class Consumer:
     def poll(self, timeout: float = 1.0) -> Optional[Message]:
         """The next record, or None if none arrives within ``timeout`` seconds."""
         self._check_open()
+        g = self._group
+        if g is not None:
+            g.last_poll = time.monotonic()
+            if g.version != self._group_version:
+                self._apply_group()
         self._maybe_auto_commit()
         if not self._buffer:
-            st, recs = self._fetch(self.max_poll_records, timeout)
+            st, recs = self._fetch(self.max_poll_records, timeout) if g is None else \
+                self._group_fetch(self.max_poll_records, timeout)
             if not recs:
                 return None
             self._buffer.extend(recs)
@@ -316,6 +501,11 @@ class Consumer:
         """Up to ``num_messages`` records, waiting up to ``timeout`` seconds for
         the first (``-1``: wait indefinitely)."""
         self._check_open()
+        g = self._group
+        if g is not None:
+            g.last_poll = time.monotonic()
+            if g.version != self._group_version:
+                self._apply_group()
         self._maybe_auto_commit()
         if not isinstance(num_messages, int) or num_messages <= 0:
             raise InvalidConfig(f"num_messages={num_messages!r} must be a positive int")
@@ -329,7 +519,7 @@ class Consumer:
                 self._buffer_tp = None
             return self._deliver(st, out)
         wait = 1e9 if timeout is None or timeout < 0 else timeout
-        st2, recs = self._fetch(num_messages, wait)
+        st2, recs = self._fetch(num_messages, wait) if g is None else self._group_fetch(num_messages, wait)
         if not recs:
             return []
         out = self._deliver(st2, recs)  # type: ignore[arg-type]
@@ -350,6 +540,11 @@ class Consumer:
         arrays of offsets and timestamps, values as a 2-D uint8 array when they
         are fixed-width — or None when nothing arrives within ``timeout``."""
         self._check_open()
+        g = self._group
+        if g is not None:
+            g.last_poll = time.monotonic()
+            if g.version != self._group_version:
+                self._apply_group()
         self._maybe_auto_commit()
         if self._buffer:
             self._drop_buffer()
@@ -388,9 +583,16 @@ class Consumer:
     def _maybe_auto_commit(self) -> None:
         if self.enable_auto_commit and time.monotonic() >= self._next_auto_commit:
             self._next_auto_commit = time.monotonic() + self._auto_commit_s
-            offsets = {st.tp: st.position for st in self._order if st.position is not None}
-            if offsets:
-                self._cluster.commit_offsets(self.group_id, offsets, sync=False)  # type: ignore[arg-type]
+            try:
+                self._commit_positions(sync=False)
+            except CommitFailed as e:               # the group state will catch up
+                log.warning("auto-commit failed: %s", e)
+
+    def _commit_positions(self, sync: bool) -> None:
+        offsets = {st.tp: st.position for st in self._order if st.position is not None}
+        if offsets:
+            self._cluster.commit_offsets(self.group_id, offsets, sync=sync,  # type: ignore[arg-type]
+                                         generations=self._gens if self._group is not None else None)
 
     def commit(self, message: Optional[Message] = None, offsets: Optional[Dict[TopicPartition, int]] = None,
                asynchronous: bool = True) -> Dict[TopicPartition, int]:
@@ -410,7 +612,8 @@ class Consumer:
             if not isinstance(o, int) or o < 0:
                 raise InvalidConfig(f"commit offset for {tp.topic}-{tp.partition} must be a non-negative int, got {o!r}")
         if todo:
-            self._cluster.commit_offsets(self.group_id, todo, sync=not asynchronous)
+            self._cluster.commit_offsets(self.group_id, todo, sync=not asynchronous,
+                                         generations=self._gens if self._group is not None else None)
         return todo
 
     def committed(self, tp: TopicPartition, timeout: Optional[float] = None) -> Optional[int]:
@@ -433,12 +636,11 @@ class Consumer:
         if self._closed:
             return
         if autocommit and self.enable_auto_commit:
-            offsets = {st.tp: st.position for st in self._order if st.position is not None}
-            if offsets:
-                try:
-                    self._cluster.commit_offsets(self.group_id, offsets, sync=True)  # type: ignore[arg-type]
-                except Exception as e:  # closing must not fail on a coordinator hiccup
-                    log.warning("final commit failed: %s", e)
+            try:
+                self._commit_positions(sync=True)
+            except Exception as e:  # closing must not fail on a coordinator hiccup
+                log.warning("final commit failed: %s", e)
+        self._leave_group()
         self._closed = True
         self._assigned.clear()
         self._order = []

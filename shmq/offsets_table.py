@@ -13,8 +13,12 @@ partitions never contend)::
       0   key         xxh64("group\\0topic\\0partition") + 1 (0 = free); written
                       once by the coordinator when it allocates the entry
       8   offset      committed offset (next offset to read), -1 none;
-                      written by the member that owns the partition
-      16  generation  group generation whose members may commit (0 = any)
+                      written by the member that owns the partition, packed
+                      with the committer's generation: ``gen << 48 | offset``
+                      (gen 0..32767, offset < 2**48)
+      16  generation  owner generation of the partition in its group, written
+                      by the coordinator on assignment (0 = no owner: anyone
+                      not in a group may commit with gen 0)
       24  commit_ms   wall-clock time of the last commit (informational)
 
 Invariants: ``key`` has one writer (the coordinator, before it hands out
@@ -41,6 +45,23 @@ HEADER = 64
 ENTRY = 64
 WORDS = ENTRY // 8
 F_KEY, F_OFFSET, F_GENERATION, F_COMMIT_MS = 0, 1, 2, 3
+GEN_SHIFT = 48
+OFFSET_MASK = (1 << GEN_SHIFT) - 1
+MAX_GENERATION = (1 << 15) - 1
+
+
+def pack(offset: int, generation: int = 0) -> int:
+    """The offset word of a commit by ``generation`` (-1 stays -1)."""
+    if offset < 0:
+        return -1
+    return (generation << GEN_SHIFT) | (offset & OFFSET_MASK)
+
+
+def unpack(word: int) -> Tuple[int, int]:
+    """(offset, generation) of an offset word; (-1, 0) for none."""
+    if word < 0:
+        return -1, 0
+    return word & OFFSET_MASK, word >> GEN_SHIFT
 DEFAULT_CAPACITY = 65536
 
 
@@ -113,21 +134,32 @@ class OffsetsTable:
     def entries(self) -> Iterator[Tuple[int, int, int]]:
         """(index, key, offset) of every allocated entry."""
         used = np.flatnonzero(self._keys != 0)
-        offs = self._words[used, F_OFFSET]
+        raw = self._words[used, F_OFFSET]
+        offs = np.where(raw < 0, raw, raw & OFFSET_MASK)
         keys = self._keys[used]
         return zip(used.tolist(), keys.tolist(), offs.tolist())
 
     def set_generation(self, index: int, generation: int) -> None:
         self._words[index, F_GENERATION] = generation
 
+    def generation(self, index: int) -> int:
+        return int(self._words[index, F_GENERATION])
+
+    def generations_view(self) -> np.ndarray:
+        return self._words[:, F_GENERATION]
+
     # ----------------------------------------------------------------- client
-    def store(self, index: int, offset: int, commit_ms: int = 0) -> None:
-        """Commit ``offset`` into entry ``index`` (one aligned 8-byte store)."""
+    def store(self, index: int, offset: int, commit_ms: int = 0, generation: int = 0) -> None:
+        """Commit ``offset`` by ``generation`` into entry ``index`` (one aligned 8-byte store)."""
         w = self._words[index]
         w[F_COMMIT_MS] = commit_ms
-        w[F_OFFSET] = offset
+        w[F_OFFSET] = pack(offset, generation)
 
     def load(self, index: int) -> int:
+        """The committed offset of entry ``index`` (-1: none)."""
+        return unpack(int(self._words[index, F_OFFSET]))[0]
+
+    def load_raw(self, index: int) -> int:
         return int(self._words[index, F_OFFSET])
 
     def offsets_view(self) -> np.ndarray:

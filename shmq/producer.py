@@ -17,7 +17,7 @@ from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tupl
 import numpy as np
 
 from .cluster import Cluster
-from .errors import InvalidConfig, InvalidRecord, UnknownTopicOrPartition
+from .errors import IllegalState, InvalidConfig, InvalidRecord, UnknownTopicOrPartition
 from .message import Header, RecordMetadata
 from .native import ffi, lib
 from .partitioner import Partitioner
@@ -82,14 +82,14 @@ class Producer:
     # --------------------------------------------------------------- routing
     def _route(self, topic: str) -> _TopicRoute:
         """The cached route for topic, re-read when the metadata changed."""
+        if self._closed:
+            raise IllegalState("the producer is closed")
         version = self._cluster.version()
         if version != self._version:
             self._version = version
             self._routes.clear()
         route = self._routes.get(topic)
         if route is None:
-            if self._closed:
-                raise InvalidConfig("the producer is closed")
             info = self._cluster.topic(topic)  # raises UnknownTopicOrPartition / InvalidTopic
             logs = [self._cluster.log(topic, p) for p in range(info.partitions)]
             route = _TopicRoute(topic, logs, info.max_message_bytes)
@@ -137,12 +137,12 @@ class Producer:
             vlen = len(value)
             if vlen > route.max_bytes:
                 self._too_large(route, partition, vlen)
+        if klen > 0 and klen + (vlen if vlen > 0 else 0) > route.max_bytes:
+            self._too_large(route, partition, klen + (vlen if vlen > 0 else 0))
         if partition is None:
             partition = self._partitioner(key, route.count)
         elif type(partition) is not int or not 0 <= partition < route.count:
-            raise UnknownTopicOrPartition(
-                f"partition {partition!r} of topic {topic!r} does not exist (it has {route.count})",
-                topic=topic, partition=partition if isinstance(partition, int) else None)
+            route = self._check_partition(topic, partition)
         if timestamp_ms is None:
             ts = _time_ns() // 1_000_000
         elif type(timestamp_ms) is int and timestamp_ms >= 0:
@@ -176,15 +176,26 @@ class Producer:
             values = [self._value_ser(v) for v in values]
         if keys is not None and self._key_ser is not None and not isinstance(keys, np.ndarray):
             keys = [None if k is None else self._key_ser(k) for k in keys]
-        ts = _time_ns() // 1_000_000 if timestamp_ms is None else timestamp_ms
-        n = len(values)
-        if keys is not None and len(keys) != n:
-            raise InvalidRecord(f"send_batch: {len(keys)} keys for {n} values", topic=topic)
+        if timestamp_ms is None:
+            ts = _time_ns() // 1_000_000
+        elif type(timestamp_ms) is int and timestamp_ms >= 0:
+            ts = timestamp_ms
+        else:
+            raise InvalidRecord(f"timestamp_ms must be a non-negative int, got {timestamp_ms!r}", topic=topic)
+        # Check every record before anything is appended: a batch split over
+        # several partitions must not leave some of them written on bad input.
+        n, largest = _batch_field(values, "value", topic)
+        if keys is not None:
+            nk, klargest = _batch_field(keys, "key", topic)
+            if nk != n:
+                raise InvalidRecord(f"send_batch: {nk} keys for {n} values", topic=topic)
+            if largest + klargest > route.max_bytes:      # rare: look at each record
+                largest = max(map(_record_size, values, keys))
+        if largest > route.max_bytes:
+            self._too_large(route, partition if type(partition) is int else None, largest)
         if partition is not None:
             if type(partition) is not int or not 0 <= partition < route.count:
-                raise UnknownTopicOrPartition(
-                    f"partition {partition!r} of topic {topic!r} does not exist (it has {route.count})",
-                    topic=topic)
+                route = self._check_partition(topic, partition)
             groups: List[Tuple[int, Any, Any]] = [(partition, values, keys)]
         elif keys is None:
             groups = [(self._partitioner(None, route.count), values, None)]
@@ -207,6 +218,17 @@ class Producer:
             off = route.logs[p].append_batch(vs, ks, timestamp_ms=ts, timeout=self._timeout_ns / 1e9)
             out.append(RecordMetadata(topic, p, off, ts))
         return out
+
+    def _check_partition(self, topic: str, partition: Any) -> _TopicRoute:
+        """The route again after a partition number out of range: partitions
+        may have been added since the cached metadata (then it is valid)."""
+        self._routes.pop(topic, None)
+        route = self._route(topic)
+        if type(partition) is not int or not 0 <= partition < route.count:
+            raise UnknownTopicOrPartition(
+                f"partition {partition!r} of topic {topic!r} does not exist (it has {route.count})",
+                topic=topic, partition=partition if isinstance(partition, int) else None)
+        return route
 
     def _too_large(self, route: _TopicRoute, partition: Optional[int], size: int) -> None:
         from .errors import MessageSizeTooLarge
@@ -234,6 +256,36 @@ class Producer:
 
     def __exit__(self, *exc: Any) -> None:
         self.close()
+
+
+_BYTES_LIKE = frozenset((bytes, bytearray, memoryview, type(None)))
+
+
+def _batch_field(items: Any, what: str, topic: str) -> Tuple[int, int]:
+    """(record count, largest size) of a send_batch field; InvalidRecord for
+    anything but a list/tuple of bytes-like or None, or a 2-D uint8 array."""
+    if isinstance(items, np.ndarray):
+        if items.ndim != 2 or items.dtype != np.uint8:
+            raise InvalidRecord(f"a numpy batch of {what}s must be a 2-D uint8 array, "
+                                f"got {items.ndim}-D {items.dtype}", topic=topic)
+        return int(items.shape[0]), int(items.shape[1])
+    if not isinstance(items, (list, tuple)):
+        raise InvalidRecord(f"{what}s must be a list of bytes or a 2-D uint8 numpy array, "
+                            f"got {type(items).__name__}", topic=topic)
+    types = set(map(type, items))
+    if not types <= _BYTES_LIKE:
+        bad = next(t for t in types if t not in _BYTES_LIKE)
+        raise InvalidRecord(f"each {what} for topic {topic!r} must be bytes-like or None, got "
+                            f"{bad.__name__} (pass {what}_serializer= to send other types)", topic=topic)
+    if not items:
+        return 0, 0
+    if type(None) in types:
+        return len(items), max(0 if v is None else len(v) for v in items)
+    return len(items), max(map(len, items))
+
+
+def _record_size(v: Any, k: Any) -> int:
+    return (0 if v is None else len(v)) + (0 if k is None else len(k))
 
 
 def _to_bytes(v: Any, what: str, topic: str) -> bytes:

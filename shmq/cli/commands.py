@@ -1,4 +1,4 @@
-"""`shmq` subcommands that talk to a root: serve, topics, produce, consume, status.
+"""`shmq` subcommands that talk to a root: serve, topics, produce, consume, groups, status.
 
 Each command is one function taking the parsed arguments and returning an
 exit status; output goes to stdout, errors to stderr as one line naming what
@@ -169,6 +169,66 @@ def status(args: argparse.Namespace) -> int:
     return 0
 
 
+def groups(args: argparse.Namespace) -> int:
+    """`shmq groups list|describe|reset-offsets|delete`, as kafka-consumer-groups."""
+    from ..admin import Admin
+    with Admin(args.root) as admin:
+        if args.action == "list":
+            for g in admin.list_groups():
+                print(g["group"] if not args.state else f"{g['group']}\t{g['state']}\t{g['members']}")
+            return 0
+        if not args.group:
+            print(f"shmq groups {args.action}: needs a group", file=sys.stderr)
+            return 1
+        if args.action == "describe":
+            d = admin.describe_group(args.group)
+            if args.members:
+                print(f"{'GROUP':<20} {'CONSUMER-ID':<36} {'HOST':<12} {'CLIENT-ID':<20} {'PID':>7} {'#PARTITIONS':>11}")
+                for m in d.members:
+                    print(f"{d.group:<20} {m.member_id:<36} {m.host:<12} {m.client_id:<20} {m.pid:>7} "
+                          f"{len(m.assignment):>11}")
+                return 0
+            print(f"Consumer group '{d.group}': state {d.state}, {len(d.members)} member(s)"
+                  + (f", assignor {d.assignor}, generation {d.generation}" if d.assignor else ""))
+            print(f"{'GROUP':<20} {'TOPIC':<20} {'PARTITION':>9} {'CURRENT-OFFSET':>14} {'LOG-END-OFFSET':>14} "
+                  f"{'LAG':>8} {'CONSUMER-ID':<36} {'HOST':<12} {'CLIENT-ID':<20} {'PID':>7}")
+            for p in d.partitions:
+                print(f"{d.group:<20} {p.topic:<20} {p.partition:>9} "
+                      f"{'-' if p.committed is None else p.committed:>14} {p.log_end:>14} "
+                      f"{'-' if p.lag is None else p.lag:>8} {p.member_id or '-':<36} {p.host or '-':<12} "
+                      f"{p.client_id or '-':<20} {p.pid or '-':>7}")
+            return 0
+        if args.action == "delete":
+            admin.delete_group(args.group)
+            print(f"Deleted consumer group '{args.group}'.")
+            return 0
+        # reset-offsets
+        modes = [m for m in ("to_earliest", "to_latest", "to_offset", "to_datetime", "to_timestamp")
+                 if getattr(args, m) not in (None, False)]
+        if len(modes) != 1:
+            print("shmq groups reset-offsets: give exactly one of --to-earliest, --to-latest, --to-offset N, "
+                  "--to-timestamp MS, --to-datetime ISO", file=sys.stderr)
+            return 1
+        mode, value = modes[0], None
+        if mode == "to_offset":
+            to, value = "offset", args.to_offset
+        elif mode == "to_timestamp":
+            to, value = "timestamp", args.to_timestamp
+        elif mode == "to_datetime":
+            from datetime import datetime
+            to, value = "timestamp", int(datetime.fromisoformat(args.to_datetime).timestamp() * 1000)
+        else:
+            to = mode[3:]
+        res = admin.reset_offsets(args.group, to, topics=[args.topic] if args.topic else None, value=value,
+                                  dry_run=not args.execute)
+        print(f"{'GROUP':<20} {'TOPIC':<20} {'PARTITION':>9} {'NEW-OFFSET':>10}")
+        for (t, p), off in sorted(res.items()):
+            print(f"{args.group:<20} {t:<20} {p:>9} {off:>10}")
+        if not args.execute:
+            print("(dry run: add --execute to apply)", file=sys.stderr)
+    return 0
+
+
 def add_parsers(sub: Any) -> None:
     s = sub.add_parser("serve", help="run the coordinator in the foreground")
     s.add_argument("--standby", action="store_true", help="wait and take over when the active one dies")
@@ -203,6 +263,20 @@ def add_parsers(sub: Any) -> None:
     c.add_argument("--print-timestamp", action="store_true")
     c.add_argument("--json", action="store_true", help="one JSON object per record")
     c.set_defaults(func=consume)
+
+    g = sub.add_parser("groups", help="list, describe, reset offsets of or delete consumer groups")
+    g.add_argument("action", choices=["list", "describe", "reset-offsets", "delete"])
+    g.add_argument("group", nargs="?")
+    g.add_argument("--state", action="store_true", help="list: print state and member count too")
+    g.add_argument("--members", action="store_true", help="describe: one line per member")
+    g.add_argument("--topic", default=None, help="reset-offsets: only this topic")
+    g.add_argument("--to-earliest", action="store_true")
+    g.add_argument("--to-latest", action="store_true")
+    g.add_argument("--to-offset", type=int, default=None)
+    g.add_argument("--to-timestamp", type=int, default=None, metavar="MS")
+    g.add_argument("--to-datetime", default=None, metavar="ISO")
+    g.add_argument("--execute", action="store_true", help="reset-offsets: apply (default: dry run)")
+    g.set_defaults(func=groups)
 
     st = sub.add_parser("status", help="coordinator, topics, partitions and client processes")
     st.set_defaults(func=status)

@@ -46,6 +46,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     except ShmqError as e:
         print(f"shmq {args.command}: {type(e).__name__}: {e}", file=sys.stderr)
         return 1
+    except (OSError, ValueError) as e:   # e.g. dump-log of a path that is no partition log
+        print(f"shmq {args.command}: {e}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         return 130
 

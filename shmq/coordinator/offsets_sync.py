@@ -18,7 +18,16 @@ table for the coordinator:
   table has none, so a committed offset never goes backwards.
 
 A value read from the table is bounds-checked (>= -1); a bad one is logged
-and ignored. Callers serialise calls (the server's lock).
+and ignored.
+
+Fencing (consumer groups): each entry's generation word holds the generation
+of the partition's current owner (0: no owner). A commit carries the
+committer's generation packed into the offset word; ``sync()`` journals it
+only if that generation equals the entry's generation word, else it is a
+stale member's commit: it is dropped (never journaled) and the entry is put
+back to the last good value. The group code changes generation words only
+under the server lock, after a ``sync()``, so everything an owner committed
+before losing a partition is journaled. Callers serialise calls (the server's lock).
 """
 from __future__ import annotations
 
@@ -29,7 +38,7 @@ from typing import Dict, List, Set, Tuple
 
 import numpy as np
 
-from ..offsets_table import OffsetsTable, entry_key
+from ..offsets_table import OffsetsTable, entry_key, pack, unpack
 from ..root import Root
 from .durable import DurableStore
 from .store import slot_key, split_slot_key
@@ -58,6 +67,7 @@ class OffsetsTableSync:
         self._last = np.zeros(0, dtype=np.int64)
         self._dirty = True
         self._bad: Set[int] = set()
+        self.rejected = 0
         self.reconcile()
 
     # -------------------------------------------------------------- slots
@@ -85,7 +95,23 @@ class OffsetsTableSync:
     def write_through(self, group: str, topic: str, partition: int, offset: int) -> None:
         index = self.db.store.offset_slots.get(slot_key(group, topic, partition))
         if index is not None:
-            self.table.store(index, offset, time.time_ns() // 1_000_000)
+            self.table.store(index, offset, time.time_ns() // 1_000_000, self.table.generation(index))
+            self._dirty = True
+
+    def index(self, group: str, topic: str, partition: int) -> int:
+        """The entry index, allocating it if new."""
+        return self.slot(group, topic, partition)[0]
+
+    def set_owner_generation(self, group: str, topic: str, partition: int, generation: int) -> None:
+        """Who may commit ``group``'s offset of the partition (0: no group member)."""
+        self.table.set_generation(self.index(group, topic, partition), generation)
+
+    def release_group(self, group: str, slots: Dict[str, int]) -> None:
+        """Free the entries of a deleted group (``slots``: the mapping before the delete)."""
+        for key, index in slots.items():
+            if split_slot_key(key)[0] == group:
+                self.table.release(index)
+        self._dirty = True
 
     # --------------------------------------------------------------- sync
     def _rebuild(self) -> None:
@@ -93,9 +119,11 @@ class OffsetsTableSync:
         self._keys = list(slots)
         self._idx = np.fromiter((slots[k] for k in self._keys), dtype=np.int64, count=len(self._keys))
         last = []
-        for k in self._keys:
+        for k, i in zip(self._keys, self._idx.tolist()):
             cur = self.db.store.committed(*split_slot_key(k))
-            last.append(cur[0] if cur else -1)
+            raw = self.table.load_raw(i)
+            # The table word if it holds the stored offset (any generation), else the store's.
+            last.append(raw if cur is not None and unpack(raw)[0] == cur[0] else (cur[0] if cur else -1))
         self._last = np.array(last, dtype=np.int64)
         self._dirty = False
 
@@ -106,6 +134,7 @@ class OffsetsTableSync:
         if not len(self._keys):
             return []
         now = self.table.offsets_view()[self._idx].copy()      # each entry read once
+        gens = self.table.generations_view()[self._idx].copy()
         changed = np.flatnonzero(now != self._last)
         if not len(changed):
             return []
@@ -113,16 +142,29 @@ class OffsetsTableSync:
         out: List[Tuple[str, int]] = []
         store = self.db.store
         for i in changed.tolist():
-            off = int(now[i])
+            raw = int(now[i])
+            off, gen = unpack(raw)
             group, topic, p = split_slot_key(self._keys[i])
-            if off < -1:
+            if raw < -1:
                 if i not in self._bad:
                     self._bad.add(i)
                     log.error("offsets table entry %d (%s %s-%d) holds %d; ignored", int(self._idx[i]),
                               group, topic, p, off)
                 continue
-            self._last[i] = off
             cur = store.committed(group, topic, p)
+            owner = int(gens[i])
+            if raw != -1 and gen != owner:
+                # A stale member (it lost the partition) committed: drop it, restore the entry.
+                good = pack(cur[0], owner) if cur else -1
+                index = int(self._idx[i])
+                if self.table.load_raw(index) == raw:
+                    self.table.offsets_view()[index] = good
+                self._last[i] = good
+                self.rejected += 1
+                log.warning("dropped a stale commit of %s %s-%d: offset %d by generation %d (owner "
+                            "generation %d)", group, topic, p, off, gen, owner)
+                continue
+            self._last[i] = raw
             if off == -1 or (cur is not None and cur[0] == off):
                 continue
             by_group.setdefault(group, []).append([topic, p, off, cur[1] if cur else ""])
@@ -144,11 +186,18 @@ class OffsetsTableSync:
                 log.warning("offsets table entry of %s %s-%d was lost; now entry %d", group, topic, p, new)
                 self.db.commit([store.prepare_offset_slot(group, topic, p, new)])
             elif cur is not None and self.table.load(index) == -1:
-                self.table.store(index, cur[0])
+                self.table.store(index, cur[0], 0, self.table.generation(index))
         self._dirty = True
         changed = self.sync()
         if changed:
             log.info("took %d newer committed offset(s) from the offsets table", len(changed))
+        # Group membership is not recovered (members rejoin): nobody owns anything yet.
+        self.had_owners = False
+        for index in store.offset_slots.values():
+            if 0 <= index < self.table.capacity:
+                if self.table.generation(index) != 0:
+                    self.had_owners = True
+                self.table.set_generation(index, 0)
 
     def close(self) -> None:
         self.table.close()

@@ -25,7 +25,10 @@ Theory of operation:
 Operations (``op_<name>``, arguments by keyword): ping, create_topic,
 delete_topic, list_topics, describe_topic, create_partitions, alter_config,
 commit_offsets, fetch_offsets, offsets_slot, sync_offsets,
-allocate_producer_id, status.
+allocate_producer_id, status; consumer groups (``groups.py``): join_group,
+heartbeat, group_revoked, leave_group (on the member's own connection, which
+also carries pushed group state), list_groups, describe_group, delete_group,
+reset_offsets.
 """
 from __future__ import annotations
 
@@ -42,9 +45,10 @@ from typing import Any, Callable, Dict, List, Optional
 
 import psutil
 
-from ..errors import ClusterAuthorizationFailed, InvalidRequest, ShmqError
-from ..root import Root
+from ..errors import ClusterAuthorizationFailed, InvalidRequest, ShmqError, UnknownTopicOrPartition
+from ..root import Root, validate_group
 from .durable import DurableStore
+from .groups import GroupManager
 from .housekeeping import Housekeeper, LogRegistry
 from .metamap import MetadataPublisher
 from .offsets_sync import OffsetsTableSync
@@ -82,6 +86,7 @@ class Coordinator:
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._clients: Dict[int, Dict[str, Any]] = {}
+        self._tl = threading.local()
         self._next_conn = 0
         self._root_ino = os.stat(root.path).st_ino
         self.registry = LogRegistry()
@@ -105,10 +110,15 @@ class Coordinator:
             for name, t in self.db.store.topics.items():
                 self._update_slowest(name, range(len(t["partitions"])))
             self.offsets = OffsetsTableSync(self.root, self.db)
+            # After a takeover from a coordinator whose groups had members, give them a
+            # moment to rejoin and claim their partitions before anything is handed out.
+            self.groups = GroupManager(self._topic_partitions, self._set_owner, self._sync_offsets,
+                                       rejoin_grace=1.0 if self.offsets.had_owners else 0.0)
             self.publisher = MetadataPublisher(self.root.metadata_map_path, self._payload())
             self.housekeeper = Housekeeper(self.registry, self.housekeeping_interval)
             self.housekeeper.start()
             threading.Thread(target=self._offsets_loop, name="shmq-offsets", daemon=True).start()
+            threading.Thread(target=self._groups_loop, name="shmq-groups", daemon=True).start()
             listener = self._listen()
             if on_ready is not None:
                 on_ready()
@@ -189,6 +199,41 @@ class Coordinator:
                 if not self._stop.is_set():
                     self._sync_offsets()
 
+    def _groups_loop(self, interval: float = 0.02, pid_every: int = 5) -> None:
+        """Group supervision: heartbeats, stuck revocations, process liveness (psutil)."""
+        n = 0
+        while not self._stop.wait(interval):
+            n += 1
+            with self._lock:
+                if self._stop.is_set():
+                    break
+                try:
+                    self.groups.tick(check_pids=n % pid_every == 0)
+                except Exception:
+                    log.exception("group supervision failed")
+                pushes = self.groups.take_pushes()
+            self._send_pushes(pushes)
+
+    def _send_pushes(self, pushes: List[Any]) -> None:
+        for cid, frame in pushes:
+            c = self._clients.get(cid)
+            if c is None or "sock" not in c:
+                continue
+            try:
+                with c["send_lock"]:
+                    send_frame(c["sock"], {"id": None, "ok": True, **frame})
+            except OSError as e:
+                log.debug("push to connection %d failed: %s", cid, e)
+
+    def _topic_partitions(self) -> Dict[str, int]:
+        return {name: len(t["partitions"]) for name, t in self.db.store.topics.items()}
+
+    def _set_owner(self, group: str, topic: str, partition: int, generation: int) -> None:
+        try:
+            self.offsets.set_owner_generation(group, topic, partition, generation)
+        except UnknownTopicOrPartition:
+            pass                            # the topic was deleted meanwhile
+
     def _sync_offsets(self) -> int:
         try:
             changed = self.offsets.sync()
@@ -232,19 +277,35 @@ class Coordinator:
         with self._lock:
             self._next_conn += 1
             cid = self._next_conn
-            self._clients[cid] = {"pid": pid, "uid": uid, "connected": time.time()}
+            send_lock = threading.Lock()
+            self._clients[cid] = {"pid": pid, "uid": uid, "connected": time.time(), "sock": conn,
+                                  "send_lock": send_lock}
+        self._tl.cid, self._tl.pid = cid, pid
         try:
             while True:
                 req = recv_frame(conn)
                 if req is None:
                     break
-                send_frame(conn, {"id": req.get("id"), **self._dispatch(req)})
+                resp = {"id": req.get("id"), **self._dispatch(req)}
+                with send_lock:
+                    send_frame(conn, resp)
+                pushes = self._tl.__dict__.pop("pushes", None)
+                if pushes:
+                    self._send_pushes(pushes)
         except (OSError, ConnectionError, ValueError) as e:
             log.debug("connection of pid %d closed: %s", pid, e)
         finally:
-            conn.close()
             with self._lock:
                 self._clients.pop(cid, None)
+                pushes = []
+                if not self._stop.is_set() and hasattr(self, "groups"):
+                    try:
+                        self.groups.connection_closed(cid)
+                    except Exception:
+                        log.exception("removing the group members of connection %d failed", cid)
+                    pushes = self.groups.take_pushes()
+            conn.close()
+            self._send_pushes(pushes)
 
     def _dispatch(self, req: Dict[str, Any]) -> Dict[str, Any]:
         op, args = req.get("op"), req.get("args") or {}
@@ -259,7 +320,12 @@ class Coordinator:
             except TypeError as e:
                 raise InvalidRequest(f"bad arguments for {op}: {e}") from None
             with self._lock:
-                return {"ok": True, "result": handler(**args)}
+                result = handler(**args)
+                if hasattr(self, "groups"):
+                    pushes = self.groups.take_pushes()
+                    if pushes:
+                        self._tl.pushes = pushes     # sent after the response
+                return {"ok": True, "result": result}
         except ShmqError as e:
             return error_to_wire(e)
         except Exception as e:
@@ -303,6 +369,7 @@ class Coordinator:
             remove_logs(self.root, self.registry, name, range(partitions))
             raise
         self._publish()
+        self.groups.topics_changed()
         log.info("created topic %s with %d partitions", name, partitions)
         return self.op_describe_topic(name)
 
@@ -313,6 +380,7 @@ class Coordinator:
         self.db.commit([rec])
         self.offsets.release_topic(slots, name)
         self._publish()
+        self.groups.topics_changed()
         remove_logs(self.root, self.registry, name, range(n))
         log.info("deleted topic %s", name)
 
@@ -342,6 +410,7 @@ class Coordinator:
             remove_logs(self.root, self.registry, name, range(have, total))
             raise
         self._publish()
+        self.groups.topics_changed()
         log.info("topic %s now has %d partitions", name, total)
         return self.op_describe_topic(name)
 
@@ -384,6 +453,137 @@ class Coordinator:
         rec = self.db.store.prepare_allocate_producer_id(transactional_id)
         self.db.commit([rec])
         return {"producer_id": rec["producer_id"], "epoch": rec["epoch"]}
+
+    # ------------------------------------------------------- consumer groups
+    def op_join_group(self, group: str, topics: Optional[List[str]] = None, pattern: Optional[str] = None,
+                      member_id: Optional[str] = None, client_id: Optional[str] = None,
+                      pid: Optional[int] = None, create_time: Optional[float] = None,
+                      host: Optional[str] = None, group_instance_id: Optional[str] = None,
+                      session_timeout_ms: int = 10000, max_poll_interval_ms: int = 300000,
+                      assignor: str = "sticky", owned: Optional[List[Any]] = None) -> Dict[str, Any]:
+        """Join ``group`` on this connection (the member's lifeline); returns its state.
+        ``owned``: partitions a rejoining member still consumes (kept if nobody owns them)."""
+        for name, v in (("session_timeout_ms", session_timeout_ms), ("max_poll_interval_ms", max_poll_interval_ms)):
+            if not isinstance(v, int) or isinstance(v, bool) or not 1 <= v <= 3_600_000:
+                raise InvalidRequest(f"{name}={v!r} must be an int in [1, 3600000]")
+        if pid is not None and pid != self._tl.pid:
+            raise InvalidRequest(f"join_group: pid {pid} is not the connecting process ({self._tl.pid})")
+        args = dict(group=group, topics=topics, pattern=pattern, member_id=member_id, client_id=client_id,
+                    create_time=create_time, host=host or socket.gethostname(),
+                    group_instance_id=group_instance_id, session_timeout_ms=session_timeout_ms,
+                    max_poll_interval_ms=max_poll_interval_ms, assignor=assignor, owned=owned)
+        return self.groups.join(self._tl.cid, self._tl.pid, args)
+
+    def op_heartbeat(self, group: str, member_id: str) -> Dict[str, Any]:
+        return self.groups.heartbeat(self._tl.cid, group, member_id)
+
+    def op_group_revoked(self, group: str, member_id: str, partitions: List[Any]) -> Dict[str, Any]:
+        """The member committed and stopped consuming ``partitions`` it was asked to give up."""
+        if not isinstance(partitions, list) or not all(
+                isinstance(tp, (list, tuple)) and len(tp) == 2 for tp in partitions):
+            raise InvalidRequest("partitions must be a list of [topic, partition]")
+        return self.groups.revoked(self._tl.cid, group, member_id, partitions)
+
+    def op_leave_group(self, group: str, member_id: str) -> None:
+        self.groups.leave(self._tl.cid, group, member_id)
+
+    def op_list_groups(self) -> List[Dict[str, Any]]:
+        active = {g["group"]: g for g in self.groups.list()}
+        for name in self.db.store.offsets:
+            active.setdefault(name, {"group": name, "state": "Empty", "members": 0, "assignor": None,
+                                     "generation": None})
+        return [active[n] for n in sorted(active)]
+
+    def op_describe_group(self, group: str) -> Dict[str, Any]:
+        validate_group(group)
+        self._sync_offsets()
+        d = self.groups.describe(group)
+        committed = {(t, p): off for t, p, off, _m in self.db.store.fetch_offsets(group)}
+        if not d["members"] and not committed and group not in self.groups.groups:
+            d["state"] = "Dead"
+        owners = {}
+        for m in d["members"]:
+            for t, p in m["assignment"]:
+                owners[(t, p)] = m
+        parts = []
+        for t, p in sorted(set(committed) | set(owners)):
+            plog = self.registry.get(t, p)
+            end = plog.end_offset if plog is not None else -1
+            cur = committed.get((t, p))
+            m = owners.get((t, p))
+            parts.append({"topic": t, "partition": p, "committed": cur, "log_end": end,
+                          "lag": (end - cur) if cur is not None and end >= 0 else None,
+                          "member_id": m["member_id"] if m else None,
+                          "client_id": m["client_id"] if m else None, "pid": m["pid"] if m else None,
+                          "host": m["host"] if m else None})
+        d["partitions"] = parts
+        return d
+
+    def op_delete_group(self, group: str) -> None:
+        """Delete an empty group's committed offsets (Kafka: only when it has no members)."""
+        validate_group(group)
+        if self.groups.active(group):
+            raise InvalidRequest(f"group {group!r} is not empty: it has active members")
+        self._sync_offsets()
+        if group not in self.db.store.offsets and not any(
+                k.split("/")[0] == group for k in self.db.store.offset_slots) and group not in self.groups.groups:
+            raise InvalidRequest(f"group {group!r} does not exist")
+        slots = dict(self.db.store.offset_slots)
+        self.db.commit([self.db.store.prepare_delete_group(group)])
+        self.offsets.release_group(group, slots)
+        self.groups.forget(group)
+        log.info("deleted group %s", group)
+
+    def op_reset_offsets(self, group: str, to: str, topics: Optional[List[str]] = None,
+                         partitions: Optional[List[Any]] = None, value: Optional[int] = None,
+                         dry_run: bool = False) -> List[Any]:
+        """Set an empty group's committed offsets of ``topics`` (or of ``partitions``
+        [[topic, p]], default: every partition it committed) to ``to``:
+        earliest, latest, offset (``value``), timestamp (``value`` in ms)."""
+        from ..ringlog import LogReader
+        validate_group(group)
+        if self.groups.active(group):
+            raise InvalidRequest(f"group {group!r} has active members: reset offsets only of an empty group")
+        if to not in ("earliest", "latest", "offset", "timestamp"):
+            raise InvalidRequest(f"reset to {to!r}: one of earliest, latest, offset, timestamp")
+        if to in ("offset", "timestamp") and (not isinstance(value, int) or isinstance(value, bool) or value < 0):
+            raise InvalidRequest(f"reset to {to} needs a non-negative int value, got {value!r}")
+        self._sync_offsets()
+        if partitions is not None:
+            tps = [(str(t), int(p)) for t, p in partitions]
+        elif topics is not None:
+            tps = [(t, p) for t in topics for p in range(len(self.db.store.topic(t)["partitions"]))]
+        else:
+            tps = [(t, p) for t, p, _o, _m in self.db.store.fetch_offsets(group)]
+        out = []
+        for t, p in tps:
+            self.db.store.check_partition(t, p)
+            plog = self.registry.get(t, p)
+            if plog is None:
+                raise UnknownTopicOrPartition(f"partition {t}-{p} has no log", topic=t, partition=p)
+            lo, hi = plog.start_offset, plog.end_offset
+            if to == "earliest":
+                off = lo
+            elif to == "latest":
+                off = hi
+            elif to == "offset":
+                off = min(max(int(value), lo), hi)  # type: ignore[arg-type]
+            else:
+                reader = LogReader(plog, lo, buffer_bytes=plog.max_frame_bytes, max_records=256)
+                off = reader.seek_to_time(int(value))  # type: ignore[arg-type]
+                while off < hi:                   # the time index is sparse: scan to the record
+                    recs = reader.read(256)
+                    if not recs:
+                        break
+                    hit = next((r for r in recs if r.timestamp_ms >= value), None)  # type: ignore[operator]
+                    if hit is not None:
+                        off = hit.offset
+                        break
+                    off = recs[-1].offset + 1
+            out.append([t, p, off])
+        if not dry_run and out:
+            self.op_commit_offsets(group, out)
+        return out
 
     def op_status(self) -> Dict[str, Any]:
         now = time.time()

@@ -210,6 +210,11 @@ class Store:
         self.check_partition(topic, partition)
         return {"op": "offset_slot", "group": group, "topic": topic, "partition": partition, "index": index}
 
+    def prepare_delete_group(self, group: str) -> Record:
+        """Forget ``group``'s committed offsets and offsets-table slots."""
+        validate_group(group)
+        return {"op": "delete_group", "group": group}
+
     # ------------------------------------------------------------------ apply
     def apply(self, rec: Record) -> None:
         """Apply one journal record (deterministic; records were validated by prepare_*)."""
@@ -236,6 +241,10 @@ class Store:
             committed = self.offsets.setdefault(rec["group"], {})
             for topic, p, off, meta in rec["offsets"]:
                 committed.setdefault(topic, {})[str(p)] = [off, meta, rec["ts"]]
+        elif op == "delete_group":
+            self.offsets.pop(rec["group"], None)
+            for key in [k for k in self.offset_slots if split_slot_key(k)[0] == rec["group"]]:
+                del self.offset_slots[key]
         elif op == "offset_slot":
             self.offset_slots[slot_key(rec["group"], rec["topic"], rec["partition"])] = rec["index"]
         elif op == "allocate_producer_id":
