@@ -11,8 +11,9 @@ from __future__ import annotations
 import threading
 from typing import Any, Dict, Iterable, List, Optional, Tuple
 
-from .errors import CommitFailed, UnknownTopicOrPartition
+from .errors import CommitFailed, InvalidConfig, UnknownTopicOrPartition
 from .message import TopicPartition
+from .offsets_table import F_GENERATION, F_OFFSET, GEN_SHIFT, OFFSET_MASK
 from .ringlog import PartitionLog
 from .root import Root, validate_topic
 
@@ -42,7 +43,8 @@ class Cluster:
         # Keyed by topic id: a topic deleted and re-created under the same name
         # has new files at the same path, and must not reuse the old mapping.
         self._logs: Dict[Tuple[str, int], PartitionLog] = {}
-        self._slots: Dict[Tuple[str, str, str, int], int] = {}
+        self._slots: Dict[Tuple[str, str, int], int] = {}
+        self._slots_version = -1
         self._table: Any = None
         self._lock = threading.Lock()
 
@@ -87,10 +89,16 @@ class Cluster:
     def offset_slot(self, group: str, topic: str, partition: int) -> int:
         """Index of ``group``'s entry for ``topic``-``partition`` in the shared
         offsets table (one RPC the first time, then cached)."""
-        info = self.topic(topic)
-        key = (group, info.topic_id, topic, partition)
+        # Cached until the metadata changes: a topic deleted and re-created
+        # under the same name gets new entries.
+        version = self._view.version()
+        if version != self._slots_version:
+            self._slots.clear()
+            self._slots_version = version
+        key = (group, topic, partition)
         idx = self._slots.get(key)
         if idx is None:
+            self.topic(topic)  # UnknownTopicOrPartition / InvalidTopic before any RPC
             idx, _ = self._client.offsets_slot(group, topic, partition)
             self._slots[key] = idx
         return idx
@@ -110,21 +118,23 @@ class Cluster:
         (generation 0). A partition whose entry names another owner generation
         raises ``CommitFailed`` before anything is stored; the coordinator drops
         a stale store that races with a reassignment."""
-        table = self.offsets_table()
+        words = self.offsets_table().words
+        at = self._table.word_index
         todo = []
         for tp, o in offsets.items():
             idx = self.offset_slot(group, tp[0], tp[1])
             gen = 0 if generations is None else generations.get(tp, -1)
-            owner = table.generation(idx)
-            if gen != owner:
+            if gen != words[at(idx, F_GENERATION)]:
                 raise CommitFailed(
                     f"group {group!r}: cannot commit {tp[0]}-{tp[1]}: "
                     + ("this consumer does not own it in the group's current generation" if gen != 0 else
                        "the partition is owned by an active member of the group"),
                     topic=tp[0], partition=tp[1])
-            todo.append((idx, int(o), gen))
-        for idx, o, gen in todo:
-            table.store(idx, o, 0, gen)
+            if not 0 <= o <= OFFSET_MASK:
+                raise InvalidConfig(f"commit offset {o} for {tp[0]}-{tp[1]} is out of range", topic=tp[0])
+            todo.append((at(idx, F_OFFSET), (gen << GEN_SHIFT) | o))
+        for i, word in todo:
+            words[i] = word  # one aligned 8-byte store: see shmq/offsets_table.py
         if sync:
             self._client.sync_offsets()
 

@@ -603,13 +603,13 @@ class Consumer:
         if self.group_id is None:
             raise IllegalState("commit needs a group_id")
         if offsets is not None:
-            todo = {TopicPartition(*tp): int(o) for tp, o in offsets.items()}
+            todo = {tp if type(tp) is TopicPartition else TopicPartition(*tp): o for tp, o in offsets.items()}
         elif message is not None:
             todo = {TopicPartition(message.topic, message.partition): message.offset + 1}
         else:
             todo = {st.tp: st.position for st in self._order if st.position is not None}
         for tp, o in todo.items():
-            if not isinstance(o, int) or o < 0:
+            if type(o) is not int or o < 0:
                 raise InvalidConfig(f"commit offset for {tp.topic}-{tp.partition} must be a non-negative int, got {o!r}")
         if todo:
             self._cluster.commit_offsets(self.group_id, todo, sync=not asynchronous,

@@ -93,6 +93,15 @@ class OffsetsTable:
         self._words = np.frombuffer(self._mm, dtype=np.int64, offset=HEADER,
                                     count=self.capacity * WORDS).reshape(self.capacity, WORDS)
         self._keys = self._words[:, F_KEY].view(np.uint64)
+        # The same words as a flat memoryview of int64: indexing it reads and
+        # writes Python ints with one aligned 8-byte access and no numpy
+        # scalar objects (the hot path of commits). Word of entry i, field f:
+        # word_index(i, f).
+        self.words = memoryview(self._mm).cast("q")
+
+    @staticmethod
+    def word_index(index: int, field: int) -> int:
+        return HEADER // 8 + index * WORDS + field
 
     @classmethod
     def create(cls, path: str, capacity: int = DEFAULT_CAPACITY) -> "OffsetsTable":
@@ -152,7 +161,8 @@ class OffsetsTable:
     def store(self, index: int, offset: int, commit_ms: int = 0, generation: int = 0) -> None:
         """Commit ``offset`` by ``generation`` into entry ``index`` (one aligned 8-byte store)."""
         w = self._words[index]
-        w[F_COMMIT_MS] = commit_ms
+        if commit_ms:
+            w[F_COMMIT_MS] = commit_ms
         w[F_OFFSET] = pack(offset, generation)
 
     def load(self, index: int) -> int:
@@ -170,6 +180,7 @@ class OffsetsTable:
         return {i: o for i, _, o in self.entries()}
 
     def close(self) -> None:
+        self.words.release()
         self._words = None  # type: ignore[assignment]
         self._keys = None  # type: ignore[assignment]
         try:
