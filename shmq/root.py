@@ -177,7 +177,8 @@ class Root:
             with open(self.pid_path) as f:
                 pid_s, ctime_s = f.read().split()
             pid, ctime = int(pid_s), float(ctime_s)
-            if abs(psutil.Process(pid).create_time() - ctime) < 0.01:
+            proc = psutil.Process(pid)
+            if abs(proc.create_time() - ctime) < 0.01 and proc.status() != psutil.STATUS_ZOMBIE:
                 return pid
         except (OSError, ValueError, psutil.Error):
             pass

@@ -133,9 +133,20 @@ class CoordinatorClient:
         """One request; returns its result or raises the coordinator's error."""
         with self._lock:
             last: Optional[BaseException] = None
-            for _attempt in range(2):
+            # A lost connection is retried until connect_timeout: a standby or
+            # a freshly started coordinator takes a moment to answer.
+            deadline = time.monotonic() + self.connect_timeout
+            attempt = 0
+            while attempt == 0 or time.monotonic() < deadline:
+                if attempt:
+                    time.sleep(min(0.05, 0.005 * attempt))
+                attempt += 1
                 if self._sock is None:
-                    self._sock = self._connect()
+                    try:
+                        self._sock = self._connect()
+                    except NotCoordinator as e:
+                        last = e
+                        continue
                 self._next_id += 1
                 rid = self._next_id
                 try:
@@ -157,7 +168,8 @@ class CoordinatorClient:
                 if resp.get("id") != rid:          # an unsolicited frame: the server refused us
                     self._close_sock()
                 raise err
-            raise NotCoordinator(f"lost the coordinator on {self.root.socket_path} twice during {op}: {last}")
+            raise NotCoordinator(f"lost the coordinator on {self.root.socket_path} during {op} and none answered "
+                                 f"within {self.connect_timeout:.1f}s: {last}")
 
     def close(self) -> None:
         with self._lock:
