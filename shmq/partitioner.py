@@ -8,7 +8,7 @@ sticky (one random partition until it changes every ``sticky_records``).
 from __future__ import annotations
 
 import random
-from typing import Callable, Optional
+from typing import Callable, Dict, Optional, Tuple
 
 import xxhash
 
@@ -16,6 +16,7 @@ from .errors import InvalidConfig
 from .native import lib
 
 PARTITIONERS = ("murmur2_random", "murmur2", "xxhash", "roundrobin")
+CACHE_LIMIT = 1 << 16
 
 
 class Partitioner:
@@ -29,6 +30,7 @@ class Partitioner:
         self._sticky = 0
         self._rr = 0
         self._sticky_records = sticky_records
+        self._cache: Dict[Tuple[bytes, int], int] = {}
         self._hash: Optional[Callable[[bytes, int], int]]
         if name in ("murmur2_random", "murmur2"):
             self._hash = self._murmur2
@@ -47,7 +49,14 @@ class Partitioner:
 
     def __call__(self, key: Optional[bytes], n: int) -> int:
         if key is not None and self._hash is not None:
-            return self._hash(key, n)
+            # Key spaces are usually small: remember placements (bounded).
+            hit = self._cache.get((key, n))
+            if hit is None:
+                hit = self._hash(key, n)
+                if len(self._cache) >= CACHE_LIMIT:
+                    self._cache.clear()
+                self._cache[(key, n)] = hit
+            return hit
         if self.name == "roundrobin" or self.name == "murmur2":
             self._rr += 1
             return self._rr % n

@@ -26,6 +26,7 @@ from .ringlog import PartitionLog
 ACKS = (0, 1, "all", -1)
 _NULL = ffi.NULL
 _time_ns = time.time_ns
+METADATA_RECHECK_MS = 100  # a producer notices added partitions and deleted topics this soon
 _new_tuple = tuple.__new__
 
 
@@ -33,12 +34,13 @@ class _TopicRoute:
     """A topic's partitions as the producer sends to them (refreshed when the
     published metadata version changes)."""
 
-    __slots__ = ("name", "logs", "handles", "count", "max_bytes", "blocking")
+    __slots__ = ("name", "logs", "handles", "count", "max_bytes", "blocking", "fast")
 
     def __init__(self, name: str, logs: List[PartitionLog], max_bytes: int) -> None:
         self.name = name
         # overflow="block" topics take the path with a timeout (max_block_ms).
         self.blocking = any(log.config.overflow == "block" for log in logs)
+        self.fast = not self.blocking
         self.logs = logs
         self.handles = [log._h for log in logs]
         self.count = len(logs)
@@ -74,7 +76,8 @@ class Producer:
         self._cluster = Cluster(root)
         self._routes: Dict[str, _TopicRoute] = {}
         self._version = self._cluster.version()
-        self._sends = 0
+        self._plain = value_serializer is None and key_serializer is None
+        self._recheck_ms = 0  # the fast path re-checks metadata once this passes
         self._append_kv = lib.shmq_log_append_kv
         self._ts_out = ffi.new("int64_t *")
         self._closed = False
@@ -110,12 +113,41 @@ class Producer:
         ``KafkaTimeoutError`` (a full ``overflow="block"`` topic past
         ``max_block_ms``).
         """
-        # The common case costs one dict lookup, a few type checks and one C
-        # call; the metadata version is re-checked every 256 sends.
-        self._sends += 1
+        # Fast path, the common case: bytes in, a cached route, no serializer,
+        # headers or explicit timestamp. A few checks and one C call; every
+        # other case, and a metadata re-check every 100 ms, go the full way.
         route = self._routes.get(topic)
-        if route is None or not self._sends & 255:
-            route = self._route(topic)
+        if route is not None and route.fast and headers is None and timestamp_ms is None \
+                and type(value) is bytes and self._plain:
+            vlen = len(value)
+            if key is None:
+                klen = -1
+                size = vlen
+            elif type(key) is bytes:
+                klen = len(key)
+                size = vlen + klen
+            else:
+                size = -1
+            if 0 <= size <= route.max_bytes:
+                if partition is None:
+                    partition = self._partitioner(key, route.count)
+                    ok = True
+                else:
+                    ok = type(partition) is int and 0 <= partition < route.count
+                ts = _time_ns() // 1_000_000
+                if ok and ts < self._recheck_ms:
+                    off = self._append_kv(route.handles[partition], _NULL if key is None else key, klen,
+                                          value, vlen, ts)
+                    if off < 0:
+                        route.logs[partition]._fail(off, "send")
+                    return _new_tuple(RecordMetadata, (topic, partition, off, ts))
+        return self._send(topic, value, key, partition, headers, timestamp_ms)
+
+    def _send(self, topic: str, value: Any, key: Any, partition: Optional[int],
+              headers: Optional[Iterable[Header]], timestamp_ms: Optional[int]) -> RecordMetadata:
+        """``send`` with every check (and the metadata re-check)."""
+        route = self._route(topic)
+        self._recheck_ms = _time_ns() // 1_000_000 + METADATA_RECHECK_MS
         if self._value_ser is not None:
             value = self._value_ser(value)
         if key is not None:
