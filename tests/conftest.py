@@ -12,6 +12,8 @@ from typing import Iterator, List
 
 import pytest
 
+from shmq.root import Root
+
 SHM = "/dev/shm" if os.path.isdir("/dev/shm") else None
 
 
@@ -65,3 +67,36 @@ def reaper() -> Iterator[ProcessReaper]:
         yield r
     finally:
         r.cleanup()
+
+
+def kill_coordinator(root: Root) -> None:
+    """SIGKILL the root's active coordinator, if one is alive."""
+    pid = root.coordinator_pid()
+    if pid is not None:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+@pytest.fixture
+def root(shm_dir: str) -> Iterator[Root]:
+    """A fresh root; whatever coordinator is active on it at the end is killed."""
+    r = Root(shm_dir)
+    try:
+        yield r
+    finally:
+        kill_coordinator(r)
+
+
+@pytest.fixture(scope="module")
+def module_root() -> Iterator[str]:
+    """One private root shared by a module's tests (each uses its own topics),
+    so ~50 API tests do not start ~50 coordinators; killed and removed at the end."""
+    path = tempfile.mkdtemp(prefix="shmq-test-", dir=SHM)
+    try:
+        yield Root(path).path
+    finally:
+        if os.path.isdir(path):
+            kill_coordinator(Root(path, create=False))
+        shutil.rmtree(path, ignore_errors=True)

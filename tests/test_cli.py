@@ -13,7 +13,7 @@ import signal
 import subprocess
 import sys
 import time
-from typing import Iterator, List, Optional
+from typing import Optional
 
 import pytest
 from kafka.partitioner.default import murmur2
@@ -23,20 +23,6 @@ from shmq.root import Root
 
 SHMQ = [sys.executable, "-m", "shmq"]
 SMALL = ["--config", "segment_bytes=262144", "--config", "segment_count=2"]
-
-
-@pytest.fixture
-def root(shm_dir: str) -> Iterator[Root]:
-    r = Root(shm_dir)
-    try:
-        yield r
-    finally:
-        pid = r.coordinator_pid()
-        if pid is not None:
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
 
 
 def env_without_root() -> dict:  # type: ignore[type-arg]

@@ -21,7 +21,7 @@ import subprocess
 import sys
 import threading
 import time
-from typing import Any, Dict, Iterator, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np
 import pytest
@@ -51,21 +51,6 @@ def wait_for(cond, timeout: float, what: str) -> None:  # type: ignore[no-untype
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout}s waiting for {what}")
         time.sleep(0.005)
-
-
-@pytest.fixture
-def root(shm_dir: str) -> Iterator[Root]:
-    """A fresh root; whatever coordinator is active at the end is killed."""
-    r = Root(shm_dir)
-    try:
-        yield r
-    finally:
-        pid = r.coordinator_pid()
-        if pid is not None:
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
 
 
 # ------------------------------------------------------------------ workers

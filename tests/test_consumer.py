@@ -9,10 +9,6 @@ the module's coordinator is killed at teardown.
 from __future__ import annotations
 
 import itertools
-import os
-import shutil
-import signal
-import tempfile
 import time
 from typing import Iterator, List
 
@@ -22,7 +18,6 @@ import pytest
 from shmq import (Admin, Consumer, IllegalState, InvalidConfig, InvalidGroupId, InvalidTopic, Message,
                   NoOffsetForPartition, OffsetAndTimestamp, OffsetOutOfRange, Producer, TopicPartition, UnknownTopicOrPartition)
 from shmq.coordinator import CoordinatorClient
-from shmq.root import Root
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -31,17 +26,9 @@ SMALL = {"segment_bytes": 256 << 10, "segment_count": 2}
 
 
 @pytest.fixture(scope="module")
-def root() -> Iterator[str]:
-    """A private root for this module; its coordinator is killed at the end."""
-    path = tempfile.mkdtemp(prefix="shmq-test-", dir="/dev/shm" if os.path.isdir("/dev/shm") else None)
-    r = Root(path)
-    try:
-        yield r.path
-    finally:
-        pid = r.coordinator_pid()
-        if pid is not None:
-            os.kill(pid, signal.SIGKILL)
-        shutil.rmtree(path, ignore_errors=True)
+def root(module_root: str) -> str:
+    """This module's tests share one root (conftest's module_root)."""
+    return module_root
 
 
 @pytest.fixture(scope="module")

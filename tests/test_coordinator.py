@@ -11,7 +11,7 @@ import subprocess
 import sys
 import threading
 import time
-from typing import Iterator, List
+from typing import List
 
 import pytest
 
@@ -46,18 +46,6 @@ def active_pid(root: Root) -> int:
     pid = root.coordinator_pid()
     assert pid is not None
     return pid
-
-
-@pytest.fixture
-def root(shm_dir: str, reaper) -> Iterator[Root]:  # type: ignore[no-untyped-def]
-    """A fresh root; whatever coordinator is active at the end is killed."""
-    r = Root(shm_dir)
-    try:
-        yield r
-    finally:
-        pid = r.coordinator_pid()
-        if pid is not None:
-            os.kill(pid, signal.SIGKILL)
 
 
 def populate(c: CoordinatorClient) -> None:

@@ -10,9 +10,6 @@ from __future__ import annotations
 import itertools
 import json
 import os
-import shutil
-import signal
-import tempfile
 from typing import Dict, Iterator, List
 
 import numpy as np
@@ -21,7 +18,6 @@ from kafka.partitioner.default import murmur2
 
 from shmq import (Admin, Consumer, InvalidConfig, InvalidRecord, InvalidTopic, MessageSizeTooLarge, Producer,
                   RecordMetadata, TopicPartition, UnknownTopicOrPartition, errors)
-from shmq.root import Root
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -30,17 +26,9 @@ SMALL = {"segment_bytes": 256 << 10, "segment_count": 2}   # cheap to create
 
 
 @pytest.fixture(scope="module")
-def root() -> Iterator[str]:
-    """A private root for this module; its coordinator is killed at the end."""
-    path = tempfile.mkdtemp(prefix="shmq-test-", dir="/dev/shm" if os.path.isdir("/dev/shm") else None)
-    r = Root(path)
-    try:
-        yield r.path
-    finally:
-        pid = r.coordinator_pid()
-        if pid is not None:
-            os.kill(pid, signal.SIGKILL)
-        shutil.rmtree(path, ignore_errors=True)
+def root(module_root: str) -> str:
+    """This module's tests share one root (conftest's module_root)."""
+    return module_root
 
 
 @pytest.fixture(scope="module")

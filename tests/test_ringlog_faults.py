@@ -26,8 +26,7 @@ import numpy as np
 import psutil
 import pytest
 
-from shmq.errors import (CorruptRecord, KafkaStorageError, KafkaTimeoutError, OffsetOutOfRange,
-                         ShmqError)
+from shmq.errors import (CorruptRecord, KafkaStorageError, KafkaTimeoutError, OffsetOutOfRange)
 from shmq.ringlog import PartitionLog
 
 CTX = mp.get_context("fork")
