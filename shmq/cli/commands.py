@@ -162,7 +162,7 @@ def status(args: argparse.Namespace) -> int:
                 with proc.oneshot():
                     cpu = proc.cpu_times()
                     rss = proc.memory_info().rss
-                    print(f"  pid {pid:>7}  {' '.join(proc.cmdline())[:60]:<60}  cpu {cpu.user + cpu.system:8.2f} s"
+                    print(f"  pid {pid:>7}  {' '.join(' '.join(proc.cmdline()).split())[:60]:<60}  cpu {cpu.user + cpu.system:8.2f} s"
                           f"  rss {rss / 1e6:8.1f} MB")
             except psutil.Error:
                 print(f"  pid {pid:>7}  (gone)")
