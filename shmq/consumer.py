@@ -549,22 +549,32 @@ class Consumer:
         if self._buffer:
             self._drop_buffer()
         deadline = time.monotonic() + timeout
+        rr = 0
         while True:
-            for st in [s for s in self._order if not s.paused]:
+            active = [s for s in self._order if not s.paused]
+            left = deadline - time.monotonic()
+            for k, st in enumerate(active):
                 if st.position is None:
                     self._init_position(st)
                 assert st.reader is not None
+                # After a full empty round, block on one partition (its futex):
+                # the whole wait when it is the only one, else a short slice.
+                wait = 0.0 if k or rr == 0 or left <= 0 else (left if len(active) == 1 else min(left, 0.001))
                 try:
-                    arrs = st.reader.read_arrays(num_messages)
+                    arrs = st.reader.read_arrays(num_messages, timeout=wait)
                 except OffsetOutOfRange:
                     self._reset_position(st, f"position {st.position} is out of range")
                     continue
                 if arrs is not None:
                     st.position = int(arrs.offsets[-1]) + 1
+                    if len(active) > 1:  # the next call starts with the next partition
+                        self._order.append(self._order.pop(self._order.index(st)))
                     return st.tp, arrs
-            if time.monotonic() >= deadline:
+            rr += 1
+            if time.monotonic() >= deadline and rr > 1:
                 return None
-            time.sleep(0.0002)
+            if not active:
+                time.sleep(min(max(left, 0.0), 0.01))
 
     def __iter__(self) -> "Consumer":
         return self

@@ -162,8 +162,8 @@ def status(args: argparse.Namespace) -> int:
                 with proc.oneshot():
                     cpu = proc.cpu_times()
                     rss = proc.memory_info().rss
-                    print(f"  pid {pid:>7}  {' '.join(' '.join(proc.cmdline()).split())[:60]:<60}  cpu {cpu.user + cpu.system:8.2f} s"
-                          f"  rss {rss / 1e6:8.1f} MB")
+                    cmd = " ".join(" ".join(proc.cmdline()).split())[:60]
+                    print(f"  pid {pid:>7}  {cmd:<60}  cpu {cpu.user + cpu.system:8.2f} s  rss {rss / 1e6:8.1f} MB")
             except psutil.Error:
                 print(f"  pid {pid:>7}  (gone)")
     return 0
