@@ -143,7 +143,8 @@ def run_demo(producers: int = 2, consumers: int = 2, count: int = 200_000, value
               f"throughput {got_total / elapsed / 1e6:.2f} M records/s end to end ({elapsed:.2f} s)")
         if pcts:
             p = np.max(np.array(pcts), axis=0)
-            print(f"One-way latency at full load, queueing included (worst consumer): p50 {p[0] / 1e3:.1f} us  p99 {p[1] / 1e3:.1f} us  "
+            print("One-way latency at full load, queueing included (worst consumer): "
+                  f"p50 {p[0] / 1e3:.1f} us  p99 {p[1] / 1e3:.1f} us  "
                   f"p99.9 {p[2] / 1e3:.1f} us")
         print("Verified: every record received once, in order per producer and partition."
               if ok else "FAILED verification.")
