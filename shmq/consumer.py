@@ -471,8 +471,10 @@ class Consumer:
                                key=kd(m.key) if kd and m.key is not None else m.key) for m in recs]
         return recs
 
-    def poll(self, timeout: float = 1.0) -> Optional[Message]:
-        """The next record, or None if none arrives within ``timeout`` seconds."""
+    def _begin_poll(self) -> Any:
+        """What every poll, consume and consume_arrays does first: mark the
+        member alive for max_poll_interval_ms, apply a new group assignment,
+        auto-commit what was already returned. Returns the group state."""
         self._check_open()
         g = self._group
         if g is not None:
@@ -480,6 +482,11 @@ class Consumer:
             if g.version != self._group_version:
                 self._apply_group()
         self._maybe_auto_commit()
+        return g
+
+    def poll(self, timeout: float = 1.0) -> Optional[Message]:
+        """The next record, or None if none arrives within ``timeout`` seconds."""
+        g = self._begin_poll()
         if not self._buffer:
             st, recs = self._fetch(self.max_poll_records, timeout) if g is None else \
                 self._group_fetch(self.max_poll_records, timeout)
@@ -500,13 +507,7 @@ class Consumer:
     def consume(self, num_messages: int = 1, timeout: float = -1) -> List[Message]:
         """Up to ``num_messages`` records, waiting up to ``timeout`` seconds for
         the first (``-1``: wait indefinitely)."""
-        self._check_open()
-        g = self._group
-        if g is not None:
-            g.last_poll = time.monotonic()
-            if g.version != self._group_version:
-                self._apply_group()
-        self._maybe_auto_commit()
+        g = self._begin_poll()
         if not isinstance(num_messages, int) or num_messages <= 0:
             raise InvalidConfig(f"num_messages={num_messages!r} must be a positive int")
         out: List[Message] = []
@@ -539,13 +540,7 @@ class Consumer:
         """Bulk variant: (partition, RecordArrays) from one partition — numpy
         arrays of offsets and timestamps, values as a 2-D uint8 array when they
         are fixed-width — or None when nothing arrives within ``timeout``."""
-        self._check_open()
-        g = self._group
-        if g is not None:
-            g.last_poll = time.monotonic()
-            if g.version != self._group_version:
-                self._apply_group()
-        self._maybe_auto_commit()
+        self._begin_poll()
         if self._buffer:
             self._drop_buffer()
         deadline = time.monotonic() + timeout
