@@ -47,7 +47,7 @@ RESETS = ("earliest", "latest", "none")
 class _Assigned:
     """State of one assigned partition."""
 
-    __slots__ = ("tp", "log", "reader", "paused", "position")
+    __slots__ = ("tp", "log", "reader", "paused", "position", "out_of_range")
 
     def __init__(self, tp: TopicPartition, plog: Any, reader: Optional[LogReader]) -> None:
         self.tp = tp
@@ -55,6 +55,10 @@ class _Assigned:
         self.reader = reader
         self.paused = False
         self.position: Optional[int] = None  # next offset to return; None until initialized
+        # The position names an offset the log does not hold (a seek past the
+        # end, or a commit below the log start): the next fetch applies
+        # auto_offset_reset, as Kafka does.
+        self.out_of_range = False
 
 
 class Consumer:
@@ -322,22 +326,31 @@ class Consumer:
     def _seek_state(self, st: _Assigned, offset: int) -> None:
         if self._buffer_tp is st:
             self._drop_buffer()
-        if st.reader is None:
-            st.reader = LogReader(st.log, offset, check_crc=self._check_crcs, spin_us=self._spin_us,
-                                  max_records=max(1024, self.max_poll_records))
-        else:
-            st.reader.seek(offset)
+        st.out_of_range = False
+        try:
+            if st.reader is None:
+                st.reader = LogReader(st.log, offset, check_crc=self._check_crcs, spin_us=self._spin_us,
+                                      max_records=max(1024, self.max_poll_records))
+            else:
+                st.reader.seek(offset)
+        except OffsetOutOfRange:
+            st.out_of_range = True
         st.position = offset
+
+    def _check_range(self, st: _Assigned) -> None:
+        """Apply auto_offset_reset to a position the log does not hold."""
+        if st.out_of_range:
+            log.warning("%s-%d: offset %s is out of range; resetting to %s", st.tp.topic, st.tp.partition,
+                        st.position, self.auto_offset_reset)
+            self._reset_position(st, f"offset {st.position} is out of range")
 
     def _init_position(self, st: _Assigned) -> None:
         committed = self.committed(st.tp) if self.group_id else None
         if committed is None:
             self._reset_position(st, "no committed offset")
             return
-        try:
-            self._seek_state(st, committed)
-        except OffsetOutOfRange:
-            self._reset_position(st, f"committed offset {committed} is out of range")
+        self._seek_state(st, committed)
+        self._check_range(st)  # a committed offset retention removed: reset now
 
     def position(self, tp: TopicPartition) -> int:
         """Offset of the next record ``poll`` will return for ``tp``."""
@@ -409,6 +422,8 @@ class Consumer:
     def _fetch_from(self, st: _Assigned, max_records: int, timeout: float) -> List[Message]:
         if st.position is None:
             self._init_position(st)
+        if st.out_of_range:
+            self._check_range(st)
         assert st.reader is not None
         try:
             return st.reader.read_as(Message, st.tp.topic, st.tp.partition, max_records, timeout)
@@ -551,6 +566,8 @@ class Consumer:
             for k, st in enumerate(active):
                 if st.position is None:
                     self._init_position(st)
+                if st.out_of_range:
+                    self._check_range(st)
                 assert st.reader is not None
                 # After a full empty round, block on one partition (its futex):
                 # the whole wait when it is the only one, else a short slice.

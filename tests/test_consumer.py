@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from shmq import (Admin, Consumer, IllegalState, InvalidConfig, InvalidGroupId, InvalidTopic, Message,
-                  NoOffsetForPartition, OffsetAndTimestamp, OffsetOutOfRange, Producer, TopicPartition, UnknownTopicOrPartition)
+                  NoOffsetForPartition, OffsetAndTimestamp, Producer, TopicPartition, UnknownTopicOrPartition)
 from shmq.coordinator import CoordinatorClient
 
 pytestmark = pytest.mark.timeout(60)
@@ -337,10 +337,11 @@ def test_position_seek_seek_to_beginning_and_end(root: str, topic: str, producer
         assert (c.position(t0), c.position(t1)) == (10, 4)
         c.seek_to_beginning([t0, t1])
         assert (c.position(t0), c.position(t1)) == (0, 0)
-        with pytest.raises(OffsetOutOfRange) as ei:   # past the end: refused, position kept
-            c.seek(t1, 100)
-        assert ei.value.offset == 100 and f"{topic}-1" in str(ei.value)
-        assert c.position(t1) == 0
+        c.seek(t1, 100)                               # past the end: accepted, as Kafka does,
+        assert c.position(t1) == 100                  # and auto_offset_reset applies on the next fetch
+        c.pause(t0)
+        assert [m.offset for m in c.consume(10, timeout=1.0)] == [0, 1, 2, 3]
+        c.resume(t0)
         with pytest.raises(InvalidConfig):
             c.seek(t0, -1)
         with pytest.raises(InvalidConfig):
