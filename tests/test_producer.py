@@ -354,3 +354,12 @@ def test_producer_follows_added_partitions(root: str, admin: Admin) -> None:
         md = p.send(name, b"x", partition=3)
         assert (md.partition, md.offset) == (3, 0)
         assert p.partitions_for(name) == [0, 1, 2, 3]
+
+
+def test_send_to_a_deleted_topic_fails_at_once_even_with_cached_metadata(admin: Admin, topic: str,
+                                                                          producer: Producer) -> None:
+    producer.send(topic, b"before", partition=0)          # the route (and the mapping) is now cached
+    admin.delete_topic(topic)
+    with pytest.raises(UnknownTopicOrPartition) as ei:     # no 100 ms window of sends into unlinked files
+        producer.send(topic, b"after", partition=0)
+    assert "deleted" in str(ei.value) or topic in str(ei.value)

@@ -60,6 +60,9 @@ def create_logs(root: Root, registry: LogRegistry, name: str, first: int, last: 
 def remove_logs(root: Root, registry: LogRegistry, name: str, partitions: Any) -> None:
     """Close and delete the given partitions of ``name``."""
     for p in partitions:
+        plog = registry.get(name, p)
+        if plog is not None:
+            plog.mark_deleted()  # producers holding the mapping get UnknownTopicOrPartition
         registry.close(name, p)
         shutil.rmtree(root.partition_dir(name, p), ignore_errors=True)
 

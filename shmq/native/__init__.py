@@ -21,6 +21,7 @@ ERROR_NAMES = {
     lib.SHMQ_ERR_NOSPACE: "no space left on the filesystem",
     lib.SHMQ_ERR_BAD_LAYOUT: "files do not match the log layout",
     lib.SHMQ_ERR_FENCED: "claim was fenced",
+    lib.SHMQ_ERR_DELETED: "the topic was deleted",
 }
 
 _CLASSES = {
@@ -34,6 +35,7 @@ _CLASSES = {
     lib.SHMQ_ERR_NOSPACE: errors.KafkaStorageError,
     lib.SHMQ_ERR_BAD_LAYOUT: errors.KafkaStorageError,
     lib.SHMQ_ERR_FENCED: errors.FencedClaim,
+    lib.SHMQ_ERR_DELETED: errors.UnknownTopicOrPartition,
 }
 
 

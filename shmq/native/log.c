@@ -552,6 +552,9 @@ static int claim_frame(shmq_log *log, uint32_t frame_len, uint32_t count, int64_
 {
     const uint64_t add = ((uint64_t)count << 32) | frame_len;
     for (;;) {
+        /* Written once, read-mostly: this line stays shared in every cache. */
+        if (__atomic_load_n(&log->hdr->deleted, __ATOMIC_ACQUIRE))
+            return SHMQ_ERR_DELETED;
         uint64_t s = ld_acq(&log->hdr->active_seq);
         shmq_ctl_slot *slot = slot_of(log, s);
         /* Do not pile overflow onto a full segment: each overflowing claim
@@ -1217,6 +1220,13 @@ int shmq_log_wait(shmq_log *log, const shmq_cursor *cur, int64_t spin_ns, int64_
         if (ready || cursor_ready(log, cur))
             return 1;
     }
+}
+
+void shmq_log_mark_deleted(shmq_log *log)
+{
+    __atomic_store_n(&log->hdr->deleted, 1, __ATOMIC_RELEASE);
+    __atomic_fetch_add(&log->hdr->commit_seq, 1, __ATOMIC_SEQ_CST);
+    shmq_futex_wake(&log->hdr->commit_seq, INT_MAX);
 }
 
 void shmq_log_set_slowest(shmq_log *log, int64_t offset)

@@ -22,6 +22,8 @@
  *        | slowest_offset  lowest position still needed (block mode)    |
  *        | unblock_owner   pid holding the unblock lock, 0 = free       |
  *   256  +--------------------------------------------------------------+
+ *        | deleted         1 once the topic is deleted (appends refused)  |
+ *   320  +--------------------------------------------------------------+
  *        | reserved for replication (leader epoch, HW, fences)          |
  *   512  +--------------------------------------------------------------+
  *        | slot 0: claim line (64) | state line (64)                    |
@@ -95,6 +97,7 @@
 #define SHMQ_ERR_NOSPACE -14        /* the filesystem cannot hold the log */
 #define SHMQ_ERR_BAD_LAYOUT -15     /* control block or files do not match */
 #define SHMQ_ERR_FENCED -16         /* commit lost: the claim was padded over */
+#define SHMQ_ERR_DELETED -17        /* the log's topic was deleted */
 
 typedef struct shmq_ctl_header {
     uint64_t magic;
@@ -118,8 +121,13 @@ typedef struct shmq_ctl_header {
     uint32_t unblock_owner;
     uint32_t pad3a;
     uint64_t pad3[6];
-    /* lines 4..7 */
-    uint64_t reserved[32];
+    /* line 4: set once by the coordinator when the topic is deleted, before
+     * the files are unlinked; appends then fail with SHMQ_ERR_DELETED */
+    uint32_t deleted;
+    uint32_t pad4a;
+    uint64_t pad4[7];
+    /* lines 5..7 */
+    uint64_t reserved[24];
 } shmq_ctl_header;
 
 typedef struct shmq_ctl_slot {
@@ -238,6 +246,11 @@ int shmq_log_ready(shmq_log *log, const shmq_cursor *cur);
 /* Wait until the frame at the cursor may be complete, or timeout_ns passes.
  * Spins for spin_ns first. Returns 1 if something changed, 0 on timeout. */
 int shmq_log_wait(shmq_log *log, const shmq_cursor *cur, int64_t spin_ns, int64_t timeout_ns);
+
+/* Mark the log deleted (its topic is going away): later appends in any
+ * process fail with SHMQ_ERR_DELETED instead of writing into files that are
+ * about to be unlinked. */
+void shmq_log_mark_deleted(shmq_log *log);
 
 /* Block mode: report the lowest offset any consumer still needs. */
 void shmq_log_set_slowest(shmq_log *log, int64_t offset);

@@ -264,6 +264,11 @@ class PartitionLog:
             self._fail(rc, "housekeeping")
         return rc
 
+    def mark_deleted(self) -> None:
+        """Refuse every later append, in every process (UnknownTopicOrPartition):
+        called by the coordinator before it unlinks a deleted topic's files."""
+        lib.shmq_log_mark_deleted(self._h)
+
     def set_slowest_position(self, offset: int) -> None:
         """Block mode: the lowest offset any consumer still needs. Producers
         blocked on a full ring go on once it passes the oldest segment."""
