@@ -48,9 +48,11 @@ class LogReader:
                  max_records: int = 8192, check_crc: bool = False, spin_us: int = 50) -> None:
         self.log = log
         self._h = log._h
-        buffer_bytes = max(buffer_bytes, log.max_frame_bytes)
-        self._buf = ffi.new("uint8_t[]", buffer_bytes)
-        self._buf_len = buffer_bytes
+        # The buffer holds the largest frame the log allows, but a read copies
+        # at most buffer_bytes (cache-sized) unless one frame needs more.
+        self._read_len = buffer_bytes
+        self._buf_len = max(buffer_bytes, log.max_frame_bytes)
+        self._buf = ffi.new("uint8_t[]", self._buf_len)
         self._max = max_records
         self._views = ffi.new("shmq_record_view[]", max_records)
         self._view_arr = np.frombuffer(ffi.buffer(self._views), dtype=np.int64).reshape(max_records, _VIEW_FIELDS)
@@ -90,12 +92,19 @@ class LogReader:
         """Read up to max_records views into self._views; returns the count."""
         if timeout <= 0 and not self._ready(self._h, self._cur):
             return 0  # a spinning caller's empty poll: one two-argument C call
-        n = lib.shmq_log_read(self._h, self._cur, self._buf, self._buf_len, self._views,
-                              min(max_records, self._max), self.check_crc, self._used)
+        n = self._read_once(max_records)
         if n == 0 and timeout > 0:
             n = self._wait_and_read(max_records, timeout)
         if n < 0:
             self.log._fail(n, "read", int(self._cur.next_offset))
+        return n
+
+    def _read_once(self, max_records: int) -> int:
+        n = lib.shmq_log_read(self._h, self._cur, self._buf, self._read_len, self._views,
+                              min(max_records, self._max), self.check_crc, self._used)
+        if n == lib.SHMQ_ERR_TOO_LARGE and self._read_len < self._buf_len:  # one frame bigger than _read_len
+            n = lib.shmq_log_read(self._h, self._cur, self._buf, self._buf_len, self._views,
+                                  min(max_records, self._max), self.check_crc, self._used)
         return n
 
     def _wait_and_read(self, max_records: int, timeout: float) -> int:
@@ -110,8 +119,7 @@ class LogReader:
             slice_ns = min(int(left * 1e9), self.log.config.unblock_timeout_ms * 1_000_000 // 2 + 1)
             lib.shmq_log_wait(self._h, self._cur, spin, slice_ns)
             spin = 0
-            n = lib.shmq_log_read(self._h, self._cur, self._buf, self._buf_len, self._views,
-                                  min(max_records, self._max), self.check_crc, self._used)
+            n = self._read_once(max_records)
             if n != 0:
                 return n
             rc = lib.shmq_log_unblock_cursor(self._h, self._cur, self._unblock)
@@ -145,17 +153,18 @@ class LogReader:
         """The n decoded records as columns. Records are built from these by
         ``map``/``zip`` (no Python bytecode per record): Python-level work per
         record is what bounds a consumer's rate."""
-        data = ffi.buffer(self._buf, self._used[0])[:]
+        # Keys and values are sliced straight out of the private buffer: one
+        # copy each (the C read made the other, out of shared memory).
+        data = ffi.buffer(self._buf, self._used[0])
         if n < 16:  # numpy's fixed cost per call outweighs its speed here
             rows = self._view_arr[:n].tolist()
             return ([r[0] for r in rows], [r[1] for r in rows],
                     [None if r[3] < 0 else data[r[2]:r[2] + r[3]] for r in rows],
                     [None if r[5] < 0 else data[r[4]:r[4] + r[5]] for r in rows],
-                    [decode_headers(data, r[6], r[7], len(data)) if r[7] else () for r in rows])
+                    _headers(data, [r[6] for r in rows], [r[7] for r in rows]))
         v = self._view_arr[:n]
         return (v[:, 0].tolist(), v[:, 1].tolist(), _slices(data, v[:, 2], v[:, 3]), _slices(data, v[:, 4], v[:, 5]),
-                [decode_headers(data, p, c, len(data)) if c else () for p, c in zip(v[:, 6].tolist(), v[:, 7].tolist())]
-                if v[:, 7].any() else repeat((), n))
+                _headers(data, v[:, 6].tolist(), v[:, 7].tolist()) if v[:, 7].any() else repeat((), n))
 
     def read_arrays(self, max_records: int = 8192, timeout: float = 0.0) -> Optional[RecordArrays]:
         """Like ``read`` but in bulk: numpy arrays of offsets and timestamps,
@@ -199,3 +208,13 @@ def _slices(data: bytes, pos: np.ndarray, lens: np.ndarray) -> Iterable[Optional
     if (lens < 0).all():
         return repeat(None, len(lens))
     return [None if ln < 0 else data[p:p + ln] for p, ln in zip(pos.tolist(), lens.tolist())]
+
+
+def _headers(buf: Any, positions: List[int], counts: List[int]) -> List[Any]:
+    """Decoded headers per record (``()`` for none); copies the buffer once
+    to bytes, and only when some record has headers."""
+    if not any(counts):
+        return [()] * len(counts)
+    data = buf[:]
+    end = len(data)
+    return [decode_headers(data, p, c, end) if c else () for p, c in zip(positions, counts)]
