@@ -100,3 +100,34 @@ class NoOffsetForPartition(ShmqError):
 
 class CommitFailed(ShmqError):
     """The commit was rejected (the member no longer owns the partition)."""
+
+
+class NotLeaderForPartition(ShmqError):
+    """The log written to is not (or no longer) the partition's leader; the
+    client refreshes metadata and retries on the new leader."""
+
+
+class LeaderNotAvailable(ShmqError):
+    """The partition has no leader right now (an election is under way, or
+    every in-sync replica is gone and unclean election is off)."""
+
+
+class NotEnoughReplicas(ShmqError):
+    """``acks="all"``: the in-sync replicas are fewer than ``min_insync_replicas``."""
+
+
+class InvalidReplicationFactor(ShmqError):
+    """The replication factor is out of range for this root."""
+
+
+class ProducerFenced(ShmqError):
+    """A newer instance of this producer (same transactional id, higher
+    epoch) has written to the partition: this one is a zombie."""
+
+
+class DuplicateSequenceNumber(ShmqError):
+    """An idempotent batch older than the last one stored was sent again."""
+
+
+class OutOfOrderSequenceNumber(ShmqError):
+    """An idempotent batch's sequence skips past the next expected one."""

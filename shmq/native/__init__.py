@@ -22,6 +22,11 @@ ERROR_NAMES = {
     lib.SHMQ_ERR_BAD_LAYOUT: "files do not match the log layout",
     lib.SHMQ_ERR_FENCED: "claim was fenced",
     lib.SHMQ_ERR_DELETED: "the topic was deleted",
+    lib.SHMQ_ERR_NOT_LEADER: "not the partition's leader",
+    lib.SHMQ_ERR_DIVERGED: "replica diverged from the leader",
+    lib.SHMQ_ERR_PRODUCER_FENCED: "producer fenced by a newer epoch",
+    lib.SHMQ_ERR_DUPLICATE_SEQ: "duplicate sequence number",
+    lib.SHMQ_ERR_OUT_OF_ORDER_SEQ: "out-of-order sequence number",
 }
 
 _CLASSES = {
@@ -36,6 +41,11 @@ _CLASSES = {
     lib.SHMQ_ERR_BAD_LAYOUT: errors.KafkaStorageError,
     lib.SHMQ_ERR_FENCED: errors.FencedClaim,
     lib.SHMQ_ERR_DELETED: errors.UnknownTopicOrPartition,
+    lib.SHMQ_ERR_NOT_LEADER: errors.NotLeaderForPartition,
+    lib.SHMQ_ERR_DIVERGED: errors.KafkaStorageError,
+    lib.SHMQ_ERR_PRODUCER_FENCED: errors.ProducerFenced,
+    lib.SHMQ_ERR_DUPLICATE_SEQ: errors.DuplicateSequenceNumber,
+    lib.SHMQ_ERR_OUT_OF_ORDER_SEQ: errors.OutOfOrderSequenceNumber,
 }
 
 

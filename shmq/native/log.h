@@ -98,6 +98,11 @@
 #define SHMQ_ERR_BAD_LAYOUT -15     /* control block or files do not match */
 #define SHMQ_ERR_FENCED -16         /* commit lost: the claim was padded over */
 #define SHMQ_ERR_DELETED -17        /* the log's topic was deleted */
+#define SHMQ_ERR_NOT_LEADER -18     /* the log is a follower or a fenced old leader */
+#define SHMQ_ERR_DIVERGED -19       /* a copied frame's offset is not this log's end */
+#define SHMQ_ERR_PRODUCER_FENCED -20 /* a newer epoch of this producer id appended */
+#define SHMQ_ERR_DUPLICATE_SEQ -21  /* an older batch of this producer, already stored */
+#define SHMQ_ERR_OUT_OF_ORDER_SEQ -22 /* a sequence gap: a batch of this producer is missing */
 
 typedef struct shmq_ctl_header {
     uint64_t magic;
