@@ -63,6 +63,8 @@ struct shmq_log {
     int64_t fault_after;
     int64_t claims;
     int64_t err_offset, err_seq, err_pos;
+    /* shmq_log_flush: what this handle synced last (segment seq, position). */
+    uint64_t flushed_seq, flushed_pos;
 };
 
 enum { FAULT_NONE, FAULT_KILL_AFTER_CLAIM, FAULT_STOP_AFTER_CLAIM, FAULT_KILL_BEFORE_HEADER };
@@ -548,13 +550,15 @@ static void fault_point(shmq_log *log, int kind)
 /* Claim frame_len bytes and count offsets in the active segment, sealing it
  * and moving on when it is full. On success the frame header reads
  * "claimed" and c->base_offset is the first offset of the claim. */
-static int claim_frame(shmq_log *log, uint32_t frame_len, uint32_t count, int64_t deadline, claim_t *c)
+static int claim_frame(shmq_log *log, uint32_t frame_len, uint32_t count, int64_t deadline, claim_t *c, int copy)
 {
     const uint64_t add = ((uint64_t)count << 32) | frame_len;
     for (;;) {
-        /* Written once, read-mostly: this line stays shared in every cache. */
-        if (__atomic_load_n(&log->hdr->deleted, __ATOMIC_ACQUIRE))
-            return SHMQ_ERR_DELETED;
+        /* Written rarely, read-mostly: this line stays shared in every cache.
+         * The replication copy (copy != 0) appends whatever the state. */
+        uint32_t st = __atomic_load_n(&log->hdr->append_state, __ATOMIC_ACQUIRE);
+        if (st != SHMQ_APPEND_OPEN && !copy)
+            return st == SHMQ_APPEND_DELETED ? SHMQ_ERR_DELETED : SHMQ_ERR_NOT_LEADER;
         uint64_t s = ld_acq(&log->hdr->active_seq);
         shmq_ctl_slot *slot = slot_of(log, s);
         /* Do not pile overflow onto a full segment: each overflowing claim
@@ -606,8 +610,9 @@ static void write_indexes(shmq_log *log, const claim_t *c, int64_t max_ts)
     }
 }
 
-/* Publish a written frame: indexes, max timestamp, then the commit CAS. */
-static int commit_frame(shmq_log *log, claim_t *c, int64_t max_ts)
+/* Publish a written frame: indexes, max timestamp, then the commit CAS of
+ * the claimed header to `final`. */
+static inline int commit_word(shmq_log *log, claim_t *c, int64_t max_ts, uint64_t final)
 {
     if (c->pos % log->interval == 0 || c->pos / log->interval != (c->pos + c->len - 1) / log->interval)
         write_indexes(log, c, max_ts);
@@ -618,10 +623,25 @@ static int commit_frame(shmq_log *log, claim_t *c, int64_t max_ts)
         ;
     fault_point(log, FAULT_KILL_AFTER_CLAIM);
     fault_point(log, FAULT_STOP_AFTER_CLAIM);
-    if (!cas64(c->word, fh_make(-(int32_t)c->len, c->rel, SHMQ_FRAME_DATA), fh_make((int32_t)c->len, c->rel, SHMQ_FRAME_DATA)))
+    if (!cas64(c->word, fh_make(-(int32_t)c->len, c->rel, SHMQ_FRAME_DATA), final))
         return SHMQ_ERR_FENCED;
     wake_readers(log);
     return SHMQ_OK;
+}
+
+static int commit_frame(shmq_log *log, claim_t *c, int64_t max_ts)
+{
+    return commit_word(log, c, max_ts, fh_make((int32_t)c->len, c->rel, SHMQ_FRAME_DATA));
+}
+
+/* Replicated logs: stamp partitionLeaderEpoch (not covered by the CRC) into
+ * a producer's batch before its commit. One load per append. */
+static inline void stamp_epoch(shmq_log *log, claim_t *c)
+{
+    if (__atomic_load_n(&log->hdr->replicated, __ATOMIC_RELAXED)) {
+        uint32_t e = __builtin_bswap32(__atomic_load_n(&log->hdr->leader_epoch, __ATOMIC_RELAXED));
+        memcpy((uint8_t *)(c->word + 1) + SHMQ_BATCH_OFF_LEADER_EPOCH, &e, 4);
+    }
 }
 
 static int64_t wall_ms(void)
@@ -661,11 +681,12 @@ int64_t shmq_log_append1(shmq_log *log, const char *key_, int64_t key_len,
     int64_t deadline = deadline_of(timeout_ns);
     for (;;) {
         claim_t c;
-        int rc = claim_frame(log, (uint32_t)flen, 1, deadline, &c);
+        int rc = claim_frame(log, (uint32_t)flen, 1, deadline, &c, 0);
         if (rc != SHMQ_OK)
             return rc;
         shmq_batch_encode1((uint8_t *)(c.word + 1), blen, c.base_offset, timestamp, key, key_len,
                            value, value_len, headers, headers_len, &plain);
+        stamp_epoch(log, &c);
         if (commit_frame(log, &c, timestamp) == SHMQ_OK)
             return c.base_offset;
     }
@@ -701,10 +722,11 @@ int64_t shmq_log_append(shmq_log *log, const shmq_records *r, const shmq_batch_m
     int64_t deadline = deadline_of(timeout_ns);
     for (;;) {
         claim_t c;
-        int rc = claim_frame(log, (uint32_t)flen, r->count, deadline, &c);
+        int rc = claim_frame(log, (uint32_t)flen, r->count, deadline, &c, 0);
         if (rc != SHMQ_OK)
             return rc;
         shmq_batch_encode((uint8_t *)(c.word + 1), blen, r, c.base_offset, meta ? meta : &plain);
+        stamp_epoch(log, &c);
         if (commit_frame(log, &c, max_ts) == SHMQ_OK)
             return c.base_offset;
     }
@@ -727,11 +749,12 @@ int64_t shmq_log_append_raw(shmq_log *log, const uint8_t *batch, int64_t len, in
     int64_t deadline = deadline_of(timeout_ns);
     for (;;) {
         claim_t c;
-        int rc = claim_frame(log, (uint32_t)flen, (uint32_t)lod + 1, deadline, &c);
+        int rc = claim_frame(log, (uint32_t)flen, (uint32_t)lod + 1, deadline, &c, 0);
         if (rc != SHMQ_OK)
             return rc;
         memcpy(c.word + 1, batch, (size_t)blen);
         shmq_batch_set_base_offset((uint8_t *)(c.word + 1), c.base_offset);
+        stamp_epoch(log, &c);
         if (commit_frame(log, &c, max_ts) == SHMQ_OK)
             return c.base_offset;
     }
@@ -994,16 +1017,27 @@ static int reseek_recycled(shmq_log *log, shmq_cursor *cur, uint64_t seq)
     return SHMQ_OK;
 }
 
+/* shmq_log_read and, with views == NULL, the raw frame stream of
+ * shmq_log_read_frames (then the result is bytes, not records, and the high
+ * watermark is ignored). */
 int64_t shmq_log_read(shmq_log *log, shmq_cursor *cur, uint8_t *dst, int64_t dst_len,
                       shmq_record_view *views, int64_t max_records, int check_crc, int64_t *dst_used)
 {
+    const int frames = views == NULL;
     int64_t nrec = 0;
     int64_t used = 0;
+    int64_t done = 0; /* frames mode: bytes of dst the cursor moved past */
+    int64_t hw = INT64_MAX;
     if (dst_used)
         *dst_used = 0;
+    if (frames)
+        max_records = INT64_MAX;
+    else if (__atomic_load_n(&log->hdr->replicated, __ATOMIC_ACQUIRE))
+        hw = __atomic_load_n(&log->hdr->high_watermark, __ATOMIC_ACQUIRE);
     /* Stop early: records already decoded are returned (with the bytes they
      * point into), else the error. */
-#define READ_STOP(err) do { if (nrec) { if (dst_used) *dst_used = used; return nrec; } return (err); } while (0)
+#define READ_RESULT (frames ? done : nrec)
+#define READ_STOP(err) do { if (READ_RESULT) { if (dst_used) *dst_used = used; return READ_RESULT; } return (err); } while (0)
     for (int hops = 0; hops < 4 && nrec < max_records; hops++) {
         uint64_t seq = cur->seq;
         uint32_t i = (uint32_t)(seq % log->n);
@@ -1013,7 +1047,7 @@ int64_t shmq_log_read(shmq_log *log, shmq_cursor *cur, uint8_t *dst, int64_t dst
             /* A newer generation in the slot: our segment was recycled. The
              * same or an older one: our segment is still being prepared. */
             if (ss_seq(ss) > seq) {
-                if (nrec)
+                if (READ_RESULT)
                     READ_STOP(0);
                 /* The offset the cursor wants may still be held by a later
                  * segment (it sat at the end of the recycled one). */
@@ -1031,6 +1065,8 @@ int64_t shmq_log_read(shmq_log *log, shmq_cursor *cur, uint8_t *dst, int64_t dst
         int64_t start_used = used;
         /* 1. Copy complete frames (lengths checked before every access). */
         while (pos < log->cap && nrec + copied_records < max_records) {
+            if (base + rel >= hw)
+                break; /* replicated: nothing at or above the high watermark */
             uint64_t h = ld_acq(frame_word(log, i, pos));
             if (fh_len(h) <= 0)
                 break;
@@ -1065,7 +1101,7 @@ int64_t shmq_log_read(shmq_log *log, shmq_cursor *cur, uint8_t *dst, int64_t dst
         __atomic_thread_fence(__ATOMIC_ACQUIRE);
         if (ld_rlx(&slot->state_seq) != ss) {
             used = start_used;
-            if (nrec)
+            if (READ_RESULT)
                 READ_STOP(0);
             int rc = reseek_recycled(log, cur, seq);
             if (rc != SHMQ_OK)
@@ -1086,6 +1122,21 @@ int64_t shmq_log_read(shmq_log *log, shmq_cursor *cur, uint8_t *dst, int64_t dst
                     READ_STOP(set_error(log, (int)blen, seq, fpos, base + fh_rel(h)));
                 if (be64(b) != base + fh_rel(h))
                     READ_STOP(set_error(log, SHMQ_ERR_CORRUPT, seq, fpos, base + fh_rel(h)));
+                if (frames) {
+                    /* The stream carries each frame's offset count, not
+                     * segment-relative numbers. */
+                    int32_t lod = be32(b + SHMQ_BATCH_OFF_LAST_OFFSET_DELTA);
+                    uint64_t nh = fh_make((int32_t)len, (uint32_t)lod + 1, SHMQ_FRAME_DATA);
+                    memcpy(dst + at, &nh, 8);
+                    if (cur->next_offset < base + fh_rel(h) + lod + 1)
+                        cur->next_offset = base + fh_rel(h) + lod + 1;
+                    cur->rel = fh_rel(h) + lod + 1;
+                    at += len;
+                    fpos += (uint64_t)len;
+                    cur->pos = fpos;
+                    done = at;
+                    continue;
+                }
                 int64_t room = max_records - nrec;
                 int64_t got = shmq_batch_decode(b, blen, cur->next_offset, views + nrec, room);
                 if (got < 0)
@@ -1113,6 +1164,10 @@ int64_t shmq_log_read(shmq_log *log, shmq_cursor *cur, uint8_t *dst, int64_t dst
                     cur->next_offset = last + 1;
                 cur->rel = fh_rel(h) + lod + 1;
             } else {
+                if (frames) {
+                    uint64_t nh = fh_make((int32_t)len, (uint32_t)(fh_rel(h) - cur->rel), SHMQ_FRAME_PADDING);
+                    memcpy(dst + at, &nh, 8);
+                }
                 cur->rel = fh_rel(h);
                 if (cur->next_offset < base + fh_rel(h))
                     cur->next_offset = base + fh_rel(h);
@@ -1120,6 +1175,7 @@ int64_t shmq_log_read(shmq_log *log, shmq_cursor *cur, uint8_t *dst, int64_t dst
             at += len;
             fpos += (uint64_t)len;
             cur->pos = fpos;
+            done = at;
         }
         /* 4. End of a sealed segment: continue in the next one. */
         uint64_t act = ld_acq(&log->hdr->active_seq); /* before the seal: a later segment implies a seal */
@@ -1158,8 +1214,14 @@ int64_t shmq_log_read(shmq_log *log, shmq_cursor *cur, uint8_t *dst, int64_t dst
     }
     if (dst_used)
         *dst_used = used;
-    return nrec;
+    return READ_RESULT;
 #undef READ_STOP
+#undef READ_RESULT
+}
+
+int64_t shmq_log_read_frames(shmq_log *log, shmq_cursor *cur, uint8_t *dst, int64_t dst_len, int check_crc)
+{
+    return shmq_log_read(log, cur, dst, dst_len, NULL, 0, check_crc, NULL);
 }
 
 int shmq_gather_fixed(const uint8_t *buf, int64_t buf_len, const shmq_record_view *views, int64_t n,
@@ -1183,6 +1245,12 @@ static int cursor_ready(shmq_log *log, const shmq_cursor *cur)
     uint64_t ss = ld_acq(&slot->state_seq);
     if (ss != ss_make(cur->seq, SHMQ_SLOT_ACTIVE))
         return ss_seq(ss) > cur->seq;
+    /* Replicated: a reader at the high watermark waits for it to move (the
+     * mover wakes readers; seq_cst pairs with the waiters increment). */
+    if (__atomic_load_n(&log->hdr->replicated, __ATOMIC_RELAXED) &&
+        __atomic_load_n(&slot->base_offset, __ATOMIC_RELAXED) + cur->rel >=
+            __atomic_load_n(&log->hdr->high_watermark, __ATOMIC_SEQ_CST))
+        return 0;
     if (cur->pos + SHMQ_FRAME_HEADER_SIZE <= log->cap &&
         fh_len(ld_acq(frame_word(log, (uint32_t)(cur->seq % log->n), cur->pos))) > 0)
         return 1;
@@ -1195,12 +1263,18 @@ int shmq_log_ready(shmq_log *log, const shmq_cursor *cur)
     return cursor_ready(log, cur);
 }
 
-int shmq_log_wait(shmq_log *log, const shmq_cursor *cur, int64_t spin_ns, int64_t timeout_ns)
+/* Spin for spin_ns, then sleep on the futex word seq (registered in
+ * waiters), until ready(log, arg) is non-zero or timeout_ns passes (< 0: no
+ * limit). Returns ready's last answer. The waker changes what ready reads,
+ * then bumps seq and wakes if waiters != 0 (seq_cst on both sides). */
+static int spin_then_sleep(shmq_log *log, int (*ready)(shmq_log *, const void *), const void *arg, uint32_t *seq,
+                           uint32_t *waiters, int64_t spin_ns, int64_t timeout_ns)
 {
     int64_t start = shmq_now_ns();
+    int rc;
     for (int k = 0;; k++) {
-        if (cursor_ready(log, cur))
-            return 1;
+        if ((rc = ready(log, arg)) != 0)
+            return rc;
         if ((k & 63) == 0 && shmq_now_ns() - start >= spin_ns)
             break;
 #if defined(__x86_64__) || defined(__i386__)
@@ -1208,25 +1282,31 @@ int shmq_log_wait(shmq_log *log, const shmq_cursor *cur, int64_t spin_ns, int64_
 #endif
     }
     for (;;) {
-        int64_t left = start + timeout_ns - shmq_now_ns();
+        int64_t left = timeout_ns < 0 ? 100000000 : start + timeout_ns - shmq_now_ns();
         if (left <= 0)
-            return cursor_ready(log, cur);
-        uint32_t v = __atomic_load_n(&log->hdr->commit_seq, __ATOMIC_SEQ_CST);
-        __atomic_fetch_add(&log->hdr->waiters, 1, __ATOMIC_SEQ_CST);
-        int ready = cursor_ready(log, cur);
-        if (!ready)
-            shmq_futex_wait(&log->hdr->commit_seq, v, left < 100000000 ? left : 100000000);
-        __atomic_fetch_sub(&log->hdr->waiters, 1, __ATOMIC_SEQ_CST);
-        if (ready || cursor_ready(log, cur))
-            return 1;
+            return ready(log, arg);
+        uint32_t v = __atomic_load_n(seq, __ATOMIC_SEQ_CST);
+        __atomic_fetch_add(waiters, 1, __ATOMIC_SEQ_CST);
+        rc = ready(log, arg);
+        if (rc == 0)
+            shmq_futex_wait(seq, v, left < 100000000 ? left : 100000000);
+        __atomic_fetch_sub(waiters, 1, __ATOMIC_SEQ_CST);
+        if (rc != 0 || (rc = ready(log, arg)) != 0)
+            return rc;
     }
+}
+
+static int cursor_ready_cb(shmq_log *log, const void *cur) { return cursor_ready(log, (const shmq_cursor *)cur); }
+
+int shmq_log_wait(shmq_log *log, const shmq_cursor *cur, int64_t spin_ns, int64_t timeout_ns)
+{
+    return spin_then_sleep(log, cursor_ready_cb, cur, &log->hdr->commit_seq, &log->hdr->waiters, spin_ns,
+                           timeout_ns < 0 ? 0 : timeout_ns);
 }
 
 void shmq_log_mark_deleted(shmq_log *log)
 {
-    __atomic_store_n(&log->hdr->deleted, 1, __ATOMIC_RELEASE);
-    __atomic_fetch_add(&log->hdr->commit_seq, 1, __ATOMIC_SEQ_CST);
-    shmq_futex_wake(&log->hdr->commit_seq, INT_MAX);
+    shmq_log_set_append_state(log, SHMQ_APPEND_DELETED);
 }
 
 void shmq_log_set_slowest(shmq_log *log, int64_t offset)
@@ -1533,4 +1613,386 @@ int64_t shmq_log_housekeep(shmq_log *log, shmq_unblock_state *st)
 int64_t shmq_log_unblock_cursor(shmq_log *log, const shmq_cursor *cur, shmq_unblock_state *st)
 {
     return walk_and_unblock(log, cur->seq, cur->pos, cur->rel, st);
+}
+
+/* ----------------------------------------------------------- replication */
+
+#define LEO_MASK ((1ULL << 48) - 1)
+
+void shmq_log_set_append_state(shmq_log *log, uint32_t state)
+{
+    shmq_ctl_header *h = log->hdr;
+    __atomic_store_n(&h->append_state, state, __ATOMIC_RELEASE);
+    __atomic_fetch_add(&h->commit_seq, 1, __ATOMIC_SEQ_CST);
+    __atomic_fetch_add(&h->hw_seq, 1, __ATOMIC_SEQ_CST);
+    shmq_futex_wake(&h->commit_seq, INT_MAX);
+    shmq_futex_wake(&h->hw_seq, INT_MAX);
+}
+
+void shmq_log_set_replication(shmq_log *log, uint32_t replicated, uint32_t leader_epoch, uint32_t leader_index,
+                              uint32_t isr_mask, int64_t epoch_start_offset)
+{
+    shmq_ctl_header *h = log->hdr;
+    __atomic_store_n(&h->replicated, replicated ? 1u : 0u, __ATOMIC_RELEASE);
+    __atomic_store_n(&h->leader_index, leader_index, __ATOMIC_RELEASE);
+    __atomic_store_n(&h->isr_mask, isr_mask, __ATOMIC_RELEASE);
+    __atomic_store_n(&h->epoch_start_offset, epoch_start_offset, __ATOMIC_RELEASE);
+    __atomic_store_n(&h->leader_epoch, leader_epoch, __ATOMIC_RELEASE);
+}
+
+/* CAS-max the high watermark; on growth bump hw_seq and wake hw waiters and
+ * readers. Returns the high watermark after. */
+static int64_t hw_max(shmq_log *log, int64_t hw)
+{
+    shmq_ctl_header *h = log->hdr;
+    int64_t cur = __atomic_load_n(&h->high_watermark, __ATOMIC_SEQ_CST);
+    while (hw > cur) {
+        if (__atomic_compare_exchange_n(&h->high_watermark, &cur, hw, 0, __ATOMIC_SEQ_CST, __ATOMIC_SEQ_CST)) {
+            __atomic_fetch_add(&h->hw_seq, 1, __ATOMIC_SEQ_CST);
+            if (__atomic_load_n(&h->hw_waiters, __ATOMIC_SEQ_CST))
+                shmq_futex_wake(&h->hw_seq, INT_MAX);
+            wake_readers(log);
+            return hw;
+        }
+    }
+    return cur;
+}
+
+/* Minimum LEO over the ISR members other than the leader (an LEO tagged
+ * with another epoch counts as 0), capped at the end offset; -1 when the ISR
+ * has no such member. */
+static int64_t isr_min_leo(shmq_log *log)
+{
+    shmq_ctl_header *h = log->hdr;
+    uint32_t mask = __atomic_load_n(&h->isr_mask, __ATOMIC_ACQUIRE);
+    uint32_t leader = __atomic_load_n(&h->leader_index, __ATOMIC_ACQUIRE);
+    uint64_t tag = __atomic_load_n(&h->leader_epoch, __ATOMIC_ACQUIRE) & 0xFFFF;
+    int64_t hw = INT64_MAX;
+    for (uint32_t r = 0; r < SHMQ_MAX_REPLICAS; r++) {
+        if (!(mask >> r & 1) || r == leader)
+            continue;
+        uint64_t e = __atomic_load_n(&h->replica_leo[r], __ATOMIC_ACQUIRE);
+        int64_t leo = (e >> 48) == tag ? (int64_t)(e & LEO_MASK) : 0;
+        if (leo < hw)
+            hw = leo;
+    }
+    if (hw == INT64_MAX)
+        return -1;
+    int64_t end = shmq_log_end_offset(log);
+    return end >= 0 && hw > end ? end : hw;
+}
+
+int64_t shmq_log_recompute_hw(shmq_log *log)
+{
+    int64_t hw = isr_min_leo(log);
+    if (hw < 0)
+        return __atomic_load_n(&log->hdr->high_watermark, __ATOMIC_ACQUIRE);
+    return hw_max(log, hw);
+}
+
+int64_t shmq_log_publish_leo(shmq_log *log, uint32_t replica_index, uint32_t epoch, int64_t leo, int caught_up)
+{
+    if (replica_index >= SHMQ_MAX_REPLICAS || leo < 0 || (uint64_t)leo > LEO_MASK)
+        return SHMQ_ERR_ARG;
+    shmq_ctl_header *h = log->hdr;
+    __atomic_store_n(&h->replica_leo[replica_index], ((uint64_t)(epoch & 0xFFFF) << 48) | (uint64_t)leo,
+                     __ATOMIC_RELEASE);
+    if (caught_up)
+        __atomic_store_n(&h->caught_up_ns[replica_index], shmq_now_ns(), __ATOMIC_RELEASE);
+    return shmq_log_recompute_hw(log);
+}
+
+int64_t shmq_log_advance_hw(shmq_log *log, int64_t hw)
+{
+    return hw_max(log, hw);
+}
+
+int64_t shmq_log_high_watermark(shmq_log *log)
+{
+    if (__atomic_load_n(&log->hdr->replicated, __ATOMIC_ACQUIRE))
+        return __atomic_load_n(&log->hdr->high_watermark, __ATOMIC_ACQUIRE);
+    return shmq_log_end_offset(log);
+}
+
+/* 1: the HW is above *(int64_t *)offset; 0: not yet; <0: the log refuses appends. */
+static int hw_reached(shmq_log *log, const void *offset)
+{
+    uint32_t st = __atomic_load_n(&log->hdr->append_state, __ATOMIC_SEQ_CST);
+    if (st == SHMQ_APPEND_NOT_LEADER)
+        return SHMQ_ERR_NOT_LEADER;
+    if (st == SHMQ_APPEND_DELETED)
+        return SHMQ_ERR_DELETED;
+    int64_t hw = __atomic_load_n(&log->hdr->replicated, __ATOMIC_ACQUIRE)
+                     ? __atomic_load_n(&log->hdr->high_watermark, __ATOMIC_SEQ_CST)
+                     : shmq_log_end_offset(log);
+    return hw > *(const int64_t *)offset;
+}
+
+int shmq_log_wait_hw(shmq_log *log, int64_t offset, int64_t spin_ns, int64_t timeout_ns)
+{
+    return spin_then_sleep(log, hw_reached, &offset, &log->hdr->hw_seq, &log->hdr->hw_waiters, spin_ns, timeout_ns);
+}
+
+/* One frame of a raw stream at buf[pos..len): checks every length before use.
+ * Returns the frame length and sets *h, *count; or SHMQ_ERR_CORRUPT. */
+static int64_t stream_frame(const uint8_t *buf, int64_t len, int64_t pos, uint64_t cap, uint64_t *h_out,
+                            uint32_t *count_out)
+{
+    if (pos < 0 || len - pos < SHMQ_FRAME_HEADER_SIZE)
+        return SHMQ_ERR_CORRUPT;
+    uint64_t h;
+    memcpy(&h, buf + pos, 8);
+    int32_t flen = fh_len(h);
+    uint32_t type = fh_type(h);
+    uint32_t count = fh_rel(h);
+    if (flen < SHMQ_MIN_FRAME || flen % SHMQ_FRAME_ALIGN || flen > len - pos || (uint64_t)flen > cap ||
+        (uint32_t)flen > MAX_FRAME_BYTES || (type != SHMQ_FRAME_DATA && type != SHMQ_FRAME_PADDING) ||
+        count > (uint32_t)flen)
+        return SHMQ_ERR_CORRUPT;
+    if (type == SHMQ_FRAME_DATA) {
+        const uint8_t *b = buf + pos + SHMQ_FRAME_HEADER_SIZE;
+        int64_t blen = shmq_batch_check(b, flen - SHMQ_FRAME_HEADER_SIZE, 0);
+        if (blen < 0 || align8((uint64_t)blen + SHMQ_FRAME_HEADER_SIZE) != (uint32_t)flen)
+            return SHMQ_ERR_CORRUPT;
+        int32_t lod = be32(b + SHMQ_BATCH_OFF_LAST_OFFSET_DELTA);
+        if (lod < 0 || (uint32_t)lod + 1 != count)
+            return SHMQ_ERR_CORRUPT;
+    }
+    *h_out = h;
+    *count_out = count;
+    return flen;
+}
+
+int64_t shmq_log_append_frames(shmq_log *log, const uint8_t *buf, int64_t len)
+{
+    if (!buf || len < 0)
+        return SHMQ_ERR_ARG;
+    int64_t end = shmq_log_end_offset(log);
+    if (end < 0)
+        return end;
+    for (int64_t pos = 0; pos < len;) {
+        uint64_t h;
+        uint32_t count;
+        int64_t flen = stream_frame(buf, len, pos, log->cap, &h, &count);
+        if (flen < 0)
+            return set_error(log, (int)flen, 0, (uint64_t)pos, end);
+        const uint8_t *body = buf + pos + SHMQ_FRAME_HEADER_SIZE;
+        int type = (int)fh_type(h);
+        if (type == SHMQ_FRAME_DATA && be64(body) != end)
+            return set_error(log, SHMQ_ERR_DIVERGED, 0, (uint64_t)pos, be64(body));
+        claim_t c;
+        /* Block mode: do not wait for good here; the caller copies again. */
+        int rc = claim_frame(log, (uint32_t)flen, count, deadline_of(1000000000LL), &c, 1);
+        if (rc != SHMQ_OK)
+            return rc;
+        if (c.base_offset != end) {
+            /* Somebody else appended (the log was not the single writer):
+             * void the claim and stop. */
+            shmq_batch_encode_empty((uint8_t *)(c.word + 1), SHMQ_BATCH_HEADER_SIZE, c.base_offset,
+                                    count ? (int32_t)count : 1, wall_ms());
+            commit_word(log, &c, INT64_MIN, fh_make((int32_t)c.len, c.rel + count, SHMQ_FRAME_PADDING));
+            return set_error(log, SHMQ_ERR_DIVERGED, 0, (uint64_t)pos, end);
+        }
+        if (type == SHMQ_FRAME_DATA) {
+            memcpy(c.word + 1, body, (size_t)flen - SHMQ_FRAME_HEADER_SIZE);
+            rc = commit_frame(log, &c, be64(body + SHMQ_BATCH_OFF_MAX_TIMESTAMP));
+        } else {
+            shmq_batch_encode_empty((uint8_t *)(c.word + 1), SHMQ_BATCH_HEADER_SIZE, end, count ? (int32_t)count : 1,
+                                    wall_ms());
+            /* A padding header carries the relative offset following it. */
+            rc = commit_word(log, &c, INT64_MIN, fh_make((int32_t)c.len, c.rel + count, SHMQ_FRAME_PADDING));
+        }
+        if (rc != SHMQ_OK)
+            return rc; /* padded over by an unblocker: the copier stalled past the timeout */
+        end += count;
+        pos += flen;
+    }
+    return end;
+}
+
+int32_t shmq_frames_epochs(const uint8_t *buf, int64_t len, int32_t last_epoch, int32_t *epochs, int64_t *starts,
+                           int32_t max)
+{
+    int32_t n = 0;
+    if (!buf || len < 0)
+        return SHMQ_ERR_ARG;
+    for (int64_t pos = 0; pos < len && n < max;) {
+        uint64_t h;
+        uint32_t count;
+        int64_t flen = stream_frame(buf, len, pos, SHMQ_MAX_SEGMENT_BYTES, &h, &count);
+        if (flen < 0)
+            return (int32_t)flen;
+        if (fh_type(h) == SHMQ_FRAME_DATA) {
+            const uint8_t *b = buf + pos + SHMQ_FRAME_HEADER_SIZE;
+            int32_t e = be32(b + SHMQ_BATCH_OFF_LEADER_EPOCH);
+            if (e > last_epoch) {
+                epochs[n] = e;
+                starts[n] = be64(b);
+                n++;
+                last_epoch = e;
+            }
+        }
+        pos += flen;
+    }
+    return n;
+}
+
+/* ------------------------------------------------------ truncate / reset */
+
+int64_t shmq_log_reset(shmq_log *log, int64_t offset)
+{
+    if (offset < 0 || (uint64_t)offset > LEO_MASK)
+        return SHMQ_ERR_ARG;
+    shmq_ctl_header *h = log->hdr;
+    uint64_t s = ld_acq(&h->active_seq), t = s + 1;
+    /* Every slot forgets its segment; the one of t is prepared now, the
+     * others when the ring reaches them. */
+    for (uint64_t u = t; u <= s + log->n; u++) {
+        shmq_ctl_slot *slot = slot_of(log, u);
+        slot->changed_ns = shmq_now_ns();
+        st_rel(&slot->state_seq, ss_make(u, SHMQ_SLOT_EMPTY));
+    }
+    int rc = prepare_slot(log, t);
+    if (rc != SHMQ_OK)
+        return rc;
+    shmq_ctl_slot *slot = slot_of(log, t);
+    __atomic_store_n(&slot->claim, 0, __ATOMIC_SEQ_CST);
+    __atomic_store_n(&slot->base_offset, offset, __ATOMIC_RELAXED);
+    st_rel(&slot->seal, 0);
+    st_rel(&slot->state_seq, ss_make(t, SHMQ_SLOT_ACTIVE));
+    st_rel(&h->active_seq, t);
+    __atomic_store_n(&h->high_watermark, offset, __ATOMIC_SEQ_CST);
+    __atomic_fetch_add(&h->hw_seq, 1, __ATOMIC_SEQ_CST);
+    log->flushed_seq = t;
+    log->flushed_pos = 0;
+    wake_readers(log);
+    return offset;
+}
+
+int64_t shmq_log_truncate(shmq_log *log, int64_t offset)
+{
+    if (offset < 0)
+        return SHMQ_ERR_ARG;
+    int64_t end = shmq_log_end_offset(log);
+    if (end < 0 || offset >= end)
+        return end;
+    int64_t start = shmq_log_start_offset(log);
+    if (start < 0)
+        return start;
+    if (offset < start)
+        return shmq_log_reset(log, offset);
+    uint64_t seq;
+    int rc = find_segment(log, offset, &seq);
+    if (rc != SHMQ_OK)
+        return set_error(log, rc, 0, 0, offset);
+    shmq_ctl_header *h = log->hdr;
+    uint32_t i = (uint32_t)(seq % log->n);
+    shmq_ctl_slot *slot = &log->slots[i];
+    int64_t base = __atomic_load_n(&slot->base_offset, __ATOMIC_RELAXED);
+    uint64_t c = ld_acq(&slot->claim), seal = ld_acq(&slot->seal);
+    uint64_t written = claim_pos(c) < log->cap ? claim_pos(c) : log->cap;
+    uint64_t limit = seal && seal_size(seal) < written ? seal_size(seal) : written;
+    uint64_t target = (uint64_t)(offset - base);
+    /* The largest frame boundary at or below offset. */
+    uint64_t pos = 0;
+    int64_t rel = 0;
+    while (pos < limit) {
+        uint64_t fh = ld_acq(frame_word(log, i, pos));
+        if (fh_len(fh) <= 0)
+            break;
+        int64_t len = frame_len_checked(log, fh, pos);
+        if (len < 0 || !frame_rel_ok(fh, rel))
+            return set_error(log, SHMQ_ERR_CORRUPT, seq, pos, base + rel);
+        int64_t next = fh_rel(fh);
+        if (fh_type(fh) == SHMQ_FRAME_DATA) {
+            int64_t n = frame_records(log, i, pos);
+            if (n < 0)
+                return set_error(log, SHMQ_ERR_CORRUPT, seq, pos, base + rel);
+            next += n;
+        }
+        if (next > (int64_t)target)
+            break;
+        rel = next;
+        pos += (uint64_t)len;
+    }
+    /* Later segments leave the ring: their slots are prepared again when
+     * the log grows back into them (a slot still holding an older segment
+     * than u keeps it). */
+    uint64_t s = ld_acq(&h->active_seq);
+    for (uint64_t u = seq + 1; u <= s + 1; u++) {
+        shmq_ctl_slot *later = slot_of(log, u);
+        if (ss_seq(ld_acq(&later->state_seq)) == u) {
+            later->changed_ns = shmq_now_ns();
+            st_rel(&later->state_seq, ss_make(u, SHMQ_SLOT_EMPTY));
+        }
+    }
+    /* The truncated segment takes appends again from pos. */
+    if (written > pos)
+        memset(log->seg[i] + pos, 0, written - pos);
+    for (uint32_t k = 0; k < log->index_entries; k++) {
+        uint64_t e = ld_acq(&log->idx[i][k]);
+        if (e && ((e >> 32) - 1) * 8 >= pos)
+            st_rel(&log->idx[i][k], 0);
+        e = ld_acq(&log->tidx[i][2 * k + 1]);
+        if (e && ((e >> 32) - 1) * 8 >= pos) {
+            st_rel(&log->tidx[i][2 * k + 1], 0);
+            st_rel(&log->tidx[i][2 * k], 0);
+        }
+    }
+    __atomic_store_n(&slot->claim, ((uint64_t)rel << 32) | pos, __ATOMIC_SEQ_CST);
+    st_rel(&slot->seal, 0);
+    slot->changed_ns = shmq_now_ns();
+    st_rel(&h->active_seq, seq);
+    int64_t new_end = base + rel;
+    if (__atomic_load_n(&h->high_watermark, __ATOMIC_ACQUIRE) > new_end) {
+        __atomic_store_n(&h->high_watermark, new_end, __ATOMIC_SEQ_CST);
+        __atomic_fetch_add(&h->hw_seq, 1, __ATOMIC_SEQ_CST);
+    }
+    if (log->flushed_seq > seq || (log->flushed_seq == seq && log->flushed_pos > pos)) {
+        log->flushed_seq = seq;
+        log->flushed_pos = pos;
+    }
+    wake_readers(log);
+    return new_end;
+}
+
+/* ------------------------------------------------------------------ flush */
+
+static int sync_range(void *base, uint64_t lo, uint64_t hi)
+{
+    size_t pg = (size_t)sysconf(_SC_PAGESIZE);
+    uint64_t a = lo / pg * pg, b = page_round(hi);
+    if (b <= a)
+        return SHMQ_OK;
+    return msync((uint8_t *)base + a, b - a, MS_SYNC) == 0 ? SHMQ_OK : SHMQ_ERR_IO;
+}
+
+int shmq_log_flush(shmq_log *log)
+{
+    uint64_t s = ld_acq(&log->hdr->active_seq);
+    uint64_t from = log->flushed_seq, fpos = log->flushed_pos, upto = 0;
+    if (from > s || s - from >= log->n) {
+        from = s >= log->n - 1 ? s - (log->n - 1) : 0;
+        fpos = 0;
+    }
+    for (uint64_t seq = from; seq <= s; seq++) {
+        shmq_ctl_slot *slot = slot_of(log, seq);
+        uint32_t i = (uint32_t)(seq % log->n);
+        if (ld_acq(&slot->state_seq) != ss_make(seq, SHMQ_SLOT_ACTIVE))
+            continue;
+        uint64_t c = ld_acq(&slot->claim), seal = ld_acq(&slot->seal);
+        upto = claim_pos(c) < log->cap ? claim_pos(c) : log->cap;
+        if (seal && seal_size(seal) < upto)
+            upto = seal_size(seal);
+        uint64_t lo = seq == from ? fpos : 0;
+        if (sync_range(log->seg[i], lo < upto ? lo : upto, upto) != SHMQ_OK ||
+            sync_range(log->idx[i], 0, index_bytes(log->cap, log->interval)) != SHMQ_OK ||
+            sync_range(log->tidx[i], 0, tindex_bytes(log->cap, log->interval)) != SHMQ_OK)
+            return SHMQ_ERR_IO;
+    }
+    if (sync_range(log->ctl, 0, log->ctl_len) != SHMQ_OK)
+        return SHMQ_ERR_IO;
+    log->flushed_seq = s;
+    log->flushed_pos = upto;
+    return SHMQ_OK;
 }

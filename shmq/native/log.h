@@ -22,9 +22,15 @@
  *        | slowest_offset  lowest position still needed (block mode)    |
  *        | unblock_owner   pid holding the unblock lock, 0 = free       |
  *   256  +--------------------------------------------------------------+
- *        | deleted         1 once the topic is deleted (appends refused)  |
+ *        | append_state    0 OPEN, 1 DELETED, 2 NOT_LEADER (appends refused)|
  *   320  +--------------------------------------------------------------+
- *        | reserved for replication (leader epoch, HW, fences)          |
+ *        | replicated | leader_epoch | leader_index | isr_mask          |
+ *        | high_watermark (i64) | hw_seq (u32 futex) | hw_waiters (u32) |
+ *        | epoch_start_offset (i64)                                     |
+ *   384  +--------------------------------------------------------------+
+ *        | replica_leo[8]   (epoch & 0xFFFF) << 48 | LEO, per replica   |
+ *   448  +--------------------------------------------------------------+
+ *        | caught_up_ns[8]  monotonic ns a follower last caught up      |
  *   512  +--------------------------------------------------------------+
  *        | slot 0: claim line (64) | state line (64)                    |
  *        | slot 1 ...                                                   |
@@ -39,6 +45,27 @@
  *   base_offset offset of the first record of segment seq.
  *   seal        0 while open; SEAL_BIT | count << 32 | size once sealed.
  *   max_timestamp, owner_pid (pid cleaning/activating the slot), changed_ns.
+ *
+ * Replication words (lines 4-7), who writes them and how:
+ *   append_state      coordinator / replica process, release store, then
+ *                     commit_seq and hw_seq are bumped and woken (waiting
+ *                     readers and acks=all waiters notice at once). Every
+ *                     producer claim loads it (acquire): 1 -> DELETED,
+ *                     2 -> NOT_LEADER. The replication copy ignores it.
+ *   replicated, leader_index, isr_mask
+ *                     coordinator (release; isr/index before the epoch).
+ *   leader_epoch, epoch_start_offset
+ *                     coordinator or the leader's replica process, before
+ *                     append_state becomes OPEN (so every claim that sees
+ *                     OPEN stamps the new epoch into its batch).
+ *   replica_leo[r], caught_up_ns[r]
+ *                     only follower r (release stores).
+ *   high_watermark    anyone, CAS-max only (truncate/reset, single writer,
+ *                     may lower it); each change bumps hw_seq (release) and
+ *                     wakes hw_waiters and the readers' futex.
+ *   When replicated is set, readers never return a frame whose first offset
+ *   is >= high_watermark; the replication copy (shmq_log_read_frames)
+ *   ignores it.
  *
  * Frame (8-byte aligned) = 8-byte header word + Kafka RecordBatch v2 + pad:
  *
@@ -66,7 +93,7 @@
 #include "record_batch.h"
 
 #define SHMQ_LOG_MAGIC 0x31474F4C514D4853
-#define SHMQ_LOG_VERSION 1
+#define SHMQ_LOG_VERSION 2
 #define SHMQ_MAX_SLOTS 1024
 #define SHMQ_CTL_HEADER_SIZE 512
 #define SHMQ_CTL_SLOT_SIZE 128
@@ -88,6 +115,12 @@
 #define SHMQ_SLOT_ACTIVE 4
 
 #define SHMQ_FLAG_OVERFLOW_BLOCK 1
+
+#define SHMQ_APPEND_OPEN 0
+#define SHMQ_APPEND_DELETED 1
+#define SHMQ_APPEND_NOT_LEADER 2
+
+#define SHMQ_MAX_REPLICAS 8
 
 /* Error codes beyond those of record_batch.h. */
 #define SHMQ_ERR_OUT_OF_RANGE -10   /* offset below the log start (recycled) */
@@ -126,13 +159,25 @@ typedef struct shmq_ctl_header {
     uint32_t unblock_owner;
     uint32_t pad3a;
     uint64_t pad3[6];
-    /* line 4: set once by the coordinator when the topic is deleted, before
-     * the files are unlinked; appends then fail with SHMQ_ERR_DELETED */
-    uint32_t deleted;
+    /* line 4: SHMQ_APPEND_OPEN / DELETED (set once by the coordinator when
+     * the topic is deleted, before the files are unlinked) / NOT_LEADER (a
+     * follower, or a fenced old leader); producer appends fail unless OPEN */
+    uint32_t append_state;
     uint32_t pad4a;
     uint64_t pad4[7];
-    /* lines 5..7 */
-    uint64_t reserved[24];
+    /* line 5: replication (see "Replication words" above) */
+    uint32_t replicated;        /* 1: the log belongs to a partition with replication factor > 1; readers stop at high_watermark */
+    uint32_t leader_epoch;      /* epoch this log leads in (stamped into every appended batch when replicated) */
+    uint32_t leader_index;      /* replica index (0..SHMQ_MAX_REPLICAS-1) of the leader in the partition's replica list */
+    uint32_t isr_mask;          /* bit r set: replica index r is in the ISR */
+    int64_t high_watermark;     /* offsets below it are replicated to every ISR member; only grows (CAS max) */
+    uint32_t hw_seq;            /* futex word: +1 on every high-watermark change (and on append_state changes) */
+    uint32_t hw_waiters;        /* processes sleeping on hw_seq */
+    int64_t epoch_start_offset; /* first offset of leader_epoch in this log */
+    uint64_t pad5[3];
+    /* lines 6-7 */
+    uint64_t replica_leo[8];    /* per replica index: (epoch & 0xFFFF) << 48 | log end offset of that follower */
+    int64_t caught_up_ns[8];    /* per replica index: CLOCK_MONOTONIC ns when that follower last read to the leader's committed end */
 } shmq_ctl_header;
 
 typedef struct shmq_ctl_slot {
@@ -256,6 +301,84 @@ int shmq_log_wait(shmq_log *log, const shmq_cursor *cur, int64_t spin_ns, int64_
  * process fail with SHMQ_ERR_DELETED instead of writing into files that are
  * about to be unlinked. */
 void shmq_log_mark_deleted(shmq_log *log);
+
+/* ------------------------------------------------------------ replication
+ *
+ * Set append_state (SHMQ_APPEND_*), release store; then bump commit_seq and
+ * hw_seq and wake both, so waiting readers and acks=all waiters notice. */
+void shmq_log_set_append_state(shmq_log *log, uint32_t state);
+/* Store replicated, leader_index, isr_mask, then leader_epoch and
+ * epoch_start_offset (release stores, in that order). */
+void shmq_log_set_replication(shmq_log *log, uint32_t replicated, uint32_t leader_epoch, uint32_t leader_index,
+                              uint32_t isr_mask, int64_t epoch_start_offset);
+
+/* Called by follower replica_index on the LEADER's log after copying up to
+ * leo into its own log: stores replica_leo[replica_index] (and, if
+ * caught_up, caught_up_ns = now), recomputes the high watermark as the
+ * minimum LEO over the ISR members other than the leader (an LEO tagged
+ * with another epoch counts as 0; never above the leader's end offset; not
+ * changed when the ISR holds only the leader), and CAS-maxes it. Returns the
+ * high watermark after the call, or SHMQ_ERR_ARG for a bad index. */
+int64_t shmq_log_publish_leo(shmq_log *log, uint32_t replica_index, uint32_t epoch, int64_t leo, int caught_up);
+/* CAS-max the high watermark to hw (wakes waiters if it grew); returns it. */
+int64_t shmq_log_advance_hw(shmq_log *log, int64_t hw);
+/* The recomputation of publish_leo without storing an LEO; returns the HW. */
+int64_t shmq_log_recompute_hw(shmq_log *log);
+/* high_watermark if the log is replicated, else the end offset. */
+int64_t shmq_log_high_watermark(shmq_log *log);
+/* acks=all: wait until the high watermark is above offset. Returns 1 then,
+ * 0 on timeout (timeout_ns < 0: no limit), SHMQ_ERR_NOT_LEADER or
+ * SHMQ_ERR_DELETED as soon as append_state says so. Spins for spin_ns, then
+ * sleeps on hw_seq. */
+int shmq_log_wait_hw(shmq_log *log, int64_t offset, int64_t spin_ns, int64_t timeout_ns);
+
+/* Raw frame stream (replication copy).
+ *
+ * A sequence of 8-byte aligned frames exactly as they sit in a segment
+ * (header word + body), except that each header's 30-bit rel field holds
+ * the number of offsets the frame covers instead of a segment-relative
+ * number:
+ *   data frame     [len | count = lastOffsetDelta + 1 | type 0] RecordBatch v2 + pad
+ *                  (the batch's baseOffset is the frame's first offset)
+ *   padding frame  [len | count = offsets of the dead claim | type 1] body
+ *                  (the body is an empty batch for tools; not relied on)
+ * Frames follow each other without gaps: the first offset of a frame is the
+ * first offset of the stream plus the counts of the frames before it.
+ *
+ * shmq_log_read_frames: copy complete committed frames from the cursor into
+ * dst as such a stream (no record decode; the high watermark is ignored),
+ * checking each data batch's header (and CRC when check_crc) and that its
+ * baseOffset is the frame's offset; the cursor moves past what was
+ * returned, following seals. Returns the bytes written (0: nothing yet) or
+ * an error (SHMQ_ERR_TOO_LARGE when the first frame does not fit dst). */
+int64_t shmq_log_read_frames(shmq_log *log, shmq_cursor *cur, uint8_t *dst, int64_t dst_len, int check_crc);
+/* Append a raw frame stream keeping its offsets: each frame covers its count
+ * of offsets from this log's end offset; a data frame whose baseOffset is not
+ * that end is refused with SHMQ_ERR_DIVERGED (frames before it stay
+ * appended). Data frames are copied byte for byte (not re-stamped); padding
+ * frames become padding frames of the same length and span. Ignores
+ * append_state. A malformed stream is SHMQ_ERR_CORRUPT. Single writer.
+ * Returns the new end offset. */
+int64_t shmq_log_append_frames(shmq_log *log, const uint8_t *buf, int64_t len);
+/* Drop every record at or above offset (single writer, no concurrent
+ * appenders, readers positioned past offset must seek again): the end
+ * becomes the largest frame boundary <= offset. Offset >= end: no-op; below
+ * the start: like shmq_log_reset. Lowers high_watermark to the new end.
+ * Returns the new end offset. */
+int64_t shmq_log_truncate(shmq_log *log, int64_t offset);
+/* Drop everything: the log becomes empty with start = end = offset (and
+ * high_watermark = offset). Single writer. Returns offset. */
+int64_t shmq_log_reset(shmq_log *log, int64_t offset);
+/* Walk a raw frame stream: report every data batch whose
+ * partitionLeaderEpoch is above the previous one seen (starting from
+ * last_epoch), epochs[k] and starts[k] = its baseOffset. Returns the count
+ * (<= max) or SHMQ_ERR_CORRUPT. */
+int32_t shmq_frames_epochs(const uint8_t *buf, int64_t len, int32_t last_epoch, int32_t *epochs, int64_t *starts,
+                           int32_t max);
+/* msync(MS_SYNC) what changed since the last flush through this handle
+ * (segments up to their claim position, their indexes, the control block).
+ * Returns 0 or SHMQ_ERR_IO. */
+int shmq_log_flush(shmq_log *log);
 
 /* Block mode: report the lowest offset any consumer still needs. */
 void shmq_log_set_slowest(shmq_log *log, int64_t offset);

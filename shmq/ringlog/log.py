@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import os
 import time
-from typing import TYPE_CHECKING, Any, Iterable, List, Optional, Sequence, Union
+from typing import TYPE_CHECKING, Any, Iterable, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
@@ -31,6 +31,7 @@ if TYPE_CHECKING:
 BytesLike = Union[bytes, bytearray, memoryview]
 
 _NULL = ffi.NULL
+_LEO_MASK = (1 << 48) - 1
 
 
 def _now_ms() -> int:
@@ -63,7 +64,7 @@ class PartitionLog:
         self._ts_out = ffi.new("int64_t *")
         self._append_value = lib.shmq_log_append_value
         self._append_kv = lib.shmq_log_append_kv
-        hdr = lib.shmq_log_header(self._h)
+        hdr = self._hdr = lib.shmq_log_header(self._h)
         self.config = LogConfig(
             segment_bytes=int(hdr.segment_bytes),
             segment_count=int(hdr.slot_count),
@@ -268,6 +269,115 @@ class PartitionLog:
         """Refuse every later append, in every process (UnknownTopicOrPartition):
         called by the coordinator before it unlinks a deleted topic's files."""
         lib.shmq_log_mark_deleted(self._h)
+
+    # ------------------------------------------------------------ replication
+    @property
+    def append_state(self) -> int:
+        """``lib.SHMQ_APPEND_OPEN`` (0), ``DELETED`` (1) or ``NOT_LEADER`` (2)."""
+        return int(self._hdr.append_state)
+
+    @property
+    def replicated(self) -> bool:
+        """True for a partition with replication factor > 1 (readers stop at the high watermark)."""
+        return bool(self._hdr.replicated)
+
+    @property
+    def leader_epoch(self) -> int:
+        return int(self._hdr.leader_epoch)
+
+    @property
+    def leader_index(self) -> int:
+        return int(self._hdr.leader_index)
+
+    @property
+    def isr_mask(self) -> int:
+        return int(self._hdr.isr_mask)
+
+    @property
+    def epoch_start_offset(self) -> int:
+        return int(self._hdr.epoch_start_offset)
+
+    @property
+    def high_watermark(self) -> int:
+        """The end consumers may read to: the HW if replicated, else the end offset."""
+        off = int(lib.shmq_log_high_watermark(self._h))
+        if off < 0:
+            self._fail(off, "high watermark")
+        return off
+
+    def set_append_state(self, state: int) -> None:
+        """Open the log to producers (0), or refuse them: DELETED (1), NOT_LEADER (2).
+        Waiting readers and ``wait_hw`` callers are woken."""
+        lib.shmq_log_set_append_state(self._h, int(state))
+
+    def set_replication(self, replicated: bool, leader_epoch: int, leader_index: int, isr_mask: int,
+                        epoch_start_offset: int) -> None:
+        """Store the replication words (isr/index before the epoch, release order)."""
+        lib.shmq_log_set_replication(self._h, 1 if replicated else 0, int(leader_epoch), int(leader_index),
+                                     int(isr_mask), int(epoch_start_offset))
+
+    def replica_leos(self) -> List[Tuple[int, int, int]]:
+        """Per replica index: (epoch tag, log end offset, caught-up monotonic ns)."""
+        hdr = self._hdr
+        return [(int(hdr.replica_leo[r]) >> 48, int(hdr.replica_leo[r]) & _LEO_MASK, int(hdr.caught_up_ns[r]))
+                for r in range(lib.SHMQ_MAX_REPLICAS)]
+
+    def publish_leo(self, index: int, epoch: int, leo: int, caught_up: bool) -> int:
+        """Follower ``index`` reports its log end offset; returns the high watermark."""
+        hw = lib.shmq_log_publish_leo(self._h, index, epoch, leo, 1 if caught_up else 0)
+        if hw < 0:
+            self._fail(hw, f"publish LEO {leo} of replica {index}")
+        return hw
+
+    def advance_hw(self, hw: int) -> int:
+        """Raise the high watermark to ``hw`` (never lowers it); returns it."""
+        return int(lib.shmq_log_advance_hw(self._h, int(hw)))
+
+    def recompute_hw(self) -> int:
+        """Recompute the high watermark from the ISR members' LEOs; returns it."""
+        hw = int(lib.shmq_log_recompute_hw(self._h))
+        if hw < 0:
+            self._fail(hw, "recompute the high watermark")
+        return hw
+
+    def wait_hw(self, offset: int, timeout: Optional[float] = None) -> bool:
+        """acks=all: wait until the high watermark is above ``offset``; False on
+        timeout. Raises NotLeaderForPartition once the log is fenced."""
+        rc = lib.shmq_log_wait_hw(self._h, offset, 20_000, _timeout_ns(timeout))
+        if rc < 0:
+            self._fail(rc, f"wait for offset {offset} to be replicated")
+        return rc == 1
+
+    def append_frames(self, buf: Any, n: int) -> int:
+        """Append the first ``n`` bytes of a raw frame stream (``LogReader.read_frames``)
+        at the same offsets; returns the new end offset."""
+        cbuf = ffi.from_buffer(buf)
+        if not 0 <= n <= len(cbuf):
+            raise ValueError(f"n={n} outside the buffer of {len(cbuf)} bytes")
+        end = lib.shmq_log_append_frames(self._h, cbuf, n)
+        if end < 0:
+            self._fail(end, "append copied frames")
+        return end
+
+    def truncate(self, offset: int) -> int:
+        """Drop every record at or above ``offset`` (single writer); returns the new end."""
+        end = lib.shmq_log_truncate(self._h, int(offset))
+        if end < 0:
+            self._fail(end, f"truncate to {offset}")
+        return end
+
+    def reset(self, offset: int) -> int:
+        """Drop everything: the log becomes empty, starting and ending at ``offset``."""
+        rc = lib.shmq_log_reset(self._h, int(offset))
+        if rc < 0:
+            self._fail(rc, f"reset to {offset}")
+        return rc
+
+    def flush(self) -> None:
+        """msync what changed since the last flush (disk-backed logs)."""
+        rc = lib.shmq_log_flush(self._h)
+        if rc < 0:
+            self._fail(rc, "flush")
 
     def set_slowest_position(self, offset: int) -> None:
         """Block mode: the lowest offset any consumer still needs. Producers

@@ -19,7 +19,7 @@ from typing import Any, Iterable, List, NamedTuple, Optional, Tuple
 
 import numpy as np
 
-from ..native import ffi, lib
+from ..native import ffi, lib, raise_for
 from .log import PartitionLog
 from .records import LogRecord, decode_headers
 
@@ -191,6 +191,16 @@ class LogReader:
         data = ffi.buffer(self._buf, used)[:]
         return [None if ln < 0 else data[p:p + ln] for p, ln in zip(pos.tolist(), lens.tolist())]
 
+    def read_frames(self, buf: Any) -> int:
+        """Replication copy: committed frames from the position into ``buf`` (a
+        writable bytearray or numpy array) as a raw frame stream (log.h), ignoring
+        the high watermark. Returns the bytes written (0: nothing yet)."""
+        n = lib.shmq_log_read_frames(self._h, self._cur, ffi.from_buffer(buf, require_writable=True), len(buf),
+                                     self.check_crc)
+        if n < 0:
+            self.log._fail(n, "read frames", int(self._cur.next_offset))
+        return n
+
     def __iter__(self) -> "LogReader":
         return self
 
@@ -218,3 +228,23 @@ def _headers(buf: Any, positions: List[int], counts: List[int]) -> List[Any]:
     data = buf[:]
     end = len(data)
     return [decode_headers(data, p, c, end) if c else () for p, c in zip(positions, counts)]
+
+
+def frame_epochs(buf: Any, n: int, last_epoch: int) -> List[Tuple[int, int]]:
+    """(epoch, start offset) of every data batch in the first ``n`` bytes of a raw
+    frame stream whose partitionLeaderEpoch rises above the one before
+    (starting from ``last_epoch``)."""
+    cbuf = ffi.from_buffer(buf)
+    if not 0 <= n <= len(cbuf):
+        raise ValueError(f"n={n} outside the buffer of {len(cbuf)} bytes")
+    out: List[Tuple[int, int]] = []
+    epochs = ffi.new("int32_t[64]")
+    starts = ffi.new("int64_t[64]")
+    while True:
+        k = lib.shmq_frames_epochs(cbuf, n, last_epoch, epochs, starts, 64)
+        if k < 0:
+            raise_for(k, "find leader epochs in copied frames")
+        out.extend((int(epochs[j]), int(starts[j])) for j in range(k))
+        if k < 64:
+            return out
+        last_epoch = int(epochs[k - 1])
