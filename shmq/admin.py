@@ -30,7 +30,11 @@ class PartitionDescription:
     leader_epoch: int
     replicas: List[int]
     isr: List[int]
-    path: str
+    path: Optional[str]                    # the log clients read (the leader's); None without a leader
+    high_watermark: Optional[int] = None   # replicated topics: the end consumers can read
+    partition_epoch: Optional[int] = None
+    offline: Optional[List[int]] = None    # replicas whose storage failed
+    unclean: Optional[Dict[str, Any]] = None  # last unclean election: leader_epoch, dropped (records), ts
 
 
 @dataclass(frozen=True)
@@ -95,6 +99,18 @@ class Admin:
     @property
     def root(self) -> Root:
         return self._client.root
+
+    def recover_topics(self, directory: str) -> List[Dict[str, Any]]:
+        """After the root was lost (a reboot wiped tmpfs), recreate the topics
+        whose replica logs survive in ``directory`` (a disk ``replica_dirs``
+        entry): that replica leads, the others are rebuilt from it."""
+        return list(self._client.call("recover_topics", directory=str(directory)))
+
+    def elect_leaders(self, name: str, partition: Optional[int] = None) -> List[Dict[str, Any]]:
+        """Preferred-leader election now for ``name`` (or one partition), when the
+        preferred replica is in sync; returns each partition's leader after it."""
+        validate_topic(name)
+        return list(self._client.call("elect_leaders", topic=name, partition=partition))
 
     def create_topic(self, name: str, partitions: int = 1, config: Optional[Mapping[str, Any]] = None
                      ) -> TopicDescription:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import threading
 from typing import Any, Dict, Iterable, List, Optional, Tuple
 
-from .errors import CommitFailed, InvalidConfig, UnknownTopicOrPartition
+from .errors import CommitFailed, InvalidConfig, LeaderNotAvailable, UnknownTopicOrPartition
 from .message import TopicPartition
 from .offsets_table import F_GENERATION, F_OFFSET, GEN_SHIFT, OFFSET_MASK
 from .ringlog import PartitionLog
@@ -21,15 +21,21 @@ from .root import Root, validate_topic
 class TopicInfo:
     """What producers and consumers need about a topic."""
 
-    __slots__ = ("name", "topic_id", "partitions", "paths", "config", "max_message_bytes")
+    __slots__ = ("name", "topic_id", "partitions", "paths", "config", "max_message_bytes", "replicated",
+                 "leaders", "leader_epochs", "min_insync_replicas")
 
-    def __init__(self, name: str, topic_id: str, partitions: int, paths: List[str], config: Dict[str, Any]) -> None:
+    def __init__(self, name: str, topic_id: str, partitions: int, paths: List[Optional[str]], config: Dict[str, Any],
+                 leaders: Optional[List[int]] = None, leader_epochs: Optional[List[int]] = None) -> None:
         self.name = name
         self.topic_id = topic_id
         self.partitions = partitions
         self.paths = paths
         self.config = config
         self.max_message_bytes = int(config.get("max_message_bytes") or (1 << 20))
+        self.replicated = int(config.get("replication_factor") or 1) > 1
+        self.leaders = leaders
+        self.leader_epochs = leader_epochs
+        self.min_insync_replicas = int(config.get("min_insync_replicas") or 1)
 
 
 class Cluster:
@@ -42,7 +48,7 @@ class Cluster:
         self._view = self._client.metadata()
         # Keyed by topic id: a topic deleted and re-created under the same name
         # has new files at the same path, and must not reuse the old mapping.
-        self._logs: Dict[Tuple[str, int], PartitionLog] = {}
+        self._logs: Dict[Tuple[str, int, str], PartitionLog] = {}
         self._slots: Dict[Tuple[str, str, int], int] = {}
         self._slots_version = -1
         self._table: Any = None
@@ -62,26 +68,33 @@ class Cluster:
             md = self._view.topic(name)
         if md is None:
             raise UnknownTopicOrPartition(f"topic {name!r} does not exist in {self.root.path}", topic=name)
-        return TopicInfo(md.name, md.topic_id, md.partitions, list(md.paths), dict(md.config))
+        return TopicInfo(md.name, md.topic_id, md.partitions, list(md.paths), dict(md.config), md.leaders,
+                         md.leader_epochs)
 
     def topics(self) -> List[str]:
         self._view.refresh()
         return sorted(self._view.topics())
 
     def log(self, topic: str, partition: int) -> PartitionLog:
-        """The (shared, cached) log of ``topic``-``partition``."""
+        """The (shared, cached) log of ``topic``-``partition``: for a replicated
+        topic, its current leader's (``LeaderNotAvailable`` while it has none)."""
         info = self.topic(topic)
         if not isinstance(partition, int) or not 0 <= partition < info.partitions:
             raise UnknownTopicOrPartition(
                 f"partition {partition!r} of topic {topic!r} does not exist (it has {info.partitions})",
                 topic=topic, partition=partition if isinstance(partition, int) else None)
-        key = (info.topic_id, partition)
+        path = info.paths[partition]
+        if path is None:
+            raise LeaderNotAvailable(f"partition {topic}-{partition} has no leader right now",
+                                     topic=topic, partition=partition)
+        # Keyed by path too: after a failover the partition is read from another log.
+        key = (info.topic_id, partition, path)
         plog = self._logs.get(key)
         if plog is None:
             with self._lock:
                 plog = self._logs.get(key)
                 if plog is None:
-                    plog = PartitionLog(info.paths[partition], name=f"{topic}-{partition}")
+                    plog = PartitionLog(path, name=f"{topic}-{partition}")
                     self._logs[key] = plog
         return plog
 

@@ -34,8 +34,8 @@ from collections import deque
 from typing import Any, Callable, Deque, Dict, Iterable, List, Optional, Sequence, Tuple
 
 from .cluster import Cluster
-from .errors import (CommitFailed, IllegalState, InvalidConfig, NoOffsetForPartition, OffsetOutOfRange, ShmqError,
-                     UnknownTopicOrPartition)
+from .errors import (CommitFailed, IllegalState, InvalidConfig, LeaderNotAvailable, NoOffsetForPartition,
+                     OffsetOutOfRange, ShmqError, UnknownTopicOrPartition)
 from .message import Message, OffsetAndTimestamp, TopicPartition
 from .ringlog import LogReader, RecordArrays
 
@@ -91,6 +91,7 @@ class Consumer:
             if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
                 raise InvalidConfig(f"{name}={v!r} must be a positive int")
         self._cluster = Cluster(root)
+        self._leaders_version = self._cluster.version()
         if group_id is not None:
             from .root import validate_group
             validate_group(group_id)
@@ -320,7 +321,7 @@ class Consumer:
         if self.auto_offset_reset == "none":
             raise NoOffsetForPartition(f"{st.tp.topic}-{st.tp.partition}: {why} and auto_offset_reset='none'",
                                        topic=st.tp.topic, partition=st.tp.partition)
-        off = st.log.start_offset if self.auto_offset_reset == "earliest" else st.log.end_offset
+        off = st.log.start_offset if self.auto_offset_reset == "earliest" else st.log.high_watermark
         self._seek_state(st, off)
 
     def _seek_state(self, st: _Assigned, offset: int) -> None:
@@ -372,7 +373,7 @@ class Consumer:
 
     def seek_to_end(self, *partitions: TopicPartition) -> None:
         for st in self._targets(partitions):
-            self._seek_state(st, st.log.end_offset)
+            self._seek_state(st, st.log.high_watermark)
 
     def _targets(self, partitions: Sequence[TopicPartition]) -> List[_Assigned]:
         if len(partitions) == 1 and isinstance(partitions[0], list):
@@ -380,9 +381,10 @@ class Consumer:
         return [self._state(tp) for tp in partitions] if partitions else list(self._order)
 
     def get_watermark_offsets(self, tp: TopicPartition) -> Tuple[int, int]:
-        """(low, high): the log start offset and the log end offset."""
+        """(low, high): the log start offset and the high watermark (the log
+        end offset without replication): the offsets a consumer can read."""
         plog = self._cluster.log(tp[0], tp[1])
-        return plog.start_offset, plog.end_offset
+        return plog.start_offset, plog.high_watermark
 
     def offsets_for_times(self, timestamps: Dict[TopicPartition, int]) -> Dict[TopicPartition, Optional[OffsetAndTimestamp]]:
         """For each partition, the earliest offset whose timestamp is >= the
@@ -419,7 +421,27 @@ class Consumer:
         if st is not None and st.reader is not None and st.position is not None:
             st.reader.seek(st.position)
 
+    def _follow_leaders(self) -> None:
+        """After a metadata change: read each replicated partition from its
+        current leader's log, at the same position (offsets are the same in
+        every replica)."""
+        self._leaders_version = self._cluster.version()
+        for st in self._order:
+            try:
+                plog = self._cluster.log(st.tp.topic, st.tp.partition)
+            except (LeaderNotAvailable, UnknownTopicOrPartition):
+                continue                 # keep reading what the old leader had below its high watermark
+            if plog is not st.log:
+                log.info("%s-%d: reading from the new leader's log %s", st.tp.topic, st.tp.partition, plog.path)
+                if self._buffer_tp is st:
+                    self._drop_buffer()
+                st.log, st.reader = plog, None
+                if st.position is not None:
+                    self._seek_state(st, st.position)
+
     def _fetch_from(self, st: _Assigned, max_records: int, timeout: float) -> List[Message]:
+        if self._leaders_version != self._cluster.version():
+            self._follow_leaders()
         if st.position is None:
             self._init_position(st)
         if st.out_of_range:
@@ -563,6 +585,8 @@ class Consumer:
         while True:
             active = [s for s in self._order if not s.paused]
             left = deadline - time.monotonic()
+            if self._leaders_version != self._cluster.version():
+                self._follow_leaders()
             for k, st in enumerate(active):
                 if st.position is None:
                     self._init_position(st)
@@ -647,7 +671,7 @@ class Consumer:
 
     def lag(self, tp: TopicPartition) -> int:
         """Log end offset minus this consumer's position."""
-        return self._cluster.log(tp[0], tp[1]).end_offset - self.position(tp)
+        return self._cluster.log(tp[0], tp[1]).high_watermark - self.position(tp)
 
     # -------------------------------------------------------------- lifecycle
     def _check_open(self) -> None:

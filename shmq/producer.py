@@ -8,6 +8,17 @@ nothing to wait for while no replication is configured.
 
 A Producer is safe to use from several threads (the append is lock-free);
 create one per process.
+
+Replicated topics (``replication_factor`` > 1): records go to the partition
+leader's log. With ``acks="all"`` a send returns only once the high
+watermark passed the record (every in-sync replica has it) and fails fast
+with ``NotEnoughReplicas`` while the ISR is smaller than
+``min_insync_replicas``. ``acks="all"`` turns idempotence on by default:
+the producer gets an id and epoch from the coordinator and numbers its
+batches per partition; the partition's producer-state table stores each
+batch once, so a send retried after a failover (when it cannot know whether
+the first attempt was stored) is never stored twice. Sends that meet a
+leader change are retried on the new leader until ``delivery_timeout_ms``.
 """
 from __future__ import annotations
 
@@ -17,7 +28,8 @@ from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tupl
 import numpy as np
 
 from .cluster import Cluster
-from .errors import IllegalState, InvalidConfig, InvalidRecord, UnknownTopicOrPartition
+from .errors import (IllegalState, InvalidConfig, InvalidRecord, KafkaTimeoutError, LeaderNotAvailable,
+                     NotEnoughReplicas, NotLeaderForPartition, UnknownTopicOrPartition)
 from .message import Header, RecordMetadata
 from .native import ffi, lib
 from .partitioner import Partitioner
@@ -28,23 +40,50 @@ _NULL = ffi.NULL
 _time_ns = time.time_ns
 METADATA_RECHECK_MS = 100  # a producer notices added partitions and deleted topics this soon
 _new_tuple = tuple.__new__
+_NOT_LEADER = lib.SHMQ_ERR_NOT_LEADER
 
 
 class _TopicRoute:
     """A topic's partitions as the producer sends to them (refreshed when the
     published metadata version changes)."""
 
-    __slots__ = ("name", "logs", "handles", "count", "max_bytes", "blocking", "fast")
+    __slots__ = ("name", "logs", "handles", "count", "max_bytes", "blocking", "fast", "replicated", "min_isr",
+                 "pstates")
 
-    def __init__(self, name: str, logs: List[PartitionLog], max_bytes: int) -> None:
+    def __init__(self, name: str, logs: List[Optional[PartitionLog]], max_bytes: int, replicated: bool = False,
+                 min_isr: int = 1, acks_all: bool = False) -> None:
         self.name = name
         # overflow="block" topics take the path with a timeout (max_block_ms).
-        self.blocking = any(log.config.overflow == "block" for log in logs)
-        self.fast = not self.blocking
+        self.blocking = any(log is not None and log.config.overflow == "block" for log in logs)
+        self.replicated = replicated
+        self.min_isr = min_isr
+        # acks="all" on a replicated topic waits for the high watermark: not the fast path.
+        self.fast = not self.blocking and not (replicated and acks_all) and all(log is not None for log in logs)
         self.logs = logs
-        self.handles = [log._h for log in logs]
+        self.handles = [_NULL if log is None else log._h for log in logs]
         self.count = len(logs)
         self.max_bytes = max_bytes
+        self.pstates: Dict[int, Any] = {}
+
+    def leader(self, partition: int) -> PartitionLog:
+        plog = self.logs[partition]
+        if plog is None:
+            raise LeaderNotAvailable(f"partition {self.name}-{partition} has no leader right now",
+                                     topic=self.name, partition=partition)
+        return plog
+
+    def pstate(self, partition: int) -> Any:
+        """The producer-state table next to the leader's log (opened once per route)."""
+        table = self.pstates.get(partition)
+        if table is None:
+            from .ringlog.producer_state import ProducerStateTable
+            table = self.pstates[partition] = ProducerStateTable(self.leader(partition).path)
+        return table
+
+    def close(self) -> None:
+        for table in self.pstates.values():
+            table.close()
+        self.pstates.clear()
 
 
 class Producer:
@@ -60,14 +99,31 @@ class Producer:
     def __init__(self, root: Any = None, *, acks: Union[int, str] = 1, partitioner: str = "murmur2_random",
                  value_serializer: Optional[Callable[[Any], bytes]] = None,
                  key_serializer: Optional[Callable[[Any], bytes]] = None,
-                 max_block_ms: int = 60_000, client_id: str = "shmq-producer", **unknown: Any) -> None:
+                 max_block_ms: int = 60_000, client_id: str = "shmq-producer",
+                 enable_idempotence: Optional[bool] = None, transactional_id: Optional[str] = None,
+                 delivery_timeout_ms: int = 120_000, **unknown: Any) -> None:
         if unknown:
             raise InvalidConfig(f"unknown Producer option(s): {', '.join(sorted(unknown))}")
         if acks not in ACKS:
             raise InvalidConfig(f"acks={acks!r} must be 0, 1 or 'all'")
         if not isinstance(max_block_ms, int) or max_block_ms < 0:
             raise InvalidConfig(f"max_block_ms={max_block_ms!r} must be a non-negative int")
+        if not isinstance(delivery_timeout_ms, int) or delivery_timeout_ms <= 0:
+            raise InvalidConfig(f"delivery_timeout_ms={delivery_timeout_ms!r} must be a positive int")
         self.acks = "all" if acks == -1 else acks
+        if enable_idempotence is None:
+            enable_idempotence = self.acks == "all" or transactional_id is not None
+        if enable_idempotence and self.acks != "all":
+            raise InvalidConfig(f"enable_idempotence=True needs acks='all' (got acks={acks!r}), as in Kafka")
+        if transactional_id is not None and (not isinstance(transactional_id, str) or not transactional_id):
+            raise InvalidConfig(f"transactional_id={transactional_id!r} must be a non-empty str")
+        self.enable_idempotence = bool(enable_idempotence)
+        self.transactional_id = transactional_id
+        self._delivery_timeout = delivery_timeout_ms / 1000
+        self._producer_id = -1
+        self._producer_epoch = -1
+        self._sequences: Dict[Tuple[str, int], int] = {}
+        self._seq_lock = __import__("threading").Lock()
         self.client_id = client_id
         self._partitioner = Partitioner(partitioner)
         self._value_ser = value_serializer
@@ -90,12 +146,16 @@ class Producer:
         version = self._cluster.version()
         if version != self._version:
             self._version = version
+            for old in self._routes.values():
+                old.close()
             self._routes.clear()
         route = self._routes.get(topic)
         if route is None:
             info = self._cluster.topic(topic)  # raises UnknownTopicOrPartition / InvalidTopic
-            logs = [self._cluster.log(topic, p) for p in range(info.partitions)]
-            route = _TopicRoute(topic, logs, info.max_message_bytes)
+            logs = [self._cluster.log(topic, p) if info.paths[p] is not None else None
+                    for p in range(info.partitions)]
+            route = _TopicRoute(topic, logs, info.max_message_bytes, info.replicated, info.min_insync_replicas,
+                                self.acks == "all")
             self._routes[topic] = route
         return route
 
@@ -139,6 +199,8 @@ class Producer:
                     off = self._append_kv(route.handles[partition], _NULL if key is None else key, klen,
                                           value, vlen, ts)
                     if off < 0:
+                        if off == _NOT_LEADER:       # a failover: the slow path retries on the new leader
+                            return self._send(topic, value, key, partition, headers, timestamp_ms)
                         route.logs[partition]._fail(off, "send")
                     return _new_tuple(RecordMetadata, (topic, partition, off, ts))
         return self._send(topic, value, key, partition, headers, timestamp_ms)
@@ -181,7 +243,10 @@ class Producer:
             ts = timestamp_ms
         else:
             raise InvalidRecord(f"timestamp_ms must be a non-negative int, got {timestamp_ms!r}", topic=topic)
-        if headers is None and not route.blocking:
+        if route.replicated:
+            off = self._send_replicated(topic, partition, 1, lambda plog, t: plog.append(
+                value, key, headers, ts, t), ([value], [key] if key is not None else None, headers))
+        elif headers is None and not route.blocking:
             off = self._append_kv(route.handles[partition], _NULL if key is None else key, klen,
                                   _NULL if value is None else value, vlen, ts)
             if off < 0:
@@ -247,9 +312,75 @@ class Producer:
                 groups.append((p, vs, ks))
         out = []
         for p, vs, ks in groups:
-            off = route.logs[p].append_batch(vs, ks, timestamp_ms=ts, timeout=self._timeout_ns / 1e9)
+            if route.replicated:
+                n_recs = len(vs)
+                off = self._send_replicated(topic, p, n_recs, lambda plog, t, vs=vs, ks=ks: plog.append_batch(
+                    vs, ks, timestamp_ms=ts, timeout=t), (vs, ks, None))
+            else:
+                off = route.logs[p].append_batch(vs, ks, timestamp_ms=ts, timeout=self._timeout_ns / 1e9)
             out.append(RecordMetadata(topic, p, off, ts))
         return out
+
+    # ------------------------------------------------------------ replicated
+    def _init_producer_id(self) -> None:
+        if self._producer_id < 0:
+            self._producer_id, self._producer_epoch = self._cluster.client.allocate_producer_id(self.transactional_id)
+
+    def _send_replicated(self, topic: str, partition: int, count: int, append: Callable[[PartitionLog, float], int],
+                         records: Tuple[Any, Any, Any]) -> int:
+        """Append ``count`` records to the partition leader with this producer's
+        acks and idempotence; retried on the new leader across a failover until
+        ``delivery_timeout_ms``. Returns the first record's offset."""
+        deadline = time.monotonic() + self._delivery_timeout
+        key = (topic, partition)
+        if self.enable_idempotence:
+            self._init_producer_id()
+            if records[2]:
+                raise InvalidRecord("headers are not supported with enable_idempotence yet", topic=topic)
+        while True:
+            version = self._cluster.version()
+            try:
+                route = self._route(topic)
+                plog = route.leader(partition)
+                if self.acks == "all":
+                    isr = bin(plog.isr_mask).count("1")
+                    if isr < route.min_isr:
+                        raise NotEnoughReplicas(
+                            f"{topic}-{partition} has {isr} in-sync replica(s), fewer than min_insync_replicas="
+                            f"{route.min_isr}: acks='all' cannot be met", topic=topic, partition=partition)
+                remaining = max(0.0, deadline - time.monotonic())
+                if self.enable_idempotence:
+                    with self._seq_lock:          # one batch in flight per partition keeps sequences in order
+                        seq = self._sequences.get(key, 0)
+                        off, _dup = route.pstate(partition).append(
+                            plog, records[0], records[1], producer_id=self._producer_id, epoch=self._producer_epoch,
+                            base_sequence=seq, timeout=remaining)
+                        self._sequences[key] = (seq + count) & 0x7FFFFFFF
+                else:
+                    off = append(plog, remaining)
+                if self.acks == "all" and not plog.wait_hw(off + count - 1, max(0.0, deadline - time.monotonic())):
+                    raise KafkaTimeoutError(f"send to {topic}-{partition}: the in-sync replicas did not all store "
+                                            f"offset {off + count - 1} within delivery_timeout_ms", topic=topic,
+                                            partition=partition)
+                return off
+            except (NotLeaderForPartition, LeaderNotAvailable) as e:
+                if self.enable_idempotence and isinstance(e, NotLeaderForPartition):
+                    # The batch may or may not be stored: resend it with the same sequence.
+                    with self._seq_lock:
+                        if self._sequences.get(key, 0) == (seq + count) & 0x7FFFFFFF:
+                            self._sequences[key] = seq
+                if time.monotonic() > deadline:
+                    raise
+                self._await_metadata(version, deadline)
+
+    def _await_metadata(self, version: int, deadline: float) -> None:
+        """Sleep until the published metadata changes (a new leader), at most 50 ms."""
+        until = min(deadline, time.monotonic() + 0.05)
+        delay = 0.0002
+        while self._cluster.version() == version and time.monotonic() < until:
+            time.sleep(delay)
+            delay = min(delay * 2, 0.005)
+        self._recheck_ms = 0
 
     def _check_partition(self, topic: str, partition: Any) -> _TopicRoute:
         """The route again after a partition number out of range: partitions
@@ -280,6 +411,8 @@ class Producer:
             return
         self._closed = True
         self.flush(timeout)
+        for route in self._routes.values():
+            route.close()
         self._routes.clear()
         self._cluster.close()
 

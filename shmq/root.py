@@ -17,6 +17,8 @@ Every path under the root is built here and nowhere else::
     <root>/metadata.map         hot-path metadata published to clients
     <root>/offsets.table        hot-path committed offsets (see shmq.offsets_table)
     <root>/data/<replica>/<topic>-<partition>/   a partition log
+    <root>/replica-<id>.lock    flock: the holder is replica process <id>
+    <root>/replica-<id>.log     stdout/stderr of replica process <id>
 
 Names (topics, groups) follow Kafka: ``[A-Za-z0-9._-]{1,249}``, not ``.`` or
 ``..``, so no name can escape the root.
@@ -168,6 +170,12 @@ class Root:
         if not isinstance(partition, int) or isinstance(partition, bool) or partition < 0:
             raise InvalidTopic(f"partition must be a non-negative int, got {partition!r}", topic=topic)
         return os.path.join(self.replica_dir(replica), f"{topic}-{partition}")
+
+    def replica_lock_path(self, replica: int) -> str:
+        return os.path.join(self.path, f"replica-{int(replica)}.lock")
+
+    def replica_log_path(self, replica: int) -> str:
+        return os.path.join(self.path, f"replica-{int(replica)}.log")
 
     def coordinator_pid(self) -> Optional[int]:
         """Pid of the last coordinator that became active here, if it is alive

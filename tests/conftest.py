@@ -79,14 +79,34 @@ def kill_coordinator(root: Root) -> None:
             pass
 
 
+def replica_pids(root_path: str) -> List[int]:
+    """Pids of the replica processes serving ``root_path``."""
+    import psutil
+    out = []
+    for proc in psutil.process_iter(["cmdline"]):
+        cmd = proc.info.get("cmdline") or []
+        if "shmq.replica" in cmd and root_path in cmd:
+            out.append(proc.pid)
+    return out
+
+
+def kill_replicas(root_path: str) -> None:
+    for pid in replica_pids(root_path):
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
 @pytest.fixture
 def root(shm_dir: str) -> Iterator[Root]:
-    """A fresh root; whatever coordinator is active on it at the end is killed."""
+    """A fresh root; whatever coordinator and replica processes serve it at the end are killed."""
     r = Root(shm_dir)
     try:
         yield r
     finally:
         kill_coordinator(r)
+        kill_replicas(r.path)
 
 
 @pytest.fixture(scope="module")
@@ -99,4 +119,5 @@ def module_root() -> Iterator[str]:
     finally:
         if os.path.isdir(path):
             kill_coordinator(Root(path, create=False))
+        kill_replicas(path)
         shutil.rmtree(path, ignore_errors=True)

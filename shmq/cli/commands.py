@@ -38,7 +38,10 @@ def topics(args: argparse.Namespace) -> int:
     from ..admin import Admin
     with Admin(args.root) as admin:
         if args.action == "create":
-            admin.create_topic(args.topic, partitions=args.partitions, config=_config_pairs(args.config))
+            config = _config_pairs(args.config)
+            if args.replication_factor is not None:
+                config["replication_factor"] = args.replication_factor
+            admin.create_topic(args.topic, partitions=args.partitions, config=config)
             print(f"Created topic {args.topic}.")
         elif args.action == "list":
             for name in admin.list_topics():
@@ -56,9 +59,17 @@ def topics(args: argparse.Namespace) -> int:
                 cfg = ",".join(f"{k}={v}" for k, v in sorted(d.config.items()))
                 print(f"Topic: {d.name}\tTopicId: {d.topic_id}\tPartitionCount: {d.partition_count}\tConfigs: {cfg}")
                 for p in d.partitions:
-                    print(f"\tTopic: {d.name}\tPartition: {p.partition}\tLeader: {p.leader}\t"
+                    extra = ""
+                    if p.high_watermark is not None:
+                        extra = f"\tHighWatermark: {p.high_watermark}\tLeaderEpoch: {p.leader_epoch}"
+                        if p.offline:
+                            extra += f"\tOffline: {','.join(map(str, p.offline))}"
+                        if p.unclean:
+                            extra += f"\tUncleanDropped: {p.unclean['dropped']}"
+                    print(f"\tTopic: {d.name}\tPartition: {p.partition}\t"
+                          f"Leader: {p.leader if p.leader >= 0 else 'none'}\t"
                           f"Replicas: {','.join(map(str, p.replicas))}\tIsr: {','.join(map(str, p.isr))}\t"
-                          f"LogStartOffset: {p.start_offset}\tLogEndOffset: {p.end_offset}")
+                          f"LogStartOffset: {p.start_offset}\tLogEndOffset: {p.end_offset}{extra}")
     return 0
 
 
@@ -238,6 +249,7 @@ def add_parsers(sub: Any) -> None:
     t.add_argument("action", choices=["create", "list", "describe", "delete", "alter"])
     t.add_argument("topic", nargs="?")
     t.add_argument("--partitions", type=int, default=1)
+    t.add_argument("--replication-factor", type=int, default=None, help="replicas per partition (default 1)")
     t.add_argument("--config", action="append", metavar="KEY=VALUE", help="topic config (repeatable)")
     t.set_defaults(func=topics)
 

@@ -49,10 +49,11 @@ OffsetValue = Union[int, Tuple[int, str]]
 _UCRED = struct.Struct("3i")
 
 
-def coordinator_alive(root: Root) -> bool:
-    """True if some process holds the root's coordinator lock."""
+def lock_held(path: str) -> bool:
+    """True if some process holds the flock on ``path`` (a process's liveness
+    by its lock: the kernel drops a dead process's locks at once)."""
     try:
-        fd = os.open(root.lock_path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
     except OSError:
         return False
     try:
@@ -62,6 +63,11 @@ def coordinator_alive(root: Root) -> bool:
     finally:
         os.close(fd)            # closing drops our lock if we took it
     return False
+
+
+def coordinator_alive(root: Root) -> bool:
+    """True if some process holds the root's coordinator lock."""
+    return lock_held(root.lock_path)
 
 
 def start_embedded(root: Root) -> None:

@@ -10,6 +10,9 @@ written whole; 64-byte header, then the payload area)::
     32  moved     1 once this file was replaced by a new one: reopen by path
     40  writer    pid of the coordinator that writes it
     64  payload   compact JSON: {"topics": {name: {topic_id, partitions, paths, config}}}
+                  (replicated topics add leaders, leader_epochs, replicas, isr,
+                  offline and replica_paths, one entry per partition; paths
+                  then names each partition's leader log, null while it has none)
 
 Protocol: the writer (one coordinator, holder of the root's lock) sets
 version odd, writes payload and length, sets version even. A reader reads
@@ -54,8 +57,14 @@ class TopicMetadata:
     name: str
     topic_id: str
     partitions: int
-    paths: List[str]          # partition log directory per partition (index = partition)
+    paths: List[Optional[str]]  # the log clients use, per partition (the leader's; None: no leader)
     config: Dict[str, Any]
+    leaders: Optional[List[int]] = None          # replicated topics only, per partition:
+    leader_epochs: Optional[List[int]] = None
+    replicas: Optional[List[List[int]]] = None
+    isr: Optional[List[List[int]]] = None
+    offline: Optional[List[List[int]]] = None
+    replica_paths: Optional[List[List[str]]] = None
 
 
 class MetadataPublisher:
@@ -248,7 +257,10 @@ class MetadataView:
         topics = {}
         for name, t in payload.get("topics", {}).items():
             topics[name] = TopicMetadata(name=name, topic_id=t["topic_id"], partitions=t["partitions"],
-                                         paths=list(t["paths"]), config=dict(t["config"]))
+                                         paths=list(t["paths"]), config=dict(t["config"]),
+                                         leaders=t.get("leaders"), leader_epochs=t.get("leader_epochs"),
+                                         replicas=t.get("replicas"), isr=t.get("isr"), offline=t.get("offline"),
+                                         replica_paths=t.get("replica_paths"))
         self._topics = topics
         return True
 

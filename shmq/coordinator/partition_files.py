@@ -75,6 +75,8 @@ def open_all_logs(root: Root, store: Store, registry: LogRegistry) -> None:
         for p in range(len(t["partitions"])):
             path = root.partition_dir(name, p)
             expected.add(os.path.basename(path))
+            if t["config"].get("replication_factor", 1) > 1:
+                continue                    # replica logs: see replication.py
             if os.path.exists(os.path.join(path, "partition.ctl")):
                 try:
                     registry.open(name, p, path)

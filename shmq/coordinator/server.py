@@ -54,6 +54,7 @@ from .metamap import MetadataPublisher
 from .offsets_sync import OffsetsTableSync
 from .partition_files import create_logs, open_all_logs, remove_logs
 from .protocol import error_to_wire, recv_frame, send_frame
+from .replication import ReplicationManager, is_replicated
 
 __all__ = ["Coordinator", "acquire_lock"]
 
@@ -107,6 +108,8 @@ class Coordinator:
             log.info("coordinator pid %d active on %s", os.getpid(), self.root.path)
             self.db = DurableStore.open(self.root)
             open_all_logs(self.root, self.db.store, self.registry)
+            self.replication = ReplicationManager(self.root, self.db, self._publish)
+            self.replication.open_logs()
             for name, t in self.db.store.topics.items():
                 self._update_slowest(name, range(len(t["partitions"])))
             self.offsets = OffsetsTableSync(self.root, self.db)
@@ -119,6 +122,7 @@ class Coordinator:
             self.housekeeper.start()
             threading.Thread(target=self._offsets_loop, name="shmq-offsets", daemon=True).start()
             threading.Thread(target=self._groups_loop, name="shmq-groups", daemon=True).start()
+            threading.Thread(target=self._replication_loop, name="shmq-replication", daemon=True).start()
             listener = self._listen()
             if on_ready is not None:
                 on_ready()
@@ -191,6 +195,7 @@ class Coordinator:
                 self.db.close()
                 self.publisher.close()
                 self.registry.close_all()
+                self.replication.close()
 
     def _offsets_loop(self, interval: float = 0.01) -> None:
         """Journal hot-path commits from the offsets table every ``interval`` seconds."""
@@ -198,6 +203,18 @@ class Coordinator:
             with self._lock:
                 if not self._stop.is_set():
                     self._sync_offsets()
+
+    def _replication_loop(self) -> None:
+        """Replica supervision, ISR and elections (``ReplicationManager.tick``)."""
+        from .replication import TICK
+        while not self._stop.wait(TICK):
+            with self._lock:
+                if self._stop.is_set():
+                    break
+                try:
+                    self.replication.tick()
+                except Exception:
+                    log.exception("replication supervision failed")
 
     def _groups_loop(self, interval: float = 0.02, pid_every: int = 5) -> None:
         """Group supervision: heartbeats, stuck revocations, process liveness (psutil)."""
@@ -298,6 +315,11 @@ class Coordinator:
             with self._lock:
                 self._clients.pop(cid, None)
                 pushes = []
+                if not self._stop.is_set() and hasattr(self, "replication"):
+                    try:
+                        self.replication.connection_closed(cid)
+                    except Exception:
+                        log.exception("handling the death of a replica process on connection %d failed", cid)
                 if not self._stop.is_set() and hasattr(self, "groups"):
                     try:
                         self.groups.connection_closed(cid)
@@ -350,7 +372,17 @@ class Coordinator:
             n = len(t["partitions"])
             topics[name] = {"topic_id": t["topic_id"], "partitions": n, "config": t["config"],
                             "paths": [self.root.partition_dir(name, p) for p in range(n)]}
+            if is_replicated(t):
+                topics[name].update(self.replication.payload_fields(name, t))
         return {"topics": topics, "coordinator_pid": os.getpid()}
+
+    def _leader_log(self, topic: str, partition: int) -> Any:
+        """The log clients read for ``topic``-``partition`` (None if it has no leader)."""
+        t = self.db.store.topics.get(topic)
+        if t is None or not is_replicated(t):
+            return self.registry.get(topic, partition)
+        leader = t["partitions"][partition]["leader"]
+        return self.replication.log(topic, partition, leader) if leader >= 0 else None
 
     def _publish(self) -> None:
         self.publisher.publish(self._payload())
@@ -362,26 +394,41 @@ class Coordinator:
     def op_create_topic(self, name: str, partitions: int = 1, config: Optional[Dict[str, Any]] = None
                         ) -> Dict[str, Any]:
         rec = self.db.store.prepare_create_topic(name, partitions, config)
-        create_logs(self.root, self.registry, name, 0, partitions, rec["config"])
+        replicated = rec["config"]["replication_factor"] > 1
+        if replicated:
+            self.replication.create_logs(name, 0, rec["config"], rec["assignment"], rec["topic_id"])
+        else:
+            create_logs(self.root, self.registry, name, 0, partitions, rec["config"])
         try:
             self.db.commit([rec])
         except BaseException:
-            remove_logs(self.root, self.registry, name, range(partitions))
+            if replicated:
+                self.replication.remove_logs(name, partitions, rec["assignment"], rec["config"])
+            else:
+                remove_logs(self.root, self.registry, name, range(partitions))
             raise
         self._publish()
+        if replicated:
+            self.replication.ensure_processes()
         self.groups.topics_changed()
         log.info("created topic %s with %d partitions", name, partitions)
         return self.op_describe_topic(name)
 
     def op_delete_topic(self, name: str) -> None:
         rec = self.db.store.prepare_delete_topic(name)
-        n = len(self.db.store.topics[name]["partitions"])
+        t = self.db.store.topics[name]
+        n = len(t["partitions"])
+        replicated = is_replicated(t)
+        replicas, config = [pm["replicas"] for pm in t["partitions"]], t["config"]
         slots = dict(self.db.store.offset_slots)
         self.db.commit([rec])
         self.offsets.release_topic(slots, name)
         self._publish()
         self.groups.topics_changed()
-        remove_logs(self.root, self.registry, name, range(n))
+        if replicated:
+            self.replication.remove_logs(name, n, replicas, config)
+        else:
+            remove_logs(self.root, self.registry, name, range(n))
         log.info("deleted topic %s", name)
 
     def op_list_topics(self) -> List[str]:
@@ -391,25 +438,37 @@ class Coordinator:
         t = self.db.store.topic(name)
         parts = []
         for p, meta in enumerate(t["partitions"]):
-            plog = self.registry.get(name, p)
-            parts.append({"partition": p, "leader": meta["leader"], "leader_epoch": meta["leader_epoch"],
-                          "replicas": meta["replicas"], "isr": meta["isr"],
-                          "start_offset": plog.start_offset if plog else -1,
-                          "end_offset": plog.end_offset if plog else -1,
-                          "path": self.root.partition_dir(name, p)})
+            plog = self._leader_log(name, p)
+            entry = {"partition": p, "leader": meta["leader"], "leader_epoch": meta["leader_epoch"],
+                     "replicas": meta["replicas"], "isr": meta["isr"],
+                     "start_offset": plog.start_offset if plog else -1,
+                     "end_offset": plog.end_offset if plog else -1,
+                     "path": plog.path if plog else None}
+            if is_replicated(t):
+                entry.update(high_watermark=plog.high_watermark if plog else -1,
+                             partition_epoch=meta.get("partition_epoch", 0),
+                             offline=[r for r in meta["replicas"] if (name, p, r) in self.replication.offline],
+                             unclean=meta.get("unclean"))
+            parts.append(entry)
         return {"name": name, "topic_id": t["topic_id"], "config": t["config"], "partitions": parts}
 
     def op_create_partitions(self, name: str, total: int) -> Dict[str, Any]:
         rec = self.db.store.prepare_create_partitions(name, total)
         t = self.db.store.topics[name]
         have = len(t["partitions"])
-        create_logs(self.root, self.registry, name, have, total, t["config"])
+        if is_replicated(t):
+            self.replication.create_logs(name, have, t["config"], rec["assignment"], t["topic_id"])
+        else:
+            create_logs(self.root, self.registry, name, have, total, t["config"])
         try:
             self.db.commit([rec])
         except BaseException:
-            remove_logs(self.root, self.registry, name, range(have, total))
+            if not is_replicated(t):
+                remove_logs(self.root, self.registry, name, range(have, total))
             raise
         self._publish()
+        if is_replicated(t):
+            self.replication.ensure_processes()
         self.groups.topics_changed()
         log.info("topic %s now has %d partitions", name, total)
         return self.op_describe_topic(name)
@@ -507,7 +566,7 @@ class Coordinator:
                 owners[(t, p)] = m
         parts = []
         for t, p in sorted(set(committed) | set(owners)):
-            plog = self.registry.get(t, p)
+            plog = self._leader_log(t, p) if t in self.db.store.topics else None
             end = plog.end_offset if plog is not None else -1
             cur = committed.get((t, p))
             m = owners.get((t, p))
@@ -558,7 +617,7 @@ class Coordinator:
         out = []
         for t, p in tps:
             self.db.store.check_partition(t, p)
-            plog = self.registry.get(t, p)
+            plog = self._leader_log(t, p)
             if plog is None:
                 raise UnknownTopicOrPartition(f"partition {t}-{p} has no log", topic=t, partition=p)
             lo, hi = plog.start_offset, plog.end_offset
@@ -585,6 +644,76 @@ class Coordinator:
             self.op_commit_offsets(group, out)
         return out
 
+    # ---------------------------------------------------------- replication
+    def op_replica_register(self, replica_id: int) -> Dict[str, Any]:
+        """A replica process registers; this connection is its lifeline."""
+        return self.replication.register(self._tl.cid, self._tl.pid, replica_id)
+
+    def op_replica_storage_failed(self, topic: str, partition: int, replica_id: int, why: str = "") -> None:
+        """A replica's log (its own, or a leader's it read) is gone or corrupt."""
+        self.replication.storage_failed(topic, partition, replica_id, str(why)[:500])
+
+    def op_replica_storage_recovered(self, topic: str, partition: int, replica_id: int) -> None:
+        """A replica recreated its log after a storage failure."""
+        self.replication.storage_recovered(topic, partition, replica_id)
+
+    def op_recover_topics(self, directory: str) -> List[Dict[str, Any]]:
+        """Recreate the topics whose replica logs live in ``directory`` (a
+        replica's ``replica_dirs`` entry on disk) after the root was lost: that
+        replica leads each partition in a new leader epoch, the other replicas
+        start empty and catch up. Topics that exist already are left alone."""
+        from .replication import read_partition_meta
+        if not isinstance(directory, str) or not os.path.isdir(directory):
+            raise InvalidRequest(f"recover_topics: {directory!r} is not a directory")
+        found: Dict[str, Dict[int, Dict[str, Any]]] = {}
+        for entry in sorted(os.listdir(directory)):
+            meta = read_partition_meta(os.path.join(directory, entry))
+            if meta is not None and f"{meta['topic']}-{meta['partition']}" == entry:
+                found.setdefault(meta["topic"], {})[int(meta["partition"])] = meta
+        out = []
+        for name, parts in sorted(found.items()):
+            if name in self.db.store.topics:
+                out.append({"topic": name, "recovered": False, "why": "exists"})
+                continue
+            n = max(parts) + 1
+            missing = [p for p in range(n) if p not in parts]
+            if missing:
+                raise InvalidRequest(f"recover_topics: {directory} lacks partition(s) {missing} of topic {name!r}")
+            rid = parts[0]["replica"]
+            config = dict(parts[0]["config"])
+            config["replica_dirs"] = {**(config.get("replica_dirs") or {}), str(rid): directory}
+            rec = self.db.store.prepare_create_topic(name, n, config, topic_id=parts[0].get("topic_id"),
+                                                     assignment=[parts[p]["replicas"] for p in range(n)])
+            self.replication.create_logs(name, 0, rec["config"], rec["assignment"], rec["topic_id"], keep=rid)
+            self.db.commit([rec])
+            ends = []
+            for p in range(n):
+                from ..replica.epoch_cache import LeaderEpochCache
+                path = os.path.join(directory, f"{name}-{p}")
+                epoch = LeaderEpochCache(path, fsync=False).latest_epoch
+                self.replication.set_state(name, p, rid, [rid], True, f"recovered from {directory}",
+                                           min_epoch=epoch + 1)
+                plog = self.replication.log(name, p, rid)
+                ends.append(plog.end_offset if plog is not None else -1)
+            self.groups.topics_changed()
+            self.replication.ensure_processes()
+            log.info("recovered topic %s (%d partitions) from replica %d's logs in %s", name, n, rid, directory)
+            out.append({"topic": name, "recovered": True, "partitions": n, "leader": rid, "end_offsets": ends})
+        return out
+
+    def op_elect_leaders(self, topic: str, partition: Optional[int] = None) -> List[Dict[str, Any]]:
+        """Preferred-leader election now (Kafka's kafka-leader-election --election-type preferred)."""
+        t = self.db.store.topic(topic)
+        out = []
+        for p, pm in enumerate(t["partitions"]):
+            if partition is not None and p != partition:
+                continue
+            pref = pm["replicas"][0]
+            if is_replicated(t) and pm["leader"] != pref and pref in pm["isr"] and self.replication._usable(topic, p, pref):
+                self.replication.elect(topic, p, "preferred-leader election requested", preferred=pref)
+            out.append({"partition": p, "leader": self.db.store.topics[topic]["partitions"][p]["leader"]})
+        return out
+
     def op_status(self) -> Dict[str, Any]:
         now = time.time()
         j = self.db.journal
@@ -594,6 +723,9 @@ class Coordinator:
                             for c in self._clients.values()],
                 "topics": len(self.db.store.topics), "groups": len(self.db.store.offsets),
                 "partitions": len(self.registry),
+                "replicas": {str(h.rid): {"pid": h.pid, "registered": h.registered}
+                             for h in self.replication.replicas.values()},
+                "failovers": self.replication.failovers[-100:],
                 "housekeeping": {"ticks": self.housekeeper.ticks,
                                  "failing": [f"{t}-{p}" for t, p in sorted(self.registry.failing)]},
                 "journal": {"base_seq": j.base_seq, "next_seq": j.next_seq, "bytes": j.size}}

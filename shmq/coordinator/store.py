@@ -12,7 +12,13 @@ and from the snapshot form. Not thread-safe: the server serialises calls.
 State shape (JSON-safe, partitions and offsets keyed by str(partition))::
 
     topics:  {name: {topic_id, created_ms, config, partitions: [
-                {replicas: [0], leader: 0, leader_epoch: 0, isr: [0]}, ...]}}
+                {replicas: [0], leader: 0, leader_epoch: 0, isr: [0], partition_epoch: 0}, ...]}}
+
+Replication factor 1 keeps one replica (id 0) hosted by the coordinator.
+With more, ``replicas`` lists replica-process ids (the first is the
+preferred leader), ``leader`` is -1 while the partition has none, and every
+leader or ISR change is a ``partition_state`` record with a new
+``partition_epoch`` (and a new ``leader_epoch`` when the leader changed).
     offsets: {group: {topic: {"<p>": [offset, metadata, commit_ms]}}}
     next_producer_id: int
     transactional_ids: {transactional_id: [producer_id, epoch]}
@@ -55,8 +61,20 @@ def _now_ms() -> int:
     return time.time_ns() // 1_000_000
 
 
-def _partition_meta() -> Dict[str, Any]:
-    return {"replicas": [0], "leader": 0, "leader_epoch": 0, "isr": [0]}
+def _partition_meta(replicas: Optional[List[int]] = None) -> Dict[str, Any]:
+    replicas = list(replicas) if replicas else [0]
+    return {"replicas": replicas, "leader": replicas[0], "leader_epoch": 0, "isr": list(replicas),
+            "partition_epoch": 0}
+
+
+def assign_replicas(first: int, last: int, replication_factor: int, processes: int) -> List[List[int]]:
+    """Replica ids of partitions ``first..last-1``, Kafka's round robin: the
+    preferred leaders rotate over the processes, every partition's replicas
+    are distinct processes."""
+    if replication_factor <= 1:
+        return [[0] for _ in range(first, last)]
+    n = max(processes, replication_factor)
+    return [[(p + k) % n for k in range(replication_factor)] for p in range(first, last)]
 
 
 def _check_int(v: object, what: str, lo: int, hi: int, exc: type = InvalidRequest,
@@ -131,14 +149,24 @@ class Store:
         return min(vals) if vals else None
 
     # ---------------------------------------------------------------- prepare
-    def prepare_create_topic(self, name: str, partitions: int, config: Optional[Mapping[str, Any]]) -> Record:
+    def replica_processes(self) -> int:
+        """How many replica processes the replicated topics need (0: none)."""
+        ids = [r for t in self.topics.values() if t["config"].get("replication_factor", 1) > 1
+               for pm in t["partitions"] for r in pm["replicas"]]
+        return max(ids) + 1 if ids else 0
+
+    def prepare_create_topic(self, name: str, partitions: int, config: Optional[Mapping[str, Any]],
+                             topic_id: Optional[str] = None, assignment: Optional[List[List[int]]] = None) -> Record:
+        """``topic_id`` / ``assignment``: a topic recovered from a replica's files keeps both."""
         validate_topic(name)
         _check_int(partitions, f"partitions of topic {name!r}", 1, MAX_PARTITIONS, InvalidPartitions, name)
         if name in self.topics:
             raise TopicAlreadyExists(f"topic {name!r} already exists", topic=name)
         cfg = normalize_config(config, topic=name)
-        return {"op": "create_topic", "name": name, "topic_id": uuid.uuid4().hex, "partitions": partitions,
-                "config": cfg, "ts": _now_ms()}
+        return {"op": "create_topic", "name": name, "topic_id": topic_id or uuid.uuid4().hex, "partitions": partitions,
+                "config": cfg, "ts": _now_ms(),
+                "assignment": assignment or assign_replicas(0, partitions, cfg["replication_factor"],
+                                                            self.replica_processes())}
 
     def prepare_delete_topic(self, name: str) -> Record:
         self.topic(name)
@@ -151,7 +179,20 @@ class Store:
         if total <= have:
             raise InvalidPartitions(f"topic {name!r} has {have} partitions; the new total {total} must be "
                                     f"larger (partitions cannot be removed)", topic=name)
-        return {"op": "create_partitions", "name": name, "total": total}
+        return {"op": "create_partitions", "name": name, "total": total,
+                "assignment": assign_replicas(have, total, t["config"].get("replication_factor", 1),
+                                              self.replica_processes())}
+
+    def prepare_partition_state(self, name: str, partition: int, *, leader: int, isr: List[int],
+                                new_leader_epoch: bool, reason: str, dropped: int = 0,
+                                min_epoch: int = 0) -> Record:
+        """A leader and/or ISR change of a replicated partition (always a new partition epoch)."""
+        pm = self.topic(name)["partitions"][self.check_partition(name, partition)]
+        epoch = pm["leader_epoch"] + (1 if new_leader_epoch else 0)
+        return {"op": "partition_state", "name": name, "partition": partition, "leader": leader,
+                "isr": sorted(isr), "leader_epoch": max(epoch, min_epoch),
+                "partition_epoch": pm.get("partition_epoch", 0) + 1, "reason": reason, "dropped": dropped,
+                "ts": _now_ms()}
 
     def prepare_alter_config(self, name: str, changes: Mapping[str, Any]) -> Record:
         t = self.topic(name)
@@ -201,8 +242,11 @@ class Store:
             if cur is not None:
                 return {"op": "allocate_producer_id", "transactional_id": transactional_id,
                         "producer_id": cur[0], "epoch": cur[1] + 1}
+        # Never below the wall clock in microseconds: a root rebuilt from a
+        # disk replica (recover_topics) must not hand out an id that the
+        # recovered producer-state tables already know.
         return {"op": "allocate_producer_id", "transactional_id": transactional_id,
-                "producer_id": self.next_producer_id, "epoch": 0}
+                "producer_id": max(self.next_producer_id, time.time_ns() // 1000), "epoch": 0}
 
     def prepare_offset_slot(self, group: str, topic: str, partition: int, index: int) -> Record:
         """Record that ``(group, topic, partition)`` commits through table entry ``index``."""
@@ -222,7 +266,8 @@ class Store:
         if op == "create_topic":
             self.topics[rec["name"]] = {"topic_id": rec["topic_id"], "created_ms": rec["ts"],
                                         "config": rec["config"],
-                                        "partitions": [_partition_meta() for _ in range(rec["partitions"])]}
+                                        "partitions": [_partition_meta(a) for a in
+                                                       rec.get("assignment") or [None] * rec["partitions"]]}
         elif op == "delete_topic":
             name = rec["name"]
             self.topics.pop(name, None)
@@ -234,7 +279,13 @@ class Store:
                 del self.offset_slots[key]
         elif op == "create_partitions":
             parts = self.topics[rec["name"]]["partitions"]
-            parts.extend(_partition_meta() for _ in range(rec["total"] - len(parts)))
+            parts.extend(_partition_meta(a) for a in rec.get("assignment") or [None] * (rec["total"] - len(parts)))
+        elif op == "partition_state":
+            pm = self.topics[rec["name"]]["partitions"][rec["partition"]]
+            pm.update(leader=rec["leader"], isr=list(rec["isr"]), leader_epoch=rec["leader_epoch"],
+                      partition_epoch=rec["partition_epoch"])
+            if rec.get("dropped"):
+                pm["unclean"] = {"leader_epoch": rec["leader_epoch"], "dropped": rec["dropped"], "ts": rec["ts"]}
         elif op == "alter_config":
             self.topics[rec["name"]]["config"] = rec["config"]
         elif op == "commit_offsets":

@@ -19,14 +19,28 @@ __all__ = ["DEFAULTS", "LAYOUT_KEYS", "ALTERABLE", "normalize_config", "log_conf
 LAYOUT_KEYS = tuple(f.name for f in dataclasses.fields(LogConfig))
 KAFKA_MAX_MESSAGE_BYTES = 1048588
 FRAME_SLACK = 128            # frame header + batch header + record overhead, rounded up
-ALTERABLE = ("max_message_bytes",)
-DEFAULTS: Dict[str, Any] = {**dataclasses.asdict(LogConfig()), "max_message_bytes": None}
+MAX_REPLICATION_FACTOR = 8   # SHMQ_MAX_REPLICAS in log.h: one LEO slot per replica in the control block
+# Replication keys (Kafka's names); ``replica_dirs`` maps a replica process id
+# (str) to the base directory holding that replica's logs of this topic (e.g. a
+# disk path while the leader lives in tmpfs); ``flush_messages`` / ``flush_ms``
+# make such a replica msync before it reports records as replicated.
+REPLICATION_DEFAULTS: Dict[str, Any] = {
+    "replication_factor": 1, "min_insync_replicas": 1, "unclean_leader_election": False,
+    "replica_lag_time_max_ms": 10_000, "flush_messages": None, "flush_ms": None, "replica_dirs": None,
+}
+ALTERABLE = ("max_message_bytes", "min_insync_replicas", "unclean_leader_election", "replica_lag_time_max_ms",
+             "flush_messages", "flush_ms")
+DEFAULTS: Dict[str, Any] = {**dataclasses.asdict(LogConfig()), "max_message_bytes": None, **REPLICATION_DEFAULTS}
+
+
+_ALIASES = {"unclean_leader_election_enable": "unclean_leader_election", "replica_lag_time_max": "replica_lag_time_max_ms"}
 
 
 def _key(k: object) -> str:
     if not isinstance(k, str):
         raise InvalidConfig(f"config keys must be str, got {k!r}")
-    return k.replace(".", "_")
+    key = k.replace(".", "_")
+    return _ALIASES.get(key, key)
 
 
 def normalize_config(config: Optional[Mapping[str, Any]], base: Optional[Mapping[str, Any]] = None,
@@ -59,7 +73,41 @@ def normalize_config(config: Optional[Mapping[str, Any]], base: Optional[Mapping
         raise InvalidConfig(f"max_message_bytes={mmb} is out of range [1, {room}] "
                             f"(a record must fit in one segment of {lc.segment_bytes} bytes)", topic=topic)
     out["max_message_bytes"] = mmb
+    _check_replication(out, topic)
     return out
+
+
+def _int_in(out: Dict[str, Any], key: str, lo: int, hi: int, topic: Optional[str], optional: bool = False) -> None:
+    v = out[key]
+    if optional and v is None:
+        return
+    if not isinstance(v, int) or isinstance(v, bool) or not lo <= v <= hi:
+        raise InvalidConfig(f"{key}={v!r} must be an int in [{lo}, {hi}]", topic=topic)
+
+
+def _check_replication(out: Dict[str, Any], topic: Optional[str]) -> None:
+    from ..errors import InvalidReplicationFactor
+    rf = out["replication_factor"]
+    if not isinstance(rf, int) or isinstance(rf, bool) or not 1 <= rf <= MAX_REPLICATION_FACTOR:
+        raise InvalidReplicationFactor(f"replication_factor={rf!r} must be an int in [1, {MAX_REPLICATION_FACTOR}]",
+                                       topic=topic)
+    _int_in(out, "min_insync_replicas", 1, rf, topic)
+    _int_in(out, "replica_lag_time_max_ms", 1, 3_600_000, topic)
+    _int_in(out, "flush_messages", 1, 1 << 40, topic, optional=True)
+    _int_in(out, "flush_ms", 0, 3_600_000, topic, optional=True)
+    if out["unclean_leader_election"] in ("true", "false"):     # from the command line
+        out["unclean_leader_election"] = out["unclean_leader_election"] == "true"
+    if not isinstance(out["unclean_leader_election"], bool):
+        raise InvalidConfig(f"unclean_leader_election must be a bool, got {out['unclean_leader_election']!r}",
+                            topic=topic)
+    dirs = out["replica_dirs"]
+    if dirs is not None:
+        if not isinstance(dirs, Mapping) or not all(
+                isinstance(k, str) and k.isdigit() and int(k) < MAX_REPLICATION_FACTOR
+                and isinstance(v, str) and v.startswith("/") for k, v in dirs.items()):
+            raise InvalidConfig("replica_dirs must map replica ids ('0'..'7') to absolute directory paths, "
+                                f"got {dirs!r}", topic=topic)
+        out["replica_dirs"] = {str(k): str(v) for k, v in dirs.items()}
 
 
 def merge_alter(current: Mapping[str, Any], changes: Mapping[str, Any], *, topic: str) -> Dict[str, Any]:

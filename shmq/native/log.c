@@ -1239,7 +1239,9 @@ int shmq_gather_fixed(const uint8_t *buf, int64_t buf_len, const shmq_record_vie
 
 /* Is there something for the cursor to look at (a complete frame, a segment
  * change, a recycled slot)? */
-static int cursor_ready(shmq_log *log, const shmq_cursor *cur)
+/* use_hw: a consumer (stops at the high watermark); a follower copying
+ * frames passes 0 (it waits for commits, not for the high watermark). */
+static int cursor_ready_at(shmq_log *log, const shmq_cursor *cur, int use_hw)
 {
     shmq_ctl_slot *slot = slot_of(log, cur->seq);
     uint64_t ss = ld_acq(&slot->state_seq);
@@ -1247,7 +1249,7 @@ static int cursor_ready(shmq_log *log, const shmq_cursor *cur)
         return ss_seq(ss) > cur->seq;
     /* Replicated: a reader at the high watermark waits for it to move (the
      * mover wakes readers; seq_cst pairs with the waiters increment). */
-    if (__atomic_load_n(&log->hdr->replicated, __ATOMIC_RELAXED) &&
+    if (use_hw && __atomic_load_n(&log->hdr->replicated, __ATOMIC_RELAXED) &&
         __atomic_load_n(&slot->base_offset, __ATOMIC_RELAXED) + cur->rel >=
             __atomic_load_n(&log->hdr->high_watermark, __ATOMIC_SEQ_CST))
         return 0;
@@ -1257,6 +1259,8 @@ static int cursor_ready(shmq_log *log, const shmq_cursor *cur)
     uint64_t seal = ld_acq(&slot->seal);
     return seal && cur->pos >= seal_size(seal) && ld_acq(&log->hdr->active_seq) > cur->seq;
 }
+
+static int cursor_ready(shmq_log *log, const shmq_cursor *cur) { return cursor_ready_at(log, cur, 1); }
 
 int shmq_log_ready(shmq_log *log, const shmq_cursor *cur)
 {
@@ -1301,6 +1305,14 @@ static int cursor_ready_cb(shmq_log *log, const void *cur) { return cursor_ready
 int shmq_log_wait(shmq_log *log, const shmq_cursor *cur, int64_t spin_ns, int64_t timeout_ns)
 {
     return spin_then_sleep(log, cursor_ready_cb, cur, &log->hdr->commit_seq, &log->hdr->waiters, spin_ns,
+                           timeout_ns < 0 ? 0 : timeout_ns);
+}
+
+static int frame_ready_cb(shmq_log *log, const void *cur) { return cursor_ready_at(log, (const shmq_cursor *)cur, 0); }
+
+int shmq_log_wait_frames(shmq_log *log, const shmq_cursor *cur, int64_t spin_ns, int64_t timeout_ns)
+{
+    return spin_then_sleep(log, frame_ready_cb, cur, &log->hdr->commit_seq, &log->hdr->waiters, spin_ns,
                            timeout_ns < 0 ? 0 : timeout_ns);
 }
 

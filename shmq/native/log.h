@@ -296,6 +296,9 @@ int shmq_log_ready(shmq_log *log, const shmq_cursor *cur);
 /* Wait until the frame at the cursor may be complete, or timeout_ns passes.
  * Spins for spin_ns first. Returns 1 if something changed, 0 on timeout. */
 int shmq_log_wait(shmq_log *log, const shmq_cursor *cur, int64_t spin_ns, int64_t timeout_ns);
+/* shmq_log_wait for a follower's cursor: waits for a committed frame and
+ * ignores the high watermark (followers copy what is not replicated yet). */
+int shmq_log_wait_frames(shmq_log *log, const shmq_cursor *cur, int64_t spin_ns, int64_t timeout_ns);
 
 /* Mark the log deleted (its topic is going away): later appends in any
  * process fail with SHMQ_ERR_DELETED instead of writing into files that are

@@ -1,0 +1,1 @@
+"""Replica processes: host partition replicas, copy leaders, lead (see process.py)."""

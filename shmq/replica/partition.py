@@ -1,0 +1,319 @@
+"""PartitionReplica: one replica process's copy of one partition, as leader or follower.
+
+Follower duties (Kafka's ReplicaFetcher, without a network): wait until the
+leader's process has opened its log in the current leader epoch, truncate
+this log where it diverges (leader-epoch checkpoints, as KIP-101), then copy
+committed frames from the leader's mapping verbatim (same offsets, same
+bytes), keep the producer-state table and epoch checkpoint from what was
+copied, flush when the topic asks (disk replicas), and publish this log end
+into the leader's control block, which moves the high watermark.
+
+Leader duties: housekeeping of the log (prepare the next ring slot, unblock
+dead claims), the high watermark while the ISR is only the leader, and a
+check that its own files are still there (a leader whose files vanish is
+reported, so the coordinator fails over).
+
+Invariant that makes ``acks="all"`` safe: a follower publishes a log end
+only after the copied frames are in its own log (and flushed when asked),
+tagged with the leader epoch it copied in, and the leader ignores ends
+tagged with another epoch.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import time
+from typing import Any, Callable, Optional
+
+from ..errors import CorruptRecord, OffsetOutOfRange, ShmqError
+from ..native import lib
+from ..ringlog import LogReader, PartitionLog
+from ..ringlog.producer_state import ProducerStateTable
+from ..ringlog.reader import frame_epochs
+from .epoch_cache import LeaderEpochCache
+
+__all__ = ["PartitionReplica"]
+
+log = logging.getLogger("shmq.replica")
+
+OPEN, NOT_LEADER = 0, 2
+COPY_BYTES = 1 << 20
+IDLE_PUBLISH_NS = 50_000_000      # an idle follower re-reports "caught up" this often
+HOUSEKEEP_NS = 2_000_000
+STORAGE_CHECK_NS = 20_000_000
+
+
+def _ctl_inode(path: str) -> int:
+    try:
+        return os.stat(os.path.join(path, "partition.ctl")).st_ino
+    except OSError:
+        return -1
+
+
+class PartitionReplica:
+    """Replica ``rid`` of ``topic``-``partition`` hosted by this process."""
+
+    def __init__(self, rid: int, topic: str, partition: int, path: str, config: Any,
+                 report: Callable[..., None]) -> None:
+        self.rid = rid
+        self.topic = topic
+        self.partition = partition
+        self.name = f"{topic}-{partition}"
+        self.path = path
+        self.config = config
+        self.report = report                   # report(op, **args) to the coordinator
+        self.role: Optional[str] = None
+        self.epoch = -1
+        self.index = -1
+        self.leader_path: Optional[str] = None
+        self.leader_id = -1
+        self.leader_log: Optional[PartitionLog] = None
+        self.reader: Optional[LogReader] = None
+        self.ready = False                     # follower: truncated and copying
+        self.buf = bytearray(COPY_BYTES)
+        self._last_publish = 0
+        self._leader_end = (0, 0)              # (leader end seen, when) for "caught up"
+        self._unflushed = 0
+        self._last_flush = time.monotonic_ns()
+        self._housekept = 0
+        self._checked = 0
+        self.log: Optional[PartitionLog] = None
+        self.pstate: Optional[ProducerStateTable] = None
+        self.cache: Optional[LeaderEpochCache] = None
+        self._open_own()
+
+    # ------------------------------------------------------------ own files
+    def _open_own(self) -> None:
+        try:
+            self.log = PartitionLog(self.path, name=self.name)
+            self.pstate = ProducerStateTable(self.path)
+            self.cache = LeaderEpochCache(self.path)
+            self._ino = _ctl_inode(self.path)
+        except ShmqError as e:
+            log.error("replica %d: log of %s at %s is unusable (%s); recreating it", self.rid, self.name,
+                      self.path, e)
+            self.recreate()
+
+    def recreate(self) -> None:
+        """A fresh empty log (after a storage failure); the coordinator is told."""
+        from ..coordinator.topic_config import log_config
+        self.close()
+        shutil.rmtree(self.path, ignore_errors=True)
+        os.makedirs(os.path.dirname(self.path), mode=0o700, exist_ok=True)
+        self.log = PartitionLog.create(self.path, log_config(self.config), name=self.name)
+        self.log.set_replication(True, 0, 0, 0, 0)
+        self.log.set_append_state(NOT_LEADER)
+        self.pstate = ProducerStateTable.create(self.path)
+        self.cache = LeaderEpochCache(self.path)
+        self._ino = _ctl_inode(self.path)
+        self.role, self.epoch, self.ready = None, -1, False
+        self.report("replica_storage_recovered", topic=self.topic, partition=self.partition, replica_id=self.rid)
+
+    def close(self) -> None:
+        self._drop_leader()
+        for obj in (self.pstate, self.log):
+            if obj is not None:
+                obj.close()
+        self.log = self.pstate = None
+
+    def _drop_leader(self) -> None:
+        self.reader = None
+        if self.leader_log is not None:
+            self.leader_log.close()
+        self.leader_log, self.leader_path, self.ready = None, None, False
+
+    # ----------------------------------------------------------------- roles
+    def update(self, leader: int, epoch: int, index: int, leader_path: Optional[str], offline: bool) -> None:
+        """Apply the published leadership of this partition."""
+        if offline:
+            self.recreate()
+        self.index = index
+        self.leader_id = leader
+        if leader == self.rid:
+            if self.role != "leader" or self.epoch != epoch:
+                self._become_leader(epoch)
+        elif leader >= 0 and leader_path is not None:
+            if self.role != "follower" or self.epoch != epoch or self.leader_path != leader_path:
+                self._become_follower(epoch, leader_path)
+        else:
+            self._drop_leader()
+            self.role, self.epoch = None, epoch
+
+    def _become_leader(self, epoch: int) -> None:
+        assert self.log is not None and self.cache is not None
+        self._drop_leader()
+        end = self.log.end_offset
+        self.cache.assign(epoch, end)
+        plog = self.log
+        # The coordinator wrote replicated/leader_index/isr_mask/leader_epoch; we own the epoch start.
+        plog.set_replication(True, epoch, plog.leader_index, plog.isr_mask, end)
+        self.hw_reader = LogReader(plog, plog.high_watermark if plog.high_watermark <= end else end,
+                                   buffer_bytes=64 << 10)
+        plog.set_append_state(OPEN)
+        self.role, self.epoch = "leader", epoch
+        log.info("replica %d leads %s in epoch %d from offset %d", self.rid, self.name, epoch, end)
+
+    def _become_follower(self, epoch: int, leader_path: str) -> None:
+        assert self.log is not None
+        self.log.set_append_state(NOT_LEADER)
+        self._drop_leader()
+        self.role, self.epoch, self.leader_path = "follower", epoch, leader_path
+
+    # ------------------------------------------------------------------ work
+    def step(self) -> int:
+        """One round of this replica's duties; returns how much work it did (0: idle)."""
+        now = time.monotonic_ns()
+        if now - self._checked > STORAGE_CHECK_NS:
+            self._checked = now
+            if _ctl_inode(self.path) != self._ino:
+                self.report("replica_storage_failed", topic=self.topic, partition=self.partition,
+                            replica_id=self.rid, why=f"log files at {self.path} are gone")
+                self.recreate()
+                return 1
+        if self.role == "follower":
+            return self._follow(now)
+        if self.role == "leader":
+            return self._lead(now)
+        return 0
+
+    def _lead(self, now: int) -> int:
+        plog = self.log
+        assert plog is not None
+        work = 0
+        if now - self._housekept > HOUSEKEEP_NS:
+            self._housekept = now
+            try:
+                work += plog.housekeep()
+            except ShmqError as e:
+                log.warning("housekeeping of %s failed: %s", self.name, e)
+        if plog.isr_mask == 1 << plog.leader_index:
+            # Alone in the ISR: the high watermark is the committed end.
+            n = self.hw_reader.read_frames(self.buf)
+            if n:
+                plog.advance_hw(self.hw_reader.position)
+                work += 1
+        elif self.hw_reader.position < plog.high_watermark:
+            self.hw_reader.seek(plog.high_watermark)
+        return work
+
+    def _start_following(self) -> bool:
+        """Open the leader's log once its process opened it in our epoch; truncate; position."""
+        assert self.log is not None and self.cache is not None and self.leader_path is not None
+        if self.leader_log is None:
+            try:
+                self.leader_log = PartitionLog(self.leader_path, name=self.name)
+            except ShmqError:
+                return False
+        ll = self.leader_log
+        if ll.append_state != OPEN or ll.leader_epoch != self.epoch:
+            return False
+        my_end = self.log.end_offset
+        if my_end > 0 and self.cache.entries:
+            my_epoch = self.cache.latest_epoch
+            leader_entries = LeaderEpochCache.read(self.leader_path)
+            lc = LeaderEpochCache.__new__(LeaderEpochCache)
+            lc.entries = leader_entries
+            found, end = lc.end_offset_for(my_epoch, ll.end_offset)
+            if found < 0:
+                target = 0
+            else:
+                target = min(my_end, end)
+                if found < my_epoch:
+                    target = min(target, self.cache.end_offset_for(found, my_end)[1])
+            if target < my_end:
+                new_end = self.log.truncate(target)
+                self.cache.truncate_from_end(new_end)
+                self._rebuild_producer_state()
+                log.warning("replica %d truncated %s from %d to %d (epoch %d ended there on the leader)",
+                            self.rid, self.name, my_end, new_end, found)
+                my_end = new_end
+        try:
+            self.reader = LogReader(ll, my_end, buffer_bytes=64 << 10, check_crc=True)
+        except OffsetOutOfRange:
+            start = ll.start_offset
+            log.warning("replica %d: %s ends at %d, below the leader's start %d: starting over there",
+                        self.rid, self.name, my_end, start)
+            self.log.reset(start)
+            self.cache.clear()
+            self._rebuild_producer_state()
+            self.reader = LogReader(ll, start, buffer_bytes=64 << 10, check_crc=True)
+        self.ready = True
+        self._leader_end = (ll.end_offset, time.monotonic_ns())
+        return True
+
+    def _rebuild_producer_state(self) -> None:
+        assert self.pstate is not None and self.log is not None
+        self.pstate.clear()
+        r = LogReader(self.log, self.log.start_offset, buffer_bytes=1 << 20)
+        while True:
+            n = r.read_frames(self.buf)
+            if not n:
+                break
+            self.pstate.observe_frames(self.buf, n)
+
+    def _follow(self, now: int) -> int:
+        if not self.ready and not self._start_following():
+            return 0
+        ll, own = self.leader_log, self.log
+        assert ll is not None and own is not None and self.reader is not None
+        target, seen_at = self._leader_end
+        try:
+            n = self.reader.read_frames(self.buf)
+        except (CorruptRecord, OffsetOutOfRange) as e:
+            if isinstance(e, OffsetOutOfRange):
+                self.ready = False            # the leader recycled past us: start over
+                return 0
+            log.error("replica %d: leader of %s has a corrupt frame: %s", self.rid, self.name, e)
+            self.report("replica_storage_failed", topic=self.topic, partition=self.partition,
+                        replica_id=self.leader_id,
+                        why=f"corrupt frame read by replica {self.rid}: {e}")
+            self.ready = False
+            return 0
+        if n:
+            before = own.end_offset
+            try:
+                end = own.append_frames(self.buf, n)
+            except ShmqError as e:
+                log.error("replica %d: copying %s failed (%s); re-checking divergence", self.rid, self.name, e)
+                self.ready = False
+                return 0
+            assert self.cache is not None and self.pstate is not None
+            for epoch, start in frame_epochs(self.buf, n, self.cache.latest_epoch):
+                self.cache.assign(epoch, start)
+            self.pstate.observe_frames(self.buf, n)
+            self._flush_if_due(end - before, now)
+        else:
+            end = self.reader.position
+            if now - self._last_publish < IDLE_PUBLISH_NS:
+                return 0
+        caught_up = n == 0 or end >= target
+        hw = ll.publish_leo(self.index, self.epoch, end, caught_up)
+        # Kafka's follower high watermark: what the leader says, capped by what we hold.
+        if own.high_watermark < min(hw, end):
+            own.advance_hw(min(hw, end))
+        self._last_publish = now
+        if caught_up or n == 0:
+            self._leader_end = (ll.end_offset, now)
+        return 1 if n else 0
+
+    def _flush_if_due(self, records: int, now: int) -> None:
+        """Disk replicas: msync before the copied records are reported replicated."""
+        fm, fms = self.config.get("flush_messages"), self.config.get("flush_ms")
+        if fm is None and fms is None:
+            return
+        self._unflushed += records
+        if (fm is not None and self._unflushed >= fm) or (fms is not None and now - self._last_flush >= fms * 1e6):
+            assert self.log is not None
+            self.log.flush()
+            self._unflushed = 0
+            self._last_flush = now
+
+    def wait(self, timeout_ns: int) -> None:
+        """Sleep until the leader commits (followers) or the timeout passes."""
+        if self.role == "follower" and self.ready and self.reader is not None and self.leader_log is not None:
+            lib.shmq_log_wait_frames(self.leader_log._h, self.reader._cur, 0, timeout_ns)
+        elif self.role == "leader" and self.log is not None and self.log.isr_mask == 1 << self.log.leader_index:
+            lib.shmq_log_wait_frames(self.log._h, self.hw_reader._cur, 0, timeout_ns)
+        else:
+            time.sleep(timeout_ns / 1e9)
