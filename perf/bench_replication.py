@@ -112,14 +112,26 @@ def bench_failover(kills: int) -> Dict[str, Any]:
     with _Root() as root:
         _topic(root, 3)
         with Admin(root) as admin, Producer(root, acks="all") as p, CoordinatorClient(root) as c:
+            killed: List[int] = []
             for _ in range(kills):
                 d = _wait_isr(admin, 3, leader=admin.describe_topic("bench").partitions[0].replicas[0])
                 for _ in range(200):
                     p.send("bench", VALUE, partition=0)
-                pid = c.status()["replicas"][str(d.leader)]["pid"]
-                os.kill(pid, signal.SIGKILL)
+                while True:                      # the leader's current process (registered, not one we killed)
+                    r = c.status()["replicas"][str(d.leader)]
+                    if r["registered"] and r["pid"] not in killed:
+                        break
+                    time.sleep(0.01)
+                killed.append(r["pid"])
+                os.kill(r["pid"], signal.SIGKILL)
                 t0 = time.perf_counter()
-                p.send("bench", VALUE, partition=0)     # retried inside until the new leader stores it
+                # Sends may still complete on the old leader's log (its followers copy it until
+                # the coordinator fences it): keep sending until one is stored on the new leader.
+                while True:
+                    p.send("bench", VALUE, partition=0)
+                    if p._cluster.topic("bench").leaders[0] not in (-1, d.leader):
+                        p.send("bench", VALUE, partition=0)
+                        break
                 times.append((time.perf_counter() - t0) * 1e3)
                 # next round: the restarted process rejoins and the preferred leader returns
     times.sort()

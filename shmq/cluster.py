@@ -22,10 +22,11 @@ class TopicInfo:
     """What producers and consumers need about a topic."""
 
     __slots__ = ("name", "topic_id", "partitions", "paths", "config", "max_message_bytes", "replicated",
-                 "leaders", "leader_epochs", "min_insync_replicas")
+                 "leaders", "leader_epochs", "min_insync_replicas", "replica_paths")
 
     def __init__(self, name: str, topic_id: str, partitions: int, paths: List[Optional[str]], config: Dict[str, Any],
-                 leaders: Optional[List[int]] = None, leader_epochs: Optional[List[int]] = None) -> None:
+                 leaders: Optional[List[int]] = None, leader_epochs: Optional[List[int]] = None,
+                 replica_paths: Optional[List[List[str]]] = None) -> None:
         self.name = name
         self.topic_id = topic_id
         self.partitions = partitions
@@ -36,6 +37,7 @@ class TopicInfo:
         self.leaders = leaders
         self.leader_epochs = leader_epochs
         self.min_insync_replicas = int(config.get("min_insync_replicas") or 1)
+        self.replica_paths = replica_paths
 
 
 class Cluster:
@@ -51,6 +53,8 @@ class Cluster:
         self._logs: Dict[Tuple[str, int, str], PartitionLog] = {}
         self._slots: Dict[Tuple[str, str, int], int] = {}
         self._slots_version = -1
+        self._prewarmed: set = set()
+        self._closed = False
         self._table: Any = None
         self._lock = threading.Lock()
 
@@ -69,7 +73,7 @@ class Cluster:
         if md is None:
             raise UnknownTopicOrPartition(f"topic {name!r} does not exist in {self.root.path}", topic=name)
         return TopicInfo(md.name, md.topic_id, md.partitions, list(md.paths), dict(md.config), md.leaders,
-                         md.leader_epochs)
+                         md.leader_epochs, md.replica_paths)
 
     def topics(self) -> List[str]:
         self._view.refresh()
@@ -97,6 +101,32 @@ class Cluster:
                     plog = PartitionLog(path, name=f"{topic}-{partition}")
                     self._logs[key] = plog
         return plog
+
+    def prewarm_replicas(self, topic: str) -> None:
+        """Map every replica's log of a replicated topic in a background thread,
+        so a failover finds the new leader's log mapped (mapping and populating
+        a large log takes tens of ms)."""
+        info = self.topic(topic)
+        if not info.replicated or not info.replica_paths or topic in self._prewarmed:
+            return
+        self._prewarmed.add(topic)
+
+        def run() -> None:
+            for p, paths in enumerate(info.replica_paths or []):
+                for path in paths:
+                    key = (info.topic_id, p, path)
+                    if key in self._logs:
+                        continue
+                    try:
+                        plog = PartitionLog(path, name=f"{topic}-{p}")
+                    except Exception:        # a replica being recreated: mapped on demand later
+                        continue
+                    with self._lock:
+                        if key not in self._logs and not self._closed:
+                            self._logs[key] = plog
+                            continue
+                    plog.close()
+        threading.Thread(target=run, name="shmq-prewarm", daemon=True).start()
 
     # --------------------------------------------------------------- offsets
     def offset_slot(self, group: str, topic: str, partition: int) -> int:
@@ -166,7 +196,10 @@ class Cluster:
         return self._client
 
     def close(self) -> None:
-        for plog in self._logs.values():
+        with self._lock:
+            self._closed = True
+            logs = list(self._logs.values())
+            self._logs.clear()
+        for plog in logs:
             plog.close()
-        self._logs.clear()
         self._client.close()

@@ -192,6 +192,7 @@ class Consumer:
                 topics = names if pattern is None else [t for t in self._cluster.topics()
                                                         if re.fullmatch(pattern, t)]
                 for t in topics:
+                    self._cluster.prewarm_replicas(t)
                     for p in range(self._cluster.topic(t).partitions):
                         if self._closed:
                             return
@@ -292,6 +293,7 @@ class Consumer:
                     f"partition {tp.partition!r} of topic {tp.topic!r} does not exist (it has {info.partitions})",
                     topic=tp.topic, partition=tp.partition if isinstance(tp.partition, int) else None)
             wanted.append(tp)
+            self._cluster.prewarm_replicas(tp.topic)
         keep = {tp: self._assigned[tp] for tp in wanted if tp in self._assigned}
         for tp in wanted:
             if tp not in keep:

@@ -152,12 +152,19 @@ class Producer:
         route = self._routes.get(topic)
         if route is None:
             info = self._cluster.topic(topic)  # raises UnknownTopicOrPartition / InvalidTopic
-            logs = [self._cluster.log(topic, p) if info.paths[p] is not None else None
-                    for p in range(info.partitions)]
+            logs = [self._leader_log(topic, p) for p in range(info.partitions)]
             route = _TopicRoute(topic, logs, info.max_message_bytes, info.replicated, info.min_insync_replicas,
                                 self.acks == "all")
             self._routes[topic] = route
+            self._cluster.prewarm_replicas(topic)
         return route
+
+    def _leader_log(self, topic: str, partition: int) -> Optional[PartitionLog]:
+        """The partition's log, None while a replicated partition has no leader."""
+        try:
+            return self._cluster.log(topic, partition)
+        except LeaderNotAvailable:
+            return None
 
     def partitions_for(self, topic: str) -> List[int]:
         """The partition numbers of ``topic``."""
@@ -337,6 +344,7 @@ class Producer:
             self._init_producer_id()
             if records[2]:
                 raise InvalidRecord("headers are not supported with enable_idempotence yet", topic=topic)
+        plog: Optional[PartitionLog] = None
         while True:
             version = self._cluster.version()
             try:
@@ -371,15 +379,19 @@ class Producer:
                             self._sequences[key] = seq
                 if time.monotonic() > deadline:
                     raise
-                self._await_metadata(version, deadline)
+                self._await_leader(version, deadline, plog)
 
-    def _await_metadata(self, version: int, deadline: float) -> None:
-        """Sleep until the published metadata changes (a new leader), at most 50 ms."""
+    def _await_leader(self, version: int, deadline: float, plog: Optional[PartitionLog]) -> None:
+        """After NotLeader / LeaderNotAvailable: sleep until the published metadata
+        changes (a new leader) or the log metadata names opens for appends (the
+        new leader's process took over), at most 50 ms."""
         until = min(deadline, time.monotonic() + 0.05)
-        delay = 0.0002
+        delay = 0.00005
         while self._cluster.version() == version and time.monotonic() < until:
+            if plog is not None and plog.append_state == 0:
+                break
             time.sleep(delay)
-            delay = min(delay * 2, 0.005)
+            delay = min(delay * 2, 0.001)
         self._recheck_ms = 0
 
     def _check_partition(self, topic: str, partition: Any) -> _TopicRoute:

@@ -19,6 +19,7 @@ Every path under the root is built here and nowhere else::
     <root>/data/<replica>/<topic>-<partition>/   a partition log
     <root>/replica-<id>.lock    flock: the holder is replica process <id>
     <root>/replica-<id>.log     stdout/stderr of replica process <id>
+    <root>/replica-<id>.alive   the lifeline robust mutex replica <id> holds (shmq.lifeline)
 
 Names (topics, groups) follow Kafka: ``[A-Za-z0-9._-]{1,249}``, not ``.`` or
 ``..``, so no name can escape the root.
@@ -173,6 +174,9 @@ class Root:
 
     def replica_lock_path(self, replica: int) -> str:
         return os.path.join(self.path, f"replica-{int(replica)}.lock")
+
+    def replica_alive_path(self, replica: int) -> str:
+        return os.path.join(self.path, f"replica-{int(replica)}.alive")
 
     def replica_log_path(self, replica: int) -> str:
         return os.path.join(self.path, f"replica-{int(replica)}.log")

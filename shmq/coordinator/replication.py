@@ -11,7 +11,10 @@ This is Kafka's controller for one host. Theory of operation:
   ``leader_epoch`` of a new leader (before its process opens it), and
   ``append_state = NOT_LEADER`` of a deposed leader (the fence).
 * Replica processes (``shmq.replica``) register on a connection that is their
-  lifeline: its EOF is the process's death, noticed at once. A dead replica
+  lifeline, and hold a robust mutex (``shmq.lifeline``) that a watcher thread
+  waits on: the kernel releases it the moment the process dies (before its
+  memory is torn down, which delays the socket's EOF by up to hundreds of
+  ms for big logs); the EOF is the fallback. A dead replica
   leaves every ISR immediately (the high watermark then moves on without it);
   each partition it led elects a new leader from the ISR; the process is
   restarted. A replica that is not registered is alive if it holds its flock
@@ -42,10 +45,12 @@ import os
 import shutil
 import subprocess
 import sys
+import threading
 import time
 from typing import Any, Callable, Dict, List, Optional, Set, Tuple
 
 from ..errors import ShmqError
+from ..lifeline import DEAD, FREE, Lifeline
 from ..ringlog import PartitionLog
 from ..root import Root
 from .durable import DurableStore
@@ -99,8 +104,12 @@ class ReplicaHandle:
 class ReplicationManager:
     """Replica processes and partition leadership (the server holds its lock around every call)."""
 
-    def __init__(self, root: Root, db: DurableStore, publish: Callable[[], None], *, spawn: bool = True) -> None:
+    def __init__(self, root: Root, db: DurableStore, publish: Callable[[], None], *, spawn: bool = True,
+                 lock: Optional[Any] = None, stop: Optional[threading.Event] = None) -> None:
         self.root = root
+        self._server_lock = lock if lock is not None else threading.Lock()
+        self._stop = stop if stop is not None else threading.Event()
+        self._watchers: Set[int] = set()
         self.db = db
         self._publish = publish
         self.spawn = spawn
@@ -229,6 +238,10 @@ class ReplicationManager:
         now = time.monotonic()
         for rid in range(self.needed()):
             h = self.replicas.setdefault(rid, ReplicaHandle(rid))
+            if rid not in self._watchers:
+                self._watchers.add(rid)
+                Lifeline(self.root.replica_alive_path(rid), create=True)      # before the process opens it
+                threading.Thread(target=self._watch, args=(rid,), name=f"shmq-lifeline-{rid}", daemon=True).start()
             if h.proc is not None and h.proc.poll() is not None:
                 h.proc = None                     # reaped
             if h.registered or not self.spawn or now - h.spawned < RESPAWN_BACKOFF:
@@ -248,6 +261,32 @@ class ReplicationManager:
     def _lock_held(self, rid: int) -> bool:
         from .client import lock_held
         return lock_held(self.root.replica_lock_path(rid))
+
+    def _watch(self, rid: int) -> None:
+        """Wait on replica ``rid``'s lifeline; its death is handled the moment it happens."""
+        life = Lifeline(self.root.replica_alive_path(rid), create=True)
+        while not self._stop.is_set():
+            try:
+                state = life.watch(0.5)
+            except OSError as e:
+                log.error("lifeline of replica %d: %s", rid, e)
+                time.sleep(0.5)
+                continue
+            if state == FREE:
+                time.sleep(0.002)                 # not running (yet): look again soon
+            elif state == DEAD:
+                with self._server_lock:
+                    if not self._stop.is_set():
+                        self._died(rid, "its lifeline was released")
+
+    def _died(self, rid: int, how: str) -> None:
+        h = self.replicas.get(rid)
+        if h is None or not h.registered:
+            return
+        h.registered, h.cid = False, None
+        log.warning("replica process %d (pid %s) died (%s)", rid, h.pid, how)
+        self.replica_died(rid)
+        self.ensure_processes()
 
     def alive(self, rid: int) -> bool:
         h = self.replicas.get(rid)
@@ -271,12 +310,9 @@ class ReplicationManager:
         return {"replica_id": rid}
 
     def connection_closed(self, cid: int) -> None:
-        for h in self.replicas.values():
+        for h in list(self.replicas.values()):
             if h.registered and h.cid == cid:
-                h.registered, h.cid = False, None
-                log.warning("replica process %d (pid %s) died", h.rid, h.pid)
-                self.replica_died(h.rid)
-                self.ensure_processes()
+                self._died(h.rid, "its connection closed")
 
     # -------------------------------------------------------------- control
     def replica_died(self, rid: int) -> None:

@@ -108,7 +108,7 @@ class Coordinator:
             log.info("coordinator pid %d active on %s", os.getpid(), self.root.path)
             self.db = DurableStore.open(self.root)
             open_all_logs(self.root, self.db.store, self.registry)
-            self.replication = ReplicationManager(self.root, self.db, self._publish)
+            self.replication = ReplicationManager(self.root, self.db, self._publish, lock=self._lock, stop=self._stop)
             self.replication.open_logs()
             for name, t in self.db.store.topics.items():
                 self._update_slowest(name, range(len(t["partitions"])))

@@ -12,8 +12,8 @@ import re
 from cffi import FFI
 
 HERE = pathlib.Path(__file__).resolve().parent
-HEADERS = ["record_batch.h", "log.h", "producer_state.h"]
-SOURCES = ["crc32c.c", "murmur2.c", "record_batch.c", "log.c", "wait.c", "producer_state.c"]
+HEADERS = ["record_batch.h", "log.h", "producer_state.h", "lifeline.h"]
+SOURCES = ["crc32c.c", "murmur2.c", "record_batch.c", "log.c", "wait.c", "producer_state.c", "lifeline.c"]
 
 _INT_DEFINE = re.compile(r"^#define\s+[A-Z_][A-Z0-9_]*\s+\(?-?(0x[0-9A-Fa-f]+|\d+)[uUlL]*\)?\s*$")
 

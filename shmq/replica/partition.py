@@ -23,8 +23,9 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+import threading
 import time
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 from ..errors import CorruptRecord, OffsetOutOfRange, ShmqError
 from ..native import lib
@@ -69,6 +70,9 @@ class PartitionReplica:
         self.leader_path: Optional[str] = None
         self.leader_id = -1
         self.leader_log: Optional[PartitionLog] = None
+        # Every other replica's log, mapped once: a new leader's log is then
+        # ready the moment we follow it (mapping a large log takes tens of ms).
+        self.peers: Dict[str, Tuple[int, PartitionLog]] = {}
         self.reader: Optional[LogReader] = None
         self.ready = False                     # follower: truncated and copying
         self.buf = bytearray(COPY_BYTES)
@@ -90,6 +94,9 @@ class PartitionReplica:
             self.pstate = ProducerStateTable(self.path)
             self.cache = LeaderEpochCache(self.path)
             self._ino = _ctl_inode(self.path)
+            # A previous process may have died in the middle of recording a
+            # batch: the table is rebuilt from the log, which is the truth.
+            self._rebuild_producer_state()
         except ShmqError as e:
             log.error("replica %d: log of %s at %s is unusable (%s); recreating it", self.rid, self.name,
                       self.path, e)
@@ -112,6 +119,9 @@ class PartitionReplica:
 
     def close(self) -> None:
         self._drop_leader()
+        for _ino, plog in self.peers.values():
+            plog.close()
+        self.peers.clear()
         for obj in (self.pstate, self.log):
             if obj is not None:
                 obj.close()
@@ -119,9 +129,32 @@ class PartitionReplica:
 
     def _drop_leader(self) -> None:
         self.reader = None
-        if self.leader_log is not None:
-            self.leader_log.close()
         self.leader_log, self.leader_path, self.ready = None, None, False
+
+    def map_peers(self, paths: List[str]) -> None:
+        """Map the other replicas' logs now (at start-up, not during a failover)."""
+        for path in paths:
+            if path != self.path and path not in self.peers:
+                self._peer(path)
+
+    def _peer(self, path: str) -> Optional[PartitionLog]:
+        """The mapping of the replica log at ``path``, remapped if its files were recreated."""
+        ino = _ctl_inode(path)
+        cached = self.peers.get(path)
+        if cached is not None and cached[0] == ino:
+            return cached[1]
+        if cached is not None:
+            # Unmapping a large populated log takes tens of ms: not on this thread.
+            threading.Thread(target=cached[1].close, name="shmq-unmap", daemon=True).start()
+            del self.peers[path]
+        if ino < 0:
+            return None
+        try:
+            plog = PartitionLog(path, name=self.name)
+        except ShmqError:
+            return None
+        self.peers[path] = (ino, plog)
+        return plog
 
     # ----------------------------------------------------------------- roles
     def update(self, leader: int, epoch: int, index: int, leader_path: Optional[str], offline: bool) -> None:
@@ -201,9 +234,8 @@ class PartitionReplica:
         """Open the leader's log once its process opened it in our epoch; truncate; position."""
         assert self.log is not None and self.cache is not None and self.leader_path is not None
         if self.leader_log is None:
-            try:
-                self.leader_log = PartitionLog(self.leader_path, name=self.name)
-            except ShmqError:
+            self.leader_log = self._peer(self.leader_path)
+            if self.leader_log is None:
                 return False
         ll = self.leader_log
         if ll.append_state != OPEN or ll.leader_epoch != self.epoch:

@@ -4,7 +4,9 @@ Theory of operation:
 
 1. It takes ``<root>/replica-<id>.lock`` (flock, non-blocking): at most one
    process per replica id; the coordinator probes the same lock to tell a
-   live replica from a dead one.
+   live replica from a dead one. Then it locks its lifeline mutex
+   (``shmq.lifeline``) for good: the coordinator's watcher wakes the moment
+   this process dies.
 2. It registers with the coordinator on a connection that stays open: the
    coordinator treats that connection's EOF as this process's death. A
    thread pings every ``PING_S``; after a coordinator change it registers
@@ -28,6 +30,7 @@ from typing import Any, Dict, Optional, Tuple
 
 from ..coordinator.client import CoordinatorClient
 from ..errors import NotCoordinator, ShmqError
+from ..lifeline import Lifeline
 from ..root import Root
 from .partition import PartitionReplica
 
@@ -68,6 +71,9 @@ class ReplicaProcess:
             log.info("replica %d is already running on %s; exiting", self.rid, self.root.path)
             return 3
         try:
+            # Held until this process dies: the coordinator learns of the death from it at once.
+            self.lifeline = Lifeline(self.root.replica_alive_path(self.rid), create=True)
+            self.lifeline.hold()
             self._register()
             threading.Thread(target=self._lifeline, name="shmq-replica-lifeline", daemon=True).start()
             self.view = self.client.metadata()
@@ -130,6 +136,7 @@ class ReplicaProcess:
                         pr.close()
                     pr = PartitionReplica(self.rid, name, p, md.replica_paths[p][idx], md.config, self.report)
                     self.partitions[key] = pr
+                pr.map_peers(md.replica_paths[p])
                 leader = md.leaders[p]
                 lpath = md.replica_paths[p][replicas.index(leader)] if leader in replicas else None
                 pr.update(leader, md.leader_epochs[p], idx, lpath, self.rid in md.offline[p])

@@ -52,7 +52,7 @@ class LogReader:
         # at most buffer_bytes (cache-sized) unless one frame needs more.
         self._read_len = buffer_bytes
         self._buf_len = max(buffer_bytes, log.max_frame_bytes)
-        self._buf = ffi.new("uint8_t[]", self._buf_len)
+        self._buf: Any = None        # allocated by the first read (read_frames copies into the caller's buffer)
         self._max = max_records
         self._views = ffi.new("shmq_record_view[]", max_records)
         self._view_arr = np.frombuffer(ffi.buffer(self._views), dtype=np.int64).reshape(max_records, _VIEW_FIELDS)
@@ -100,6 +100,8 @@ class LogReader:
         return n
 
     def _read_once(self, max_records: int) -> int:
+        if self._buf is None:
+            self._buf = ffi.new("uint8_t[]", self._buf_len)
         n = lib.shmq_log_read(self._h, self._cur, self._buf, self._read_len, self._views,
                               min(max_records, self._max), self.check_crc, self._used)
         if n == lib.SHMQ_ERR_TOO_LARGE and self._read_len < self._buf_len:  # one frame bigger than _read_len
