@@ -9,7 +9,8 @@ Workloads, 64-byte values, one partition, one producer (this process):
   factor 2 and 3 with ``acks=1``, factor 2 and 3 with ``acks="all"``
   (idempotent, the default with acks="all": each send returns only once the
   high watermark passed it).
-* ``batch``  ``send_batch`` of 1000 records, same matrix.
+* ``batch``  ``send_batch`` of a list of 1000 records, same matrix.
+* ``array``  ``send_batch`` of a 2-D uint8 numpy array of 8192 rows, same matrix.
 * ``failover``  factor 3, ``acks="all"``: the leader's replica process is
   SIGKILLed while the producer sends; the time from the kill to the first
   send that completes on the new leader (its acknowledgement included).
@@ -105,6 +106,22 @@ def bench_batch(rf: int, acks: Any, n: int, rows: int = 1000) -> Dict[str, float
             return {"rate": n // rows * rows / (time.perf_counter() - t)}
 
 
+def bench_array(rf: int, acks: Any, seconds: float, rows: int = 8192) -> Dict[str, float]:
+    import numpy as np
+    from shmq import Producer
+    arr = np.zeros((rows, len(VALUE)), dtype=np.uint8)
+    with _Root() as root:
+        _topic(root, rf)
+        with Producer(root, acks=acks) as p:
+            p.send_batch("bench", arr, partition=0)
+            n = 0
+            t = time.perf_counter()
+            while time.perf_counter() - t < seconds:
+                p.send_batch("bench", arr, partition=0)
+                n += rows
+            return {"rate": n / (time.perf_counter() - t)}
+
+
 def bench_failover(kills: int) -> Dict[str, Any]:
     from shmq import Admin, Producer
     from shmq.coordinator.client import CoordinatorClient
@@ -150,24 +167,23 @@ def main(argv: Optional[List[str]] = None) -> int:
     print(f"shmq replication, 64-byte values, one partition; {os.cpu_count()} CPUs, "
           f"load average {os.getloadavg()[0]:.2f}")
     configs = [(1, 1), (2, 1), (2, "all"), (3, 1), (3, "all")]
-    res: Dict[str, Any] = {"send": {}, "batch": {}}
+    res: Dict[str, Any] = {"send": {}, "batch": {}, "array": {}}
     for rf, acks in configs:
         key = f"rf{rf}-acks{acks}"
         res["send"][key] = bench_send(rf, acks, n)
         res["batch"][key] = bench_batch(rf, acks, n * 10)
+        res["array"][key] = bench_array(rf, acks, 1.0 if args.quick else 3.0)
     res["failover"] = bench_failover(kills)
-    base = res["send"]["rf1-acks1"]["rate"]
-    print(f"{'configuration':<22} {'send /s':>11} {'p50 us':>8} {'p99 us':>8} {'vs rf1':>7} {'batch /s':>12} {'vs rf1':>7}")
-    bbase = res["batch"]["rf1-acks1"]["rate"]
+    print(f"{'configuration':<20} {'send /s':>10} {'p50 us':>7} {'p99 us':>7} {'batch /s':>11} {'array /s':>12}")
     for rf, acks in configs:
         key = f"rf{rf}-acks{acks}"
-        s, b = res["send"][key], res["batch"][key]
-        print(f"{f'rf={rf} acks={acks}':<22} {s['rate']:>11,.0f} {s['p50_us']:>8.1f} {s['p99_us']:>8.1f} "
-              f"{s['rate'] / base:>6.2f}x {b['rate']:>12,.0f} {b['rate'] / bbase:>6.2f}x")
+        s, b, a = res["send"][key], res["batch"][key], res["array"][key]
+        print(f"{f'rf={rf} acks={acks}':<20} {s['rate']:>10,.0f} {s['p50_us']:>7.1f} {s['p99_us']:>7.1f} "
+              f"{b['rate']:>11,.0f} {a['rate']:>12,.0f}")
     for rf in (2, 3):
-        s = res["send"][f"rf{rf}-acksall"]["rate"] / res["send"][f"rf{rf}-acks1"]["rate"]
-        b = res["batch"][f"rf{rf}-acksall"]["rate"] / res["batch"][f"rf{rf}-acks1"]["rate"]
-        print(f"acks=all / acks=1 at rf={rf}: send {s:.0%}, batch {b:.0%}  (target at rf=3: >= 25%)")
+        r = {w: res[w][f"rf{rf}-acksall"]["rate"] / res[w][f"rf{rf}-acks1"]["rate"] for w in ("send", "batch", "array")}
+        print(f"acks=all / acks=1 at rf={rf}: send {r['send']:.0%}, batch of 1000 {r['batch']:.0%}, "
+              f"array of 8192 {r['array']:.0%}  (target at rf=3: >= 25%)")
     f = res["failover"]
     print(f"failover (kill -9 of the leader's process -> first acks=all send stored on the new leader), "
           f"{f['kills']} kills: p50 {f['p50_ms']:.1f} ms, p99 {f['p99_ms']:.1f} ms, max {f['max_ms']:.1f} ms "

@@ -379,9 +379,9 @@ static inline int64_t be64(const uint8_t *p) { uint64_t v; memcpy(&v, p, 8); ret
 static inline int32_t be32(const uint8_t *p) { uint32_t v; memcpy(&v, p, 4); return (int32_t)__builtin_bswap32(v); }
 static inline int16_t be16(const uint8_t *p) { uint16_t v; memcpy(&v, p, 2); return (int16_t)__builtin_bswap16(v); }
 
-/* Validate the frame at pos; returns its length and sets *batch (NULL for a
- * frame with nothing to record), or SHMQ_ERR_CORRUPT. */
-static int64_t next_frame(const uint8_t *buf, int64_t len, int64_t pos, const uint8_t **batch)
+/* Validate the frame at pos (its CRC too when crc); returns its length and
+ * sets *batch (NULL for a frame with nothing to record), or SHMQ_ERR_CORRUPT. */
+static int64_t next_frame(const uint8_t *buf, int64_t len, int64_t pos, const uint8_t **batch, int crc)
 {
     *batch = NULL;
     if (len - pos < SHMQ_FRAME_HEADER_SIZE)
@@ -396,7 +396,7 @@ static int64_t next_frame(const uint8_t *buf, int64_t len, int64_t pos, const ui
     if (type != SHMQ_FRAME_DATA)
         return SHMQ_ERR_CORRUPT;
     const uint8_t *b = buf + pos + SHMQ_FRAME_HEADER_SIZE;
-    int64_t blen = shmq_batch_check(b, flen - SHMQ_FRAME_HEADER_SIZE, 1);
+    int64_t blen = shmq_batch_check(b, flen - SHMQ_FRAME_HEADER_SIZE, crc);
     if (blen < 0 || ((blen + SHMQ_FRAME_HEADER_SIZE + 7) & ~7LL) != flen)
         return SHMQ_ERR_CORRUPT;
     *batch = b;
@@ -409,13 +409,13 @@ int shmq_pstate_observe_frames(shmq_pstate *ps, const uint8_t *buf, int64_t len)
         return SHMQ_ERR_ARG;
     const uint8_t *b;
     for (int64_t pos = 0; pos < len;) {  /* pass 1: validate everything */
-        int64_t flen = next_frame(buf, len, pos, &b);
+        int64_t flen = next_frame(buf, len, pos, &b, 1);
         if (flen < 0)
             return (int)flen;
         pos += flen;
     }
     for (int64_t pos = 0; pos < len;) {  /* pass 2: record */
-        pos += next_frame(buf, len, pos, &b);
+        pos += next_frame(buf, len, pos, &b, 0);   /* checked whole in pass 1 */
         if (!b)
             continue;
         int64_t pid = be64(b + SHMQ_BATCH_OFF_PRODUCER_ID);
