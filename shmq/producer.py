@@ -43,6 +43,10 @@ _new_tuple = tuple.__new__
 _NOT_LEADER = lib.SHMQ_ERR_NOT_LEADER
 
 
+class _InDoubt(Exception):
+    """Internal: retry an in-doubt idempotent batch after a short wait."""
+
+
 class _TopicRoute:
     """A topic's partitions as the producer sends to them (refreshed when the
     published metadata version changes)."""
@@ -252,7 +256,7 @@ class Producer:
             raise InvalidRecord(f"timestamp_ms must be a non-negative int, got {timestamp_ms!r}", topic=topic)
         if route.replicated:
             off = self._send_replicated(topic, partition, 1, lambda plog, t: plog.append(
-                value, key, headers, ts, t), ([value], [key] if key is not None else None, headers))
+                value, key, headers, ts, t), ([value], [key] if key is not None else None, headers, ts))
         elif headers is None and not route.blocking:
             off = self._append_kv(route.handles[partition], _NULL if key is None else key, klen,
                                   _NULL if value is None else value, vlen, ts)
@@ -322,7 +326,7 @@ class Producer:
             if route.replicated:
                 n_recs = len(vs)
                 off = self._send_replicated(topic, p, n_recs, lambda plog, t, vs=vs, ks=ks: plog.append_batch(
-                    vs, ks, timestamp_ms=ts, timeout=t), (vs, ks, None))
+                    vs, ks, timestamp_ms=ts, timeout=t), (vs, ks, None, ts))
             else:
                 off = route.logs[p].append_batch(vs, ks, timestamp_ms=ts, timeout=self._timeout_ns / 1e9)
             out.append(RecordMetadata(topic, p, off, ts))
@@ -334,7 +338,7 @@ class Producer:
             self._producer_id, self._producer_epoch = self._cluster.client.allocate_producer_id(self.transactional_id)
 
     def _send_replicated(self, topic: str, partition: int, count: int, append: Callable[[PartitionLog, float], int],
-                         records: Tuple[Any, Any, Any]) -> int:
+                         records: Tuple[Any, Any, Any, int]) -> int:
         """Append ``count`` records to the partition leader with this producer's
         acks and idempotence; retried on the new leader across a failover until
         ``delivery_timeout_ms``. Returns the first record's offset."""
@@ -342,9 +346,8 @@ class Producer:
         key = (topic, partition)
         if self.enable_idempotence:
             self._init_producer_id()
-            if records[2]:
-                raise InvalidRecord("headers are not supported with enable_idempotence yet", topic=topic)
         plog: Optional[PartitionLog] = None
+        in_doubt = False
         while True:
             version = self._cluster.version()
             try:
@@ -352,6 +355,11 @@ class Producer:
                 plog = route.leader(partition)
                 if self.acks == "all":
                     isr = bin(plog.isr_mask).count("1")
+                    if isr < route.min_isr and in_doubt:
+                        # A failover left this batch possibly stored: it is retried as it
+                        # is (same sequence, same records) until the ISR grows back, as
+                        # Kafka's producer does, never handed back to be re-batched.
+                        raise _InDoubt()
                     if isr < route.min_isr:
                         raise NotEnoughReplicas(
                             f"{topic}-{partition} has {isr} in-sync replica(s), fewer than min_insync_replicas="
@@ -362,29 +370,44 @@ class Producer:
                         seq = self._sequences.get(key, 0)
                         off, _dup = route.pstate(partition).append(
                             plog, records[0], records[1], producer_id=self._producer_id, epoch=self._producer_epoch,
-                            base_sequence=seq, timeout=remaining)
+                            base_sequence=seq, timeout=remaining, timestamp_ms=records[3],
+                            headers=None if records[2] is None else [records[2]])
                         self._sequences[key] = (seq + count) & 0x7FFFFFFF
                 else:
                     off = append(plog, remaining)
                 if self.acks == "all" and not plog.wait_hw(off + count - 1, max(0.0, deadline - time.monotonic())):
+                    if self.enable_idempotence and self.transactional_id is None:
+                        # The batch is in doubt and its sequence spent: later batches start
+                        # over under a new producer id (Kafka bumps the epoch, KIP-360).
+                        with self._seq_lock:
+                            self._producer_id = -1
+                            self._sequences.clear()
                     raise KafkaTimeoutError(f"send to {topic}-{partition}: the in-sync replicas did not all store "
                                             f"offset {off + count - 1} within delivery_timeout_ms", topic=topic,
                                             partition=partition)
                 return off
-            except (NotLeaderForPartition, LeaderNotAvailable) as e:
+            except (NotLeaderForPartition, LeaderNotAvailable, _InDoubt) as e:
                 if self.enable_idempotence and isinstance(e, NotLeaderForPartition):
                     # The batch may or may not be stored: resend it with the same sequence.
                     with self._seq_lock:
                         if self._sequences.get(key, 0) == (seq + count) & 0x7FFFFFFF:
                             self._sequences[key] = seq
+                            in_doubt = True
                 if time.monotonic() > deadline:
+                    if isinstance(e, _InDoubt):
+                        raise NotEnoughReplicas(f"{topic}-{partition}: the in-sync replicas stayed fewer than "
+                                                f"min_insync_replicas={route.min_isr} for delivery_timeout_ms while "
+                                                f"a batch was being retried", topic=topic, partition=partition) from None
                     raise
-                self._await_leader(version, deadline, plog)
+                if isinstance(e, _InDoubt):
+                    time.sleep(0.001)
+                else:
+                    self._await_leader(version, deadline, plog)
 
     def _await_leader(self, version: int, deadline: float, plog: Optional[PartitionLog]) -> None:
         """After NotLeader / LeaderNotAvailable: sleep until the published metadata
-        changes (a new leader) or the log metadata names opens for appends (the
-        new leader's process took over), at most 50 ms."""
+        changes (a new leader) or the leader's log opens for appends (its
+        process took over), at most 50 ms."""
         until = min(deadline, time.monotonic() + 0.05)
         delay = 0.00005
         while self._cluster.version() == version and time.monotonic() < until:

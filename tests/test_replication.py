@@ -121,6 +121,21 @@ def test_acks_all_records_are_in_every_replica_at_the_same_offsets(root: Root) -
             assert [m.offset for m in got] == list(range(1000))
 
 
+def test_idempotent_sends_keep_keys_headers_and_timestamps(root: Root) -> None:
+    with Admin(root) as admin:
+        create(admin, "hdrs", 2)
+        with Producer(root, acks="all") as prod:
+            assert prod.enable_idempotence
+            prod.send("hdrs", b"v", key=b"k", headers=[("trace", b"42"), ("empty", None)], timestamp_ms=1234)
+            prod.send("hdrs", None, key=b"tombstone")
+        with Consumer(root=root, auto_offset_reset="earliest") as c:
+            c.assign([TopicPartition("hdrs", 0)])
+            a, b = c.consume(2, timeout=5)
+        assert (a.key, a.value, a.timestamp_ms) == (b"k", b"v", 1234)
+        assert list(a.headers) == [("trace", b"42"), ("empty", None)]
+        assert (b.key, b.value) == (b"tombstone", None)
+
+
 def test_isr_below_min_insync_fails_acks_all_but_not_acks_1(root: Root) -> None:
     with Admin(root) as admin:
         d = create(admin, "minisr", 2, min_insync_replicas=2, replica_lag_time_max_ms=300)

@@ -401,6 +401,21 @@ def _as_bytes(v: Any, what: str) -> bytes:
     raise InvalidRecord(f"{what} must be bytes-like or None, got {type(v).__name__}")
 
 
+def _fill_headers(recs: Any, headers: Sequence[Optional[Iterable[Header]]], n: int, keep: List[Any]) -> None:
+    """Point recs.headers at the encoded header blocks of ``n`` records (one
+    iterable of (key, value) pairs, or None, per record)."""
+    if len(headers) != n:
+        raise InvalidRecord(f"{len(headers)} header lists for {n} records")
+    blocks = [encode_headers(h or ()) for h in headers]
+    joined = b"".join(blocks)
+    offs = np.zeros(n + 1, dtype=np.int64)
+    np.cumsum(np.fromiter(map(len, blocks), dtype=np.int64, count=n), out=offs[1:])
+    buf = ffi.from_buffer("uint8_t[]", joined)
+    keep.extend((joined, offs, buf))
+    recs.headers = buf
+    recs.header_offs = ffi.cast("int64_t *", offs.ctypes.data)
+
+
 def _fill_field(recs: Any, field: str, items: Any, keep: List[Any]) -> int:
     """Point recs.<field>s at a concatenated buffer (+ offsets) or a 2-D array."""
     if isinstance(items, np.ndarray):

@@ -19,7 +19,7 @@ import numpy as np
 
 from ..errors import InvalidRecord
 from ..native import ffi, lib, raise_for
-from .log import BytesLike, PartitionLog, _fill_field, _now_ms, _timeout_ns
+from .log import BytesLike, PartitionLog, _fill_field, _fill_headers, _now_ms, _timeout_ns
 
 _NULL = ffi.NULL
 Values = Union[Sequence[Optional[BytesLike]], np.ndarray]
@@ -74,7 +74,7 @@ class ProducerStateTable:
 
     def append(self, log: PartitionLog, values: Values, keys: Optional[Values] = None, *, producer_id: int,
                epoch: int, base_sequence: int, timestamp_ms: Optional[int] = None,
-               timeout: Optional[float] = None) -> Tuple[int, bool]:
+               timeout: Optional[float] = None, headers: Optional[Sequence[Any]] = None) -> Tuple[int, bool]:
         """Append ``values`` (and ``keys``) to ``log`` as one batch of producer
         ``producer_id`` / ``epoch`` starting at ``base_sequence``.
 
@@ -90,6 +90,8 @@ class ProducerStateTable:
             raise InvalidRecord(f"{len(keys)} keys for {n} values", topic=log.topic, partition=log.partition)
         if n == 0:
             raise InvalidRecord("a batch needs at least one record", topic=log.topic, partition=log.partition)
+        if headers is not None:
+            _fill_headers(recs, headers, n, keep)
         recs.count = n
         if timestamp_ms is None:
             recs.base_timestamp = _now_ms()
