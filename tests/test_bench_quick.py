@@ -70,3 +70,12 @@ def test_cli_parser_registers_bench() -> None:
     args = ap.parse_args(["bench", "--quick", "--peers", "pyzmq", "--json", "x.json"])
     assert args.quick and args.peers == "pyzmq" and args.func is bench.run
     assert set(PEERS) >= {"shmq", "mp.Queue", "mp.Pipe", "faster-fifo", "pyzmq", "redis", "posix_ipc"}
+
+
+@pytest.mark.timeout(120)
+def test_replication_benchmark_smoke() -> None:
+    from perf import bench_replication as br
+    send = br.bench_send(2, "all", 300)
+    assert send["rate"] > 0 and send["p99_us"] >= send["p50_us"] > 0
+    fo = br.bench_failover(1)
+    assert fo["kills"] == 1 and len(fo["all_ms"]) == 1
