@@ -65,6 +65,7 @@ OPEN = 0                # SHMQ_APPEND_OPEN
 TICK = 0.01
 PREFERRED_AFTER = 1.0   # seconds the preferred replica must stay in sync before it leads again
 RESPAWN_BACKOFF = 0.5
+STARTUP_S = 10.0        # a replica process that has not registered by then is started again
 
 Key = Tuple[str, int]
 
@@ -246,6 +247,8 @@ class ReplicationManager:
                 h.proc = None                     # reaped
             if h.registered or not self.spawn or now - h.spawned < RESPAWN_BACKOFF:
                 continue
+            if h.proc is not None and now - h.spawned < STARTUP_S:
+                continue                          # our child is still starting (imports take a while)
             if self._lock_held(rid):
                 continue                          # alive, not (yet) registered with us
             h.spawned = now
@@ -287,6 +290,10 @@ class ReplicationManager:
         log.warning("replica process %d (pid %s) died (%s)", rid, h.pid, how)
         self.replica_died(rid)
         self.ensure_processes()
+
+    def _spawned(self, rid: int) -> float:
+        h = self.replicas.get(rid)
+        return h.spawned if h is not None else -1e9
 
     def alive(self, rid: int) -> bool:
         h = self.replicas.get(rid)
@@ -465,7 +472,9 @@ class ReplicationManager:
                 if time.monotonic() - self.started > 0.5:
                     self.elect(name, p, "partition has no leader")
                 continue
-            if not self.alive(leader) and time.monotonic() - self.started > 2.0:
+            if not self.alive(leader) and time.monotonic() - max(self.started, self._spawned(leader)) > STARTUP_S / 2:
+                # A leader that is neither registered nor holding its lock (e.g. it did not come
+                # back after a coordinator restart); deaths seen as they happen are handled at once.
                 self.elect(name, p, f"leader replica {leader} is not running", exclude={leader})
                 continue
             plog = self.log(name, p, leader)
