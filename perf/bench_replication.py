@@ -9,6 +9,8 @@ Workloads, 64-byte values, one partition, one producer (this process):
   factor 2 and 3 with ``acks=1``, factor 2 and 3 with ``acks="all"``
   (idempotent, the default with acks="all": each send returns only once the
   high watermark passed it).
+* ``async``  ``Producer.send_async`` one record at a time, then ``flush``
+  (acknowledgements overlap: followers copy many records per round trip).
 * ``batch``  ``send_batch`` of a list of 1000 records, same matrix.
 * ``array``  ``send_batch`` of a 2-D uint8 numpy array of 8192 rows, same matrix.
 * ``failover``  factor 3, ``acks="all"``: the leader's replica process is
@@ -29,7 +31,7 @@ import signal
 import statistics
 import tempfile
 import time
-from typing import Any, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional
 
 import psutil
 
@@ -73,53 +75,73 @@ def _wait_isr(admin: Any, rf: int, leader: Optional[int] = None, timeout: float 
         time.sleep(0.01)
 
 
-def bench_send(rf: int, acks: Any, n: int) -> Dict[str, float]:
+def _producing(rf: int, acks: Any, body: Callable[[Any], Dict[str, float]]) -> Dict[str, float]:
+    """Run ``body(producer)`` against a fresh root with topic ``bench`` at ``rf``."""
     from shmq import Producer
     with _Root() as root:
         _topic(root, rf)
         with Producer(root, acks=acks) as p:
-            send = p.send
-            for _ in range(min(1000, n)):
-                send("bench", VALUE, partition=0)
-            lat = [0] * n
-            clock = time.perf_counter_ns
-            t = time.perf_counter()
-            for i in range(n):
-                t0 = clock()
-                send("bench", VALUE, partition=0)
-                lat[i] = clock() - t0
-            el = time.perf_counter() - t
+            return body(p)
+
+
+def bench_send(rf: int, acks: Any, n: int) -> Dict[str, float]:
+    def body(p: Any) -> Dict[str, float]:
+        send = p.send
+        for _ in range(min(1000, n)):
+            send("bench", VALUE, partition=0)
+        lat = [0] * n
+        clock = time.perf_counter_ns
+        t = time.perf_counter()
+        for i in range(n):
+            t0 = clock()
+            send("bench", VALUE, partition=0)
+            lat[i] = clock() - t0
+        el = time.perf_counter() - t
         lat.sort()
         return {"rate": n / el, "p50_us": lat[n // 2] / 1e3, "p99_us": lat[int(n * 0.99)] / 1e3}
+    return _producing(rf, acks, body)
+
+
+def bench_async(rf: int, acks: Any, n: int) -> Dict[str, float]:
+    """``send_async`` one record at a time, then ``flush``: acknowledgements overlap."""
+    def body(p: Any) -> Dict[str, float]:
+        for _ in range(min(1000, n)):
+            p.send_async("bench", VALUE, partition=0)
+        p.flush()
+        send = p.send_async
+        t = time.perf_counter()
+        for _ in range(n):
+            send("bench", VALUE, partition=0)
+        p.flush()
+        return {"rate": n / (time.perf_counter() - t)}
+    return _producing(rf, acks, body)
 
 
 def bench_batch(rf: int, acks: Any, n: int, rows: int = 1000) -> Dict[str, float]:
-    from shmq import Producer
     values = [VALUE] * rows
-    with _Root() as root:
-        _topic(root, rf)
-        with Producer(root, acks=acks) as p:
+
+    def body(p: Any) -> Dict[str, float]:
+        p.send_batch("bench", values, partition=0)
+        t = time.perf_counter()
+        for _ in range(n // rows):
             p.send_batch("bench", values, partition=0)
-            t = time.perf_counter()
-            for _ in range(n // rows):
-                p.send_batch("bench", values, partition=0)
-            return {"rate": n // rows * rows / (time.perf_counter() - t)}
+        return {"rate": n // rows * rows / (time.perf_counter() - t)}
+    return _producing(rf, acks, body)
 
 
 def bench_array(rf: int, acks: Any, seconds: float, rows: int = 8192) -> Dict[str, float]:
     import numpy as np
-    from shmq import Producer
     arr = np.zeros((rows, len(VALUE)), dtype=np.uint8)
-    with _Root() as root:
-        _topic(root, rf)
-        with Producer(root, acks=acks) as p:
+
+    def body(p: Any) -> Dict[str, float]:
+        p.send_batch("bench", arr, partition=0)
+        n = 0
+        t = time.perf_counter()
+        while time.perf_counter() - t < seconds:
             p.send_batch("bench", arr, partition=0)
-            n = 0
-            t = time.perf_counter()
-            while time.perf_counter() - t < seconds:
-                p.send_batch("bench", arr, partition=0)
-                n += rows
-            return {"rate": n / (time.perf_counter() - t)}
+            n += rows
+        return {"rate": n / (time.perf_counter() - t)}
+    return _producing(rf, acks, body)
 
 
 def bench_failover(kills: int) -> Dict[str, Any]:
@@ -167,23 +189,26 @@ def main(argv: Optional[List[str]] = None) -> int:
     print(f"shmq replication, 64-byte values, one partition; {os.cpu_count()} CPUs, "
           f"load average {os.getloadavg()[0]:.2f}")
     configs = [(1, 1), (2, 1), (2, "all"), (3, 1), (3, "all")]
-    res: Dict[str, Any] = {"send": {}, "batch": {}, "array": {}}
+    res: Dict[str, Any] = {"send": {}, "async": {}, "batch": {}, "array": {}}
     for rf, acks in configs:
         key = f"rf{rf}-acks{acks}"
         res["send"][key] = bench_send(rf, acks, n)
+        res["async"][key] = bench_async(rf, acks, n)
         res["batch"][key] = bench_batch(rf, acks, n * 10)
         res["array"][key] = bench_array(rf, acks, 1.0 if args.quick else 3.0)
     res["failover"] = bench_failover(kills)
-    print(f"{'configuration':<20} {'send /s':>10} {'p50 us':>7} {'p99 us':>7} {'batch /s':>11} {'array /s':>12}")
+    print(f"{'configuration':<20} {'send /s':>10} {'p50 us':>7} {'p99 us':>7} {'async /s':>10} {'batch /s':>11} "
+          f"{'array /s':>12}")
     for rf, acks in configs:
         key = f"rf{rf}-acks{acks}"
         s, b, a = res["send"][key], res["batch"][key], res["array"][key]
         print(f"{f'rf={rf} acks={acks}':<20} {s['rate']:>10,.0f} {s['p50_us']:>7.1f} {s['p99_us']:>7.1f} "
-              f"{b['rate']:>11,.0f} {a['rate']:>12,.0f}")
+              f"{res['async'][key]['rate']:>10,.0f} {b['rate']:>11,.0f} {a['rate']:>12,.0f}")
     for rf in (2, 3):
-        r = {w: res[w][f"rf{rf}-acksall"]["rate"] / res[w][f"rf{rf}-acks1"]["rate"] for w in ("send", "batch", "array")}
-        print(f"acks=all / acks=1 at rf={rf}: send {r['send']:.0%}, batch of 1000 {r['batch']:.0%}, "
-              f"array of 8192 {r['array']:.0%}  (target at rf=3: >= 25%)")
+        r = {w: res[w][f"rf{rf}-acksall"]["rate"] / res[w][f"rf{rf}-acks1"]["rate"]
+             for w in ("send", "async", "batch", "array")}
+        print(f"acks=all / acks=1 at rf={rf}: send {r['send']:.0%}, send_async {r['async']:.0%}, batch of 1000 "
+              f"{r['batch']:.0%}, array of 8192 {r['array']:.0%}  (target at rf=3: >= 25%)")
     f = res["failover"]
     print(f"failover (kill -9 of the leader's process -> first acks=all send stored on the new leader), "
           f"{f['kills']} kills: p50 {f['p50_ms']:.1f} ms, p99 {f['p99_ms']:.1f} ms, max {f['max_ms']:.1f} ms "

@@ -23,17 +23,19 @@ leader change are retried on the new leader until ``delivery_timeout_ms``.
 from __future__ import annotations
 
 import time
-from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple, Union
+from collections import deque
+from typing import Any, Callable, Deque, Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
 from .cluster import Cluster
-from .errors import (IllegalState, InvalidConfig, InvalidRecord, KafkaTimeoutError, LeaderNotAvailable,
-                     NotEnoughReplicas, NotLeaderForPartition, UnknownTopicOrPartition)
+from .errors import (DuplicateSequenceNumber, IllegalState, InvalidConfig, InvalidRecord, KafkaTimeoutError,
+                     LeaderNotAvailable, NotEnoughReplicas, NotLeaderForPartition, UnknownTopicOrPartition)
 from .message import Header, RecordMetadata
 from .native import ffi, lib
 from .partitioner import Partitioner
 from .ringlog import PartitionLog
+from .ringlog.records import encode_headers
 
 ACKS = (0, 1, "all", -1)
 _NULL = ffi.NULL
@@ -41,6 +43,46 @@ _time_ns = time.time_ns
 METADATA_RECHECK_MS = 100  # a producer notices added partitions and deleted topics this soon
 _new_tuple = tuple.__new__
 _NOT_LEADER = lib.SHMQ_ERR_NOT_LEADER
+
+
+MAX_IN_FLIGHT = 4096   # send_async batches per partition awaiting acknowledgement
+
+
+class _Pending:
+    """A batch appended by ``send_async`` and not yet acknowledged: enough to
+    append it again, with the same sequence, on a new leader."""
+
+    __slots__ = ("seq", "count", "records", "offset", "log", "done")
+
+    def __init__(self, seq: int, count: int, records: Tuple[Any, Any, Any, int, bool], offset: int,
+                 log: PartitionLog) -> None:
+        self.seq, self.count, self.records, self.offset, self.log = seq, count, records, offset, log
+        self.done = False
+
+
+class DeliveryFuture:
+    """What ``send_async`` returns: ``get()`` waits until every in-sync replica
+    has the record and returns its ``RecordMetadata`` (its offset may differ
+    from the first append's if a failover made the producer append it again)."""
+
+    __slots__ = ("_producer", "_key", "_pending", "_ts", "_metadata")
+
+    def __init__(self, producer: "Producer", key: Tuple[str, int], pending: Optional[_Pending], ts: int,
+                 metadata: Optional[RecordMetadata] = None) -> None:
+        self._producer, self._key, self._pending, self._ts, self._metadata = producer, key, pending, ts, metadata
+
+    def done(self) -> bool:
+        return self._metadata is not None or (self._pending is not None and self._pending.done)
+
+    def get(self, timeout: Optional[float] = None) -> RecordMetadata:
+        if self._metadata is None:
+            p = self._pending
+            assert p is not None
+            if not p.done:
+                self._producer._drain(self._key, time.monotonic() + (
+                    self._producer._delivery_timeout if timeout is None else timeout), upto=p)
+            self._metadata = _new_tuple(RecordMetadata, (self._key[0], self._key[1], p.offset, self._ts))
+        return self._metadata
 
 
 class _InDoubt(Exception):
@@ -128,6 +170,7 @@ class Producer:
         self._producer_epoch = -1
         self._sequences: Dict[Tuple[str, int], int] = {}
         self._seq_lock = __import__("threading").Lock()
+        self._inflight: Dict[Tuple[str, int], Deque[_Pending]] = {}
         self.client_id = client_id
         self._partitioner = Partitioner(partitioner)
         self._value_ser = value_serializer
@@ -217,8 +260,10 @@ class Producer:
         return self._send(topic, value, key, partition, headers, timestamp_ms)
 
     def _send(self, topic: str, value: Any, key: Any, partition: Optional[int],
-              headers: Optional[Iterable[Header]], timestamp_ms: Optional[int]) -> RecordMetadata:
-        """``send`` with every check (and the metadata re-check)."""
+              headers: Optional[Iterable[Header]], timestamp_ms: Optional[int],
+              pending_out: Optional[List["_Pending"]] = None) -> RecordMetadata:
+        """``send`` with every check (and the metadata re-check); with
+        ``pending_out``, an acks="all" idempotent send does not wait (``send_async``)."""
         route = self._route(topic)
         self._recheck_ms = _time_ns() // 1_000_000 + METADATA_RECHECK_MS
         if self._value_ser is not None:
@@ -256,7 +301,8 @@ class Producer:
             raise InvalidRecord(f"timestamp_ms must be a non-negative int, got {timestamp_ms!r}", topic=topic)
         if route.replicated:
             off = self._send_replicated(topic, partition, 1, lambda plog, t: plog.append(
-                value, key, headers, ts, t), ([value], [key] if key is not None else None, headers, ts))
+                value, key, headers, ts, t), ([value], [key] if key is not None else None, headers, ts, True),
+                pending_out)
         elif headers is None and not route.blocking:
             off = self._append_kv(route.handles[partition], _NULL if key is None else key, klen,
                                   _NULL if value is None else value, vlen, ts)
@@ -326,7 +372,7 @@ class Producer:
             if route.replicated:
                 n_recs = len(vs)
                 off = self._send_replicated(topic, p, n_recs, lambda plog, t, vs=vs, ks=ks: plog.append_batch(
-                    vs, ks, timestamp_ms=ts, timeout=t), (vs, ks, None, ts))
+                    vs, ks, timestamp_ms=ts, timeout=t), (vs, ks, None, ts, False))
             else:
                 off = route.logs[p].append_batch(vs, ks, timestamp_ms=ts, timeout=self._timeout_ns / 1e9)
             out.append(RecordMetadata(topic, p, off, ts))
@@ -338,7 +384,8 @@ class Producer:
             self._producer_id, self._producer_epoch = self._cluster.client.allocate_producer_id(self.transactional_id)
 
     def _send_replicated(self, topic: str, partition: int, count: int, append: Callable[[PartitionLog, float], int],
-                         records: Tuple[Any, Any, Any, int]) -> int:
+                         records: Tuple[Any, Any, Any, int, bool], pending_out: Optional[List["_Pending"]] = None
+                         ) -> int:
         """Append ``count`` records to the partition leader with this producer's
         acks and idempotence; retried on the new leader across a failover until
         ``delivery_timeout_ms``. Returns the first record's offset."""
@@ -346,6 +393,9 @@ class Producer:
         key = (topic, partition)
         if self.enable_idempotence:
             self._init_producer_id()
+        asynchronous = pending_out is not None and self.acks == "all" and self.enable_idempotence
+        if not asynchronous and self._inflight.get(key):
+            self._drain(key, deadline)            # earlier send_async records first, in order
         plog: Optional[PartitionLog] = None
         in_doubt = False
         while True:
@@ -365,16 +415,33 @@ class Producer:
                             f"{topic}-{partition} has {isr} in-sync replica(s), fewer than min_insync_replicas="
                             f"{route.min_isr}: acks='all' cannot be met", topic=topic, partition=partition)
                 remaining = max(0.0, deadline - time.monotonic())
+                queue = self._inflight.get(key)
+                if queue and queue[-1].log is not plog:
+                    self._drain(key, deadline)    # a new leader: replay what is in flight first
                 if self.enable_idempotence:
                     with self._seq_lock:          # one batch in flight per partition keeps sequences in order
                         seq = self._sequences.get(key, 0)
-                        off, _dup = route.pstate(partition).append(
-                            plog, records[0], records[1], producer_id=self._producer_id, epoch=self._producer_epoch,
-                            base_sequence=seq, timeout=remaining, timestamp_ms=records[3],
-                            headers=None if records[2] is None else [records[2]])
+                        if records[4]:                # one record from send: one C call
+                            hb = encode_headers(records[2]) if records[2] else None
+                            off, _dup = route.pstate(partition).append1(
+                                plog, records[0][0], records[1][0] if records[1] else None, hb, records[3],
+                                self._producer_id, self._producer_epoch, seq, remaining)
+                        else:
+                            off, _dup = route.pstate(partition).append(
+                                plog, records[0], records[1], producer_id=self._producer_id,
+                                epoch=self._producer_epoch, base_sequence=seq, timeout=remaining,
+                                timestamp_ms=records[3], headers=None if records[2] is None else [records[2]])
                         self._sequences[key] = (seq + count) & 0x7FFFFFFF
                 else:
                     off = append(plog, remaining)
+                if asynchronous:
+                    assert pending_out is not None
+                    p = _Pending(seq, count, records, off, plog)
+                    self._inflight.setdefault(key, deque()).append(p)
+                    pending_out.append(p)
+                    if len(self._inflight[key]) > MAX_IN_FLIGHT:
+                        self._drain(key, deadline, upto=self._inflight[key][MAX_IN_FLIGHT // 2])
+                    return off
                 if self.acks == "all" and not plog.wait_hw(off + count - 1, max(0.0, deadline - time.monotonic())):
                     if self.enable_idempotence and self.transactional_id is None:
                         # The batch is in doubt and its sequence spent: later batches start
@@ -399,6 +466,75 @@ class Producer:
                                                 f"min_insync_replicas={route.min_isr} for delivery_timeout_ms while "
                                                 f"a batch was being retried", topic=topic, partition=partition) from None
                     raise
+                if isinstance(e, _InDoubt):
+                    time.sleep(0.001)
+                else:
+                    self._await_leader(version, deadline, plog)
+
+    def send_async(self, topic: str, value: Any = None, key: Any = None, *, partition: Optional[int] = None,
+                   headers: Optional[Iterable[Header]] = None, timestamp_ms: Optional[int] = None) -> DeliveryFuture:
+        """Append one record now and return at once; ``get()`` on the result (or
+        ``flush()``) waits for the acknowledgement. With ``acks="all"`` and
+        idempotence many records are then replicated together instead of one
+        round trip each; across a failover the producer appends unacknowledged
+        records again, in order, and each is stored once. Otherwise the record
+        is acknowledged when this returns."""
+        out: List[_Pending] = []
+        md = self._send(topic, value, key, partition, headers, timestamp_ms, out)
+        if not out:
+            return DeliveryFuture(self, (md.topic, md.partition), None, md.timestamp_ms, md)
+        return DeliveryFuture(self, (md.topic, md.partition), out[0], md.timestamp_ms)
+
+    def _drain(self, key: Tuple[str, int], deadline: float, upto: Optional[_Pending] = None) -> None:
+        """Wait for the acknowledgement of the partition's in-flight batches, in
+        order (up to ``upto``), appending them again on a new leader when the
+        old one was replaced before they were acknowledged."""
+        queue = self._inflight.get(key)
+        while queue:
+            p = queue[0]
+            last = p.offset + p.count - 1
+            try:
+                if p.log.high_watermark <= last and not p.log.wait_hw(last, max(0.0, deadline - time.monotonic())):
+                    raise KafkaTimeoutError(f"{key[0]}-{key[1]}: offset {last} was not replicated to every in-sync "
+                                            f"replica within delivery_timeout_ms", topic=key[0], partition=key[1])
+            except NotLeaderForPartition:
+                self._replay(key, queue, deadline)
+                continue
+            queue.popleft()
+            p.done = True
+            if p is upto:
+                return
+
+    def _replay(self, key: Tuple[str, int], queue: Deque[_Pending], deadline: float) -> None:
+        """Append every in-flight batch again on the current leader, same
+        sequences: the ones it already holds are recognised (kept at their
+        offset: followers copy verbatim), the others are appended."""
+        topic, partition = key
+        while True:
+            version = self._cluster.version()
+            plog: Optional[PartitionLog] = None
+            try:
+                route = self._route(topic)
+                plog = route.leader(partition)
+                if bin(plog.isr_mask).count("1") < route.min_isr:
+                    raise _InDoubt()
+                table = route.pstate(partition)
+                for p in queue:
+                    values, keys, headers, ts, _single = p.records
+                    try:
+                        p.offset, _dup = table.append(plog, values, keys, producer_id=self._producer_id,
+                                                      epoch=self._producer_epoch, base_sequence=p.seq,
+                                                      timestamp_ms=ts, headers=None if headers is None else [headers],
+                                                      timeout=max(0.0, deadline - time.monotonic()))
+                    except DuplicateSequenceNumber:
+                        pass                      # held already, at the offset it was first appended at
+                    p.log = plog
+                return
+            except (NotLeaderForPartition, LeaderNotAvailable, _InDoubt) as e:
+                if time.monotonic() > deadline:
+                    raise KafkaTimeoutError(f"{topic}-{partition}: in-flight records could not be stored on a new "
+                                            f"leader within delivery_timeout_ms ({e!r})", topic=topic,
+                                            partition=partition) from None
                 if isinstance(e, _InDoubt):
                     time.sleep(0.001)
                 else:
@@ -437,8 +573,13 @@ class Producer:
 
     # ------------------------------------------------------------- lifecycle
     def flush(self, timeout: Optional[float] = None) -> int:
-        """Wait until every sent record is acknowledged; returns the number
-        still pending (always 0: each send is committed when it returns)."""
+        """Wait until every sent record is acknowledged (``send_async`` ones;
+        every other send is acknowledged when it returns). Returns 0, or
+        raises ``KafkaTimeoutError`` after ``timeout`` seconds (default
+        ``delivery_timeout_ms``)."""
+        deadline = time.monotonic() + (self._delivery_timeout if timeout is None else timeout)
+        for key in list(self._inflight):
+            self._drain(key, deadline)
         return 0
 
     def close(self, timeout: Optional[float] = None) -> None:

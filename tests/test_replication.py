@@ -136,6 +136,35 @@ def test_idempotent_sends_keep_keys_headers_and_timestamps(root: Root) -> None:
         assert (b.key, b.value) == (b"tombstone", None)
 
 
+def test_send_async_records_survive_a_leader_kill_once_each_in_order(root: Root) -> None:
+    with Admin(root) as admin:
+        admin.create_topic("plain", 1)
+        with Producer(root, acks=1) as prod:        # nothing to wait for: done when it returns
+            f = prod.send_async("plain", b"x")
+            assert f.done() and f.get().offset == 0
+        d = create(admin, "async", 3, min_insync_replicas=2)
+        futures = []
+        with Producer(root, acks="all") as prod:
+            for i in range(3000):
+                futures.append(prod.send_async("async", b"a%d" % i))
+                if i == 1500:
+                    os.kill(replica_pid(root, d.leader), signal.SIGKILL)
+            prod.flush(timeout=30)
+            assert all(f.done() for f in futures)
+            offsets = [f.get().offset for f in futures]
+        assert partition(admin, "async").leader != d.leader
+        with Consumer(root=root, auto_offset_reset="earliest") as c:
+            c.assign([TopicPartition("async", 0)])
+            got = c.consume(5000, timeout=5)
+            while len(got) < 3000:
+                more = c.consume(5000, timeout=2)
+                if not more:
+                    break
+                got += more
+        assert [m.value for m in got] == [b"a%d" % i for i in range(3000)]
+        assert offsets == [m.offset for m in got]
+
+
 def test_isr_below_min_insync_fails_acks_all_but_not_acks_1(root: Root) -> None:
     with Admin(root) as admin:
         d = create(admin, "minisr", 2, min_insync_replicas=2, replica_lag_time_max_ms=300)

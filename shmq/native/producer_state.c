@@ -342,6 +342,35 @@ int64_t shmq_pstate_append(shmq_pstate *ps, shmq_log *log, const shmq_records *r
     return off;
 }
 
+int64_t shmq_pstate_append1(shmq_pstate *ps, shmq_log *log, const char *key, int64_t key_len, const char *value,
+                            int64_t value_len, const char *headers, int64_t headers_len, int64_t timestamp,
+                            int64_t producer_id, int16_t epoch, int32_t base_seq, int64_t timeout_ns,
+                            int *duplicate_out)
+{
+    if (key_len < -1 || value_len < -1 || headers_len < 0 || timestamp < 0 ||
+        (key_len > 0 && !key) || (value_len > 0 && !value) || (headers_len > 0 && !headers))
+        return SHMQ_ERR_ARG;
+    static const uint8_t null1 = 1, empty = 0;
+    int64_t voffs[2] = { 0, value_len < 0 ? 0 : value_len };
+    int64_t koffs[2] = { 0, key_len < 0 ? 0 : key_len };
+    int64_t hoffs[2] = { 0, headers_len };
+    shmq_records r;
+    memset(&r, 0, sizeof r);
+    r.count = 1;
+    r.values = value_len > 0 ? (const uint8_t *)value : &empty;
+    r.value_offs = voffs;
+    r.value_null = value_len < 0 ? &null1 : NULL;
+    r.keys = key_len > 0 ? (const uint8_t *)key : &empty;
+    r.key_offs = koffs;
+    r.key_null = key_len < 0 ? &null1 : NULL;
+    if (headers_len > 0) {
+        r.headers = (const uint8_t *)headers;
+        r.header_offs = hoffs;
+    }
+    r.base_timestamp = timestamp;
+    return shmq_pstate_append(ps, log, &r, producer_id, epoch, base_seq, timeout_ns, duplicate_out);
+}
+
 int shmq_pstate_fence(shmq_pstate *ps, int64_t producer_id, int16_t epoch, int64_t timeout_ns)
 {
     if (!ps || producer_id < 0 || epoch < 0)

@@ -119,6 +119,13 @@ uint32_t shmq_pstate_entries(shmq_pstate *ps);
  *    also bounds the wait for the entry lock. duplicate_out may be NULL. */
 int64_t shmq_pstate_append(shmq_pstate *ps, shmq_log *log, const shmq_records *r, int64_t producer_id,
                            int16_t epoch, int32_t base_seq, int64_t timeout_ns, int *duplicate_out);
+/* shmq_pstate_append of one record (the send path: no Python-built batch).
+ * key_len / value_len -1 = null; headers is one record's encoded header block
+ * (headers_len 0: none); timestamp in ms (>= 0). */
+int64_t shmq_pstate_append1(shmq_pstate *ps, shmq_log *log, const char *key, int64_t key_len, const char *value,
+                            int64_t value_len, const char *headers, int64_t headers_len, int64_t timestamp,
+                            int64_t producer_id, int16_t epoch, int32_t base_seq, int64_t timeout_ns,
+                            int *duplicate_out);
 /* Fence: raise the entry's epoch to `epoch` without appending (its next
  * batch must then have sequence 0; older epochs get PRODUCER_FENCED).
  * Returns 0, SHMQ_ERR_PRODUCER_FENCED if the entry already has a higher

@@ -41,6 +41,7 @@ class ProducerStateTable:
         if rc < 0:
             raise_for(rc, f"open producer state table at {self.path}")
         self._h = handle[0]
+        self._dup = ffi.new("int *")       # append1's out-parameter: callers of append1 serialise
 
     @classmethod
     def create(cls, path: str, entries: int = 4096) -> "ProducerStateTable":
@@ -105,6 +106,21 @@ class ProducerStateTable:
         if off < 0:
             raise_for(off, f"idempotent append of {n} records to {log.name} (producer {producer_id} "
                       f"epoch {epoch} sequence {base_sequence})", topic=log.topic, partition=log.partition)
+        return int(off), bool(dup[0])
+
+    def append1(self, log: PartitionLog, value: Optional[bytes], key: Optional[bytes], headers: Optional[bytes],
+                timestamp_ms: int, producer_id: int, epoch: int, base_sequence: int,
+                timeout: Optional[float] = None) -> Tuple[int, bool]:
+        """``append`` of one record given as bytes (``headers``: its encoded
+        header block, or None): one C call, for the producer's send path."""
+        dup = self._dup
+        off = lib.shmq_pstate_append1(self._h, log._h, ffi.NULL if key is None else key, -1 if key is None else len(key),
+                                      ffi.NULL if value is None else value, -1 if value is None else len(value),
+                                      ffi.NULL if headers is None else headers, 0 if headers is None else len(headers),
+                                      timestamp_ms, producer_id, epoch, base_sequence, _timeout_ns(timeout), dup)
+        if off < 0:
+            raise_for(off, f"idempotent append to {log.name} (producer {producer_id} epoch {epoch} sequence "
+                      f"{base_sequence})", topic=log.topic, partition=log.partition)
         return int(off), bool(dup[0])
 
     def fence(self, producer_id: int, epoch: int, timeout: Optional[float] = None) -> None:
