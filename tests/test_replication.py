@@ -165,6 +165,26 @@ def test_send_async_records_survive_a_leader_kill_once_each_in_order(root: Root)
         assert offsets == [m.offset for m in got]
 
 
+def test_block_mode_replicated_topic_waits_for_the_group_and_loses_nothing(root: Root) -> None:
+    with Admin(root) as admin:
+        admin.create_topic("bounded", 1, config={"replication_factor": 2, "segment_bytes": 64 << 10,
+                                                 "segment_count": 4, "overflow": "block"})
+        wait_isr(admin, "bounded", 2)
+        n = 6000                          # about 3 rings' worth of 64-byte records
+        with Consumer("bounded", group_id="g", root=root, auto_offset_reset="earliest") as c, \
+                Producer(root, acks="all", max_block_ms=20_000) as prod:
+            got: List[bytes] = []
+            for i in range(n):
+                prod.send_async("bounded", b"%063d" % i)
+                if i % 500 == 499:
+                    prod.flush()
+                    while len(got) < i + 1:
+                        got += [m.value for m in c.consume(1000, timeout=5)]
+                    c.commit(asynchronous=False)
+            prod.flush()
+        assert got == [b"%063d" % i for i in range(n)]
+
+
 def test_isr_below_min_insync_fails_acks_all_but_not_acks_1(root: Root) -> None:
     with Admin(root) as admin:
         d = create(admin, "minisr", 2, min_insync_replicas=2, replica_lag_time_max_ms=300)

@@ -207,12 +207,18 @@ class Coordinator:
     def _replication_loop(self) -> None:
         """Replica supervision, ISR and elections (``ReplicationManager.tick``)."""
         from .replication import TICK
+        n = 0
         while not self._stop.wait(TICK):
+            n += 1
             with self._lock:
                 if self._stop.is_set():
                     break
                 try:
                     self.replication.tick()
+                    if n % 10 == 0:          # a new leader of a block-mode topic learns what groups committed
+                        for name, t in self.db.store.topics.items():
+                            if is_replicated(t) and t["config"]["overflow"] == "block":
+                                self._update_slowest(name, range(len(t["partitions"])))
                 except Exception:
                     log.exception("replication supervision failed")
 
@@ -362,7 +368,7 @@ class Coordinator:
             return
         for p in partitions:
             low = self.db.store.committed_min(topic, p)
-            plog = self.registry.get(topic, p)
+            plog = self._leader_log(topic, p)      # replicated: the current leader's log
             if low is not None and plog is not None:
                 plog.set_slowest_position(low)
 

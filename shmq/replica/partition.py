@@ -303,6 +303,9 @@ class PartitionReplica:
             self.ready = False
             return 0
         if n:
+            if own.config.overflow == "block":
+                # Keep what the leader keeps: what consumer groups still need.
+                own.set_slowest_position(ll.slowest_position)
             before = own.end_offset
             try:
                 end = own.append_frames(self.buf, n)

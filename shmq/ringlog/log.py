@@ -379,6 +379,11 @@ class PartitionLog:
         if rc < 0:
             self._fail(rc, "flush")
 
+    @property
+    def slowest_position(self) -> int:
+        """Block mode: the lowest offset a consumer still needs (as last set)."""
+        return int(self._hdr.slowest_offset)
+
     def set_slowest_position(self, offset: int) -> None:
         """Block mode: the lowest offset any consumer still needs. Producers
         blocked on a full ring go on once it passes the oldest segment."""
