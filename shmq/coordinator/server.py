@@ -28,7 +28,9 @@ commit_offsets, fetch_offsets, offsets_slot, sync_offsets,
 allocate_producer_id, status; consumer groups (``groups.py``): join_group,
 heartbeat, group_revoked, leave_group (on the member's own connection, which
 also carries pushed group state), list_groups, describe_group, delete_group,
-reset_offsets.
+reset_offsets; replication (``replication.py``): replica_register (on the
+replica process's own connection), replica_storage_failed,
+replica_storage_recovered, recover_topics, elect_leaders.
 """
 from __future__ import annotations
 
