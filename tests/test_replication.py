@@ -299,7 +299,7 @@ def test_disk_replica_with_flush_recovers_the_topic_after_the_root_is_wiped(root
     os.makedirs(disk, mode=0o700)
     with Admin(root) as admin:
         admin.create_topic("durable", 1, config={"replication_factor": 2, "min_insync_replicas": 2,
-                                                 "flush_messages": 1, "replica_dirs": {"1": disk},
+                                                 "flush_messages": 1, "flush_ms": 20, "replica_dirs": {"1": disk},
                                                  "segment_bytes": 1 << 20, "segment_count": 4})
         wait_isr(admin, "durable", 2)
         assert replica_dirs(root, admin, "durable")[1] == os.path.join(disk, "durable-0")

@@ -79,6 +79,7 @@ class PartitionReplica:
         self._last_publish = 0
         self._leader_end = (0, 0)              # (leader end seen, when) for "caught up"
         self._unflushed = 0
+        self._flushed_end = 0
         self._last_flush = time.monotonic_ns()
         self._housekept = 0
         self._checked = 0
@@ -216,6 +217,11 @@ class PartitionReplica:
         work = 0
         if now - self._housekept > HOUSEKEEP_NS:
             self._housekept = now
+            if self.config.get("flush_ms") is not None:
+                # A leader on disk: producers append themselves; its process msyncs every flush_ms.
+                end = plog.end_offset
+                self._flush_if_due(end - self._flushed_end, now)
+                self._flushed_end = end
             try:
                 work += plog.housekeep()
             except ShmqError as e:
@@ -320,6 +326,7 @@ class PartitionReplica:
             self._flush_if_due(end - before, now)
         else:
             end = self.reader.position
+            self._flush_if_due(0, now)       # flush_ms: what an idle follower still holds unflushed
             if now - self._last_publish < IDLE_PUBLISH_NS:
                 return 0
         caught_up = n == 0 or end >= target
@@ -333,11 +340,14 @@ class PartitionReplica:
         return 1 if n else 0
 
     def _flush_if_due(self, records: int, now: int) -> None:
-        """Disk replicas: msync before the copied records are reported replicated."""
+        """Disk replicas: msync every ``flush_messages`` records (before they are
+        reported replicated) and at least every ``flush_ms`` while any are unflushed."""
         fm, fms = self.config.get("flush_messages"), self.config.get("flush_ms")
         if fm is None and fms is None:
             return
         self._unflushed += records
+        if not self._unflushed:
+            return
         if (fm is not None and self._unflushed >= fm) or (fms is not None and now - self._last_flush >= fms * 1e6):
             assert self.log is not None
             self.log.flush()
