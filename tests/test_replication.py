@@ -185,6 +185,25 @@ def test_block_mode_replicated_topic_waits_for_the_group_and_loses_nothing(root:
         assert got == [b"%063d" % i for i in range(n)]
 
 
+def test_coordinator_death_keeps_replication_going_and_a_new_one_takes_over(root: Root) -> None:
+    with Admin(root) as admin:
+        d = create(admin, "coord", 3, min_insync_replicas=2)
+        pids = {r: replica_pid(root, r) for r in d.replicas}
+    with Producer(root, acks="all") as prod:
+        for i in range(100):
+            prod.send("coord", b"c%d" % i)
+        kill_coordinator(root)
+        for i in range(100, 200):                   # the data path needs no coordinator
+            prod.send("coord", b"c%d" % i)
+    with Admin(root) as admin:                      # starts a new coordinator
+        d2 = wait_isr(admin, "coord", 3)
+        assert (d2.leader, d2.leader_epoch) == (d.leader, d.leader_epoch)     # no election happened
+        assert {r: replica_pid(root, r) for r in d.replicas} == pids          # the same processes re-registered
+        assert d2.high_watermark == 200
+        with Producer(root, acks="all") as prod:
+            assert prod.send("coord", b"after").offset == 200
+
+
 def test_isr_below_min_insync_fails_acks_all_but_not_acks_1(root: Root) -> None:
     with Admin(root) as admin:
         d = create(admin, "minisr", 2, min_insync_replicas=2, replica_lag_time_max_ms=300)
