@@ -51,6 +51,7 @@ from typing import Any, Callable, Dict, List, Optional, Set, Tuple
 
 from ..errors import ShmqError
 from ..lifeline import DEAD, FREE, Lifeline
+from ..ringlog.log import ctl_inode
 from ..ringlog import PartitionLog
 from ..root import Root
 from .durable import DurableStore
@@ -149,7 +150,7 @@ class ReplicationManager:
                         plog = PartitionLog(path, name=f"{name}-{p}")
                         plog.set_append_state(NOT_LEADER)
                         self.logs[(name, p, r)] = plog
-                        self._inodes[(name, p, r)] = _ctl_inode(path)
+                        self._inodes[(name, p, r)] = ctl_inode(path)
                         continue
                     shutil.rmtree(path, ignore_errors=True)     # an orphan of a crashed create
                     os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
@@ -162,7 +163,7 @@ class ReplicationManager:
                     plog.set_replication(True, 0, 0, (1 << len(replicas)) - 1, 0)
                     plog.set_append_state(NOT_LEADER)    # the leader's process opens it
                     self.logs[(name, p, r)] = plog
-                    self._inodes[(name, p, r)] = _ctl_inode(path)
+                    self._inodes[(name, p, r)] = ctl_inode(path)
                     if leader:
                         self._baseline_all(name, p, replicas)
         except BaseException:
@@ -194,7 +195,7 @@ class ReplicationManager:
         """Replica ``replica``'s log, reopened if its files were recreated; None if unusable."""
         key = (topic, partition, replica)
         path = self.path(topic, partition, replica)
-        ino = _ctl_inode(path)
+        ino = ctl_inode(path)
         plog = self.logs.get(key)
         if plog is not None and ino == self._inodes.get(key):
             return plog
@@ -546,10 +547,4 @@ def read_partition_meta(path: str) -> Optional[Dict[str, Any]]:
     return meta if isinstance(meta, dict) and {"topic", "partition", "config", "replicas", "replica"} <= set(meta) \
         else None
 
-
-def _ctl_inode(path: str) -> int:
-    try:
-        return os.stat(os.path.join(path, "partition.ctl")).st_ino
-    except OSError:
-        return -1
 

@@ -644,15 +644,6 @@ static inline void stamp_epoch(shmq_log *log, claim_t *c)
     }
 }
 
-static int64_t wall_ms(void)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_REALTIME, &ts);
-    return (int64_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
-}
-
-static int64_t deadline_of(int64_t timeout_ns) { return timeout_ns < 0 ? -1 : shmq_now_ns() + timeout_ns; }
-
 static int check_frame_len(int64_t batch_len)
 {
     if (batch_len < SHMQ_BATCH_HEADER_SIZE)
@@ -674,11 +665,11 @@ int64_t shmq_log_append1(shmq_log *log, const char *key_, int64_t key_len,
     if (flen > log->cap || flen > MAX_FRAME_BYTES)
         return SHMQ_ERR_TOO_LARGE;
     if (timestamp < 0)
-        timestamp = wall_ms();
+        timestamp = shmq_wall_ms();
     if (timestamp_out)
         *timestamp_out = timestamp;
     static const shmq_batch_meta plain = { -1, -1, -1, 0, -1 };
-    int64_t deadline = deadline_of(timeout_ns);
+    int64_t deadline = shmq_deadline(timeout_ns);
     for (;;) {
         claim_t c;
         int rc = claim_frame(log, (uint32_t)flen, 1, deadline, &c, 0);
@@ -719,7 +710,7 @@ int64_t shmq_log_append(shmq_log *log, const shmq_records *r, const shmq_batch_m
         for (uint32_t i = 0; i < r->count; i++)
             if (r->timestamps[i] > max_ts)
                 max_ts = r->timestamps[i];
-    int64_t deadline = deadline_of(timeout_ns);
+    int64_t deadline = shmq_deadline(timeout_ns);
     for (;;) {
         claim_t c;
         int rc = claim_frame(log, (uint32_t)flen, r->count, deadline, &c, 0);
@@ -746,7 +737,7 @@ int64_t shmq_log_append_raw(shmq_log *log, const uint8_t *batch, int64_t len, in
     if (flen > log->cap || flen > MAX_FRAME_BYTES)
         return SHMQ_ERR_TOO_LARGE;
     int64_t max_ts = be64(batch + SHMQ_BATCH_OFF_MAX_TIMESTAMP);
-    int64_t deadline = deadline_of(timeout_ns);
+    int64_t deadline = shmq_deadline(timeout_ns);
     for (;;) {
         claim_t c;
         int rc = claim_frame(log, (uint32_t)flen, (uint32_t)lod + 1, deadline, &c, 0);
@@ -1529,7 +1520,7 @@ static int unblock_at(shmq_log *log, uint64_t seq, uint64_t pos, uint32_t rel)
     if (q < pos + SHMQ_MIN_FRAME || rel_q < rel)
         return set_error(log, SHMQ_ERR_CORRUPT, seq, pos, base + rel);
     uint32_t count = (uint32_t)(rel_q - rel);
-    shmq_batch_encode_empty((uint8_t *)(w + 1), SHMQ_BATCH_HEADER_SIZE, base + rel, count ? count : 1, wall_ms());
+    shmq_batch_encode_empty((uint8_t *)(w + 1), SHMQ_BATCH_HEADER_SIZE, base + rel, count ? count : 1, shmq_wall_ms());
     /* The padding header carries the relative offset that follows it. */
     st_rel(w, fh_make((int32_t)(q - pos), (uint32_t)rel_q, SHMQ_FRAME_PADDING));
     wake_readers(log);
@@ -1794,14 +1785,14 @@ int64_t shmq_log_append_frames(shmq_log *log, const uint8_t *buf, int64_t len)
             return set_error(log, SHMQ_ERR_DIVERGED, 0, (uint64_t)pos, be64(body));
         claim_t c;
         /* Block mode: do not wait for good here; the caller copies again. */
-        int rc = claim_frame(log, (uint32_t)flen, count, deadline_of(1000000000LL), &c, 1);
+        int rc = claim_frame(log, (uint32_t)flen, count, shmq_deadline(1000000000LL), &c, 1);
         if (rc != SHMQ_OK)
             return rc;
         if (c.base_offset != end) {
             /* Somebody else appended (the log was not the single writer):
              * void the claim and stop. */
             shmq_batch_encode_empty((uint8_t *)(c.word + 1), SHMQ_BATCH_HEADER_SIZE, c.base_offset,
-                                    count ? (int32_t)count : 1, wall_ms());
+                                    count ? (int32_t)count : 1, shmq_wall_ms());
             commit_word(log, &c, INT64_MIN, fh_make((int32_t)c.len, c.rel + count, SHMQ_FRAME_PADDING));
             return set_error(log, SHMQ_ERR_DIVERGED, 0, (uint64_t)pos, end);
         }
@@ -1810,7 +1801,7 @@ int64_t shmq_log_append_frames(shmq_log *log, const uint8_t *buf, int64_t len)
             rc = commit_frame(log, &c, be64(body + SHMQ_BATCH_OFF_MAX_TIMESTAMP));
         } else {
             shmq_batch_encode_empty((uint8_t *)(c.word + 1), SHMQ_BATCH_HEADER_SIZE, end, count ? (int32_t)count : 1,
-                                    wall_ms());
+                                    shmq_wall_ms());
             /* A padding header carries the relative offset following it. */
             rc = commit_word(log, &c, INT64_MIN, fh_make((int32_t)c.len, c.rel + count, SHMQ_FRAME_PADDING));
         }

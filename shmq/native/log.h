@@ -397,5 +397,9 @@ int64_t shmq_log_unblock_cursor(shmq_log *log, const shmq_cursor *cur, shmq_unbl
 int shmq_futex_wait(uint32_t *word, uint32_t expected, int64_t timeout_ns);
 int shmq_futex_wake(uint32_t *word, int count);
 int64_t shmq_now_ns(void);
+/* Wall-clock milliseconds (record timestamps). */
+int64_t shmq_wall_ms(void);
+/* The shmq_now_ns() deadline timeout_ns from now; -1 (none) for a negative timeout. */
+int64_t shmq_deadline(int64_t timeout_ns);
 
 #endif

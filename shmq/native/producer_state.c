@@ -49,15 +49,6 @@ static int state_path(char *out, size_t n, const char *dir)
     return (w < 0 || (size_t)w >= n) ? SHMQ_ERR_ARG : SHMQ_OK;
 }
 
-static int64_t wall_ms(void)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_REALTIME, &ts);
-    return (int64_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
-}
-
-static int64_t deadline_of(int64_t timeout_ns) { return timeout_ns < 0 ? -1 : shmq_now_ns() + timeout_ns; }
-
 static int64_t remaining(int64_t deadline)
 {
     if (deadline < 0)
@@ -222,7 +213,7 @@ static void write_fields(shmq_pstate_entry *e, uint64_t epoch_seq, int32_t first
     __atomic_store_n(&e->first_sequence, first, __ATOMIC_RELAXED);
     __atomic_store_n(&e->last_count, count, __ATOMIC_RELAXED);
     __atomic_store_n(&e->last_base_offset, offset, __ATOMIC_RELAXED);
-    __atomic_store_n(&e->updated_ms, wall_ms(), __ATOMIC_RELAXED);
+    __atomic_store_n(&e->updated_ms, shmq_wall_ms(), __ATOMIC_RELAXED);
     st_rlx(&e->epoch_seq, epoch_seq);
     st_rel(&e->seqlock, s + 1);
 }
@@ -320,7 +311,7 @@ int64_t shmq_pstate_append(shmq_pstate *ps, shmq_log *log, const shmq_records *r
     if (!ps || !log || !r || r->count == 0 || r->count > (uint32_t)INT32_MAX || producer_id < 0 ||
         epoch < 0 || base_seq < 0)
         return SHMQ_ERR_ARG;
-    int64_t deadline = deadline_of(timeout_ns);
+    int64_t deadline = shmq_deadline(timeout_ns);
     shmq_pstate_entry *e;
     int rc = lock_producer(ps, producer_id, deadline, &e);
     if (rc != SHMQ_OK)
@@ -376,7 +367,7 @@ int shmq_pstate_fence(shmq_pstate *ps, int64_t producer_id, int16_t epoch, int64
     if (!ps || producer_id < 0 || epoch < 0)
         return SHMQ_ERR_ARG;
     shmq_pstate_entry *e;
-    int rc = lock_producer(ps, producer_id, deadline_of(timeout_ns), &e);
+    int rc = lock_producer(ps, producer_id, shmq_deadline(timeout_ns), &e);
     if (rc != SHMQ_OK)
         return rc;
     uint64_t es = ld_rlx(&e->epoch_seq);
@@ -454,7 +445,7 @@ int shmq_pstate_observe_frames(shmq_pstate *ps, const uint8_t *buf, int64_t len)
         if (pid < 0 || epoch < 0 || seq < 0)
             continue;
         shmq_pstate_entry *e;
-        int rc = lock_producer(ps, pid, deadline_of(OBSERVE_LOCK_NS), &e);
+        int rc = lock_producer(ps, pid, shmq_deadline(OBSERVE_LOCK_NS), &e);
         if (rc != SHMQ_OK)
             return rc;
         write_fields(e, pack(epoch, seq_add(seq, lod)), seq, (uint32_t)lod + 1, be64(b + SHMQ_BATCH_OFF_BASE_OFFSET));

@@ -20,6 +20,15 @@ int64_t shmq_now_ns(void)
     return (int64_t)ts.tv_sec * 1000000000LL + ts.tv_nsec;
 }
 
+int64_t shmq_wall_ms(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_REALTIME, &ts);
+    return (int64_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
+}
+
+int64_t shmq_deadline(int64_t timeout_ns) { return timeout_ns < 0 ? -1 : shmq_now_ns() + timeout_ns; }
+
 /* Returns 0 when woken (or the word already differs), 1 on timeout. */
 int shmq_futex_wait(uint32_t *word, uint32_t expected, int64_t timeout_ns)
 {

@@ -29,6 +29,7 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 
 from ..errors import CorruptRecord, OffsetOutOfRange, ShmqError
 from ..native import lib
+from ..ringlog.log import ctl_inode
 from ..ringlog import LogReader, PartitionLog
 from ..ringlog.producer_state import ProducerStateTable
 from ..ringlog.reader import frame_epochs
@@ -44,12 +45,6 @@ IDLE_PUBLISH_NS = 50_000_000      # an idle follower re-reports "caught up" this
 HOUSEKEEP_NS = 2_000_000
 STORAGE_CHECK_NS = 20_000_000
 
-
-def _ctl_inode(path: str) -> int:
-    try:
-        return os.stat(os.path.join(path, "partition.ctl")).st_ino
-    except OSError:
-        return -1
 
 
 class PartitionReplica:
@@ -94,7 +89,7 @@ class PartitionReplica:
             self.log = PartitionLog(self.path, name=self.name)
             self.pstate = ProducerStateTable(self.path)
             self.cache = LeaderEpochCache(self.path)
-            self._ino = _ctl_inode(self.path)
+            self._ino = ctl_inode(self.path)
             # A previous process may have died in the middle of recording a
             # batch: the table is rebuilt from the log, which is the truth.
             self._rebuild_producer_state()
@@ -114,7 +109,7 @@ class PartitionReplica:
         self.log.set_append_state(NOT_LEADER)
         self.pstate = ProducerStateTable.create(self.path)
         self.cache = LeaderEpochCache(self.path)
-        self._ino = _ctl_inode(self.path)
+        self._ino = ctl_inode(self.path)
         self.role, self.epoch, self.ready = None, -1, False
         self.report("replica_storage_recovered", topic=self.topic, partition=self.partition, replica_id=self.rid)
 
@@ -140,7 +135,7 @@ class PartitionReplica:
 
     def _peer(self, path: str) -> Optional[PartitionLog]:
         """The mapping of the replica log at ``path``, remapped if its files were recreated."""
-        ino = _ctl_inode(path)
+        ino = ctl_inode(path)
         cached = self.peers.get(path)
         if cached is not None and cached[0] == ino:
             return cached[1]
@@ -200,7 +195,7 @@ class PartitionReplica:
         now = time.monotonic_ns()
         if now - self._checked > STORAGE_CHECK_NS:
             self._checked = now
-            if _ctl_inode(self.path) != self._ino:
+            if ctl_inode(self.path) != self._ino:
                 self.report("replica_storage_failed", topic=self.topic, partition=self.partition,
                             replica_id=self.rid, why=f"log files at {self.path} are gone")
                 self.recreate()

@@ -34,6 +34,15 @@ _NULL = ffi.NULL
 _LEO_MASK = (1 << 48) - 1
 
 
+def ctl_inode(path: str) -> int:
+    """Inode of the log's control block at directory ``path`` (-1 if it is
+    gone): a mapping whose inode differs maps files that were replaced."""
+    try:
+        return os.stat(os.path.join(path, "partition.ctl")).st_ino
+    except OSError:
+        return -1
+
+
 def _now_ms() -> int:
     return time.time_ns() // 1_000_000
 
@@ -196,6 +205,17 @@ class PartitionLog:
         ``values`` is a list of bytes (``None`` for a null value) or a 2-D
         ``uint8`` numpy array of fixed-width values; ``keys`` likewise or None.
         """
+        recs, keep, n = self.build_records(values, keys, None, timestamp_ms)
+        off = lib.shmq_log_append(self._h, recs, _NULL, _timeout_ns(timeout))
+        if off < 0:
+            self._fail(off, f"append a batch of {n} records")
+        return off
+
+    def build_records(self, values: Any, keys: Any = None, headers: Optional[Sequence[Any]] = None,
+                      timestamp_ms: Optional[int] = None) -> Tuple[Any, List[Any], int]:
+        """The ``shmq_records`` of a batch for this log's appends: (records,
+        the Python objects its pointers borrow from, record count). Raises
+        ``InvalidRecord`` naming what is wrong."""
         recs = ffi.new("shmq_records *")
         keep: List[Any] = []
         n = _fill_field(recs, "value", values, keep)
@@ -205,17 +225,17 @@ class PartitionLog:
                 raise InvalidRecord(f"{nk} keys for {n} values", topic=self.topic, partition=self.partition)
         if n == 0:
             raise InvalidRecord("a batch needs at least one record", topic=self.topic, partition=self.partition)
+        if headers is not None:
+            _fill_headers(recs, headers, n, keep)
         recs.count = n
         if timestamp_ms is None:
             recs.base_timestamp = _now_ms()
         elif type(timestamp_ms) is int and timestamp_ms >= 0:
             recs.base_timestamp = timestamp_ms
         else:
-            raise InvalidRecord(f"timestamp_ms must be a non-negative int, got {timestamp_ms!r}")
-        off = lib.shmq_log_append(self._h, recs, _NULL, _timeout_ns(timeout))
-        if off < 0:
-            self._fail(off, f"append a batch of {n} records")
-        return off
+            raise InvalidRecord(f"timestamp_ms must be a non-negative int, got {timestamp_ms!r}",
+                                topic=self.topic, partition=self.partition)
+        return recs, keep, n
 
     def append_raw(self, batch: BytesLike, timeout: Optional[float] = None) -> int:
         """Append a complete RecordBatch v2 built elsewhere (its baseOffset is

@@ -13,13 +13,12 @@ from __future__ import annotations
 
 import os
 import time
-from typing import Any, List, Optional, Sequence, Tuple, Union
+from typing import Any, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
-from ..errors import InvalidRecord
 from ..native import ffi, lib, raise_for
-from .log import BytesLike, PartitionLog, _fill_field, _fill_headers, _now_ms, _timeout_ns
+from .log import BytesLike, PartitionLog, _timeout_ns
 
 _NULL = ffi.NULL
 Values = Union[Sequence[Optional[BytesLike]], np.ndarray]
@@ -84,22 +83,7 @@ class ProducerStateTable:
         ``duplicate`` True. Raises ``ProducerFenced``, ``DuplicateSequenceNumber``,
         ``OutOfOrderSequenceNumber`` or the log's errors.
         """
-        recs = ffi.new("shmq_records *")
-        keep: List[Any] = []
-        n = _fill_field(recs, "value", values, keep)
-        if keys is not None and _fill_field(recs, "key", keys, keep) != n:
-            raise InvalidRecord(f"{len(keys)} keys for {n} values", topic=log.topic, partition=log.partition)
-        if n == 0:
-            raise InvalidRecord("a batch needs at least one record", topic=log.topic, partition=log.partition)
-        if headers is not None:
-            _fill_headers(recs, headers, n, keep)
-        recs.count = n
-        if timestamp_ms is None:
-            recs.base_timestamp = _now_ms()
-        elif type(timestamp_ms) is int and timestamp_ms >= 0:
-            recs.base_timestamp = timestamp_ms
-        else:
-            raise InvalidRecord(f"timestamp_ms must be a non-negative int, got {timestamp_ms!r}")
+        recs, _keep, n = log.build_records(values, keys, headers, timestamp_ms)
         dup = ffi.new("int *")  # per call: a table may be shared by threads
         off = lib.shmq_pstate_append(self._h, log._h, recs, producer_id, epoch, base_sequence,
                                      _timeout_ns(timeout), dup)
