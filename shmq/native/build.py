@@ -13,7 +13,9 @@ from cffi import FFI
 
 HERE = pathlib.Path(__file__).resolve().parent
 HEADERS = ["record_batch.h", "log.h", "producer_state.h", "lifeline.h"]
-SOURCES = ["crc32c.c", "murmur2.c", "record_batch.c", "log.c", "wait.c", "producer_state.c", "lifeline.c"]
+# Every C file of the core, in a stable order. fastpath*.c is the CPython
+# extension of the per-record path, built separately (it includes Python.h).
+SOURCES = sorted(p.name for p in HERE.glob("*.c") if not p.name.startswith("fastpath"))
 
 _INT_DEFINE = re.compile(r"^#define\s+[A-Z_][A-Z0-9_]*\s+\(?-?(0x[0-9A-Fa-f]+|\d+)[uUlL]*\)?\s*$")
 
@@ -35,7 +37,7 @@ def make_ffi() -> FFI:
         if (HERE / header).exists():
             ffi.cdef(_cdef_text(header))
     # setuptools wants paths relative to setup.py (the project root).
-    sources = [f"shmq/native/{s}" for s in SOURCES if (HERE / s).exists()]
+    sources = [f"shmq/native/{s}" for s in SOURCES]
     ffi.set_source(
         "shmq.native._shmq",
         "\n".join(f'#include "{h}"' for h in HEADERS if (HERE / h).exists()),
