@@ -5,6 +5,10 @@ Theory of operation: one root holds one broker's state. It defaults to
 It is created mode 0700 under umask 077; on every open its owner must be the
 effective uid and its mode must let nobody else in, otherwise
 ``ClusterAuthorizationFailed`` is raised naming the path, owner and mode.
+The root is verified (``lstat``: no symlink, a directory, ours, 0700) before
+anything is created in it, and every directory beneath it is made one
+component at a time through directory fds with ``O_NOFOLLOW``
+(``make_private_dirs``), so a planted link never receives a file or directory.
 
 Every path under the root is built here and nowhere else::
 
@@ -26,6 +30,7 @@ Names (topics, groups) follow Kafka: ``[A-Za-z0-9._-]{1,249}``, not ``.`` or
 """
 from __future__ import annotations
 
+import errno
 import os
 import pwd
 import re
@@ -34,7 +39,8 @@ from typing import Optional, Type, Union
 
 from .errors import ClusterAuthorizationFailed, InvalidGroupId, InvalidTopic, ShmqError
 
-__all__ = ["Root", "default_root_path", "validate_topic", "validate_group", "MAX_NAME_LENGTH"]
+__all__ = ["Root", "default_root_path", "check_private_dir", "make_private_dirs", "validate_topic", "validate_group",
+           "MAX_NAME_LENGTH"]
 
 MAX_NAME_LENGTH = 249
 _NAME_RE = re.compile(r"[A-Za-z0-9._-]{1,%d}\Z" % MAX_NAME_LENGTH)
@@ -58,6 +64,85 @@ def validate_topic(name: object) -> str:
 def validate_group(name: object) -> str:
     """Return ``name`` if it is a valid group id, else raise ``InvalidGroupId``."""
     return _validate_name(name, "group", InvalidGroupId)
+
+
+def check_private_dir(st: os.stat_result, path: str, what: str) -> None:
+    """Raise ``ClusterAuthorizationFailed`` naming ``path`` unless ``st`` (an
+    ``lstat``/``fstat`` result) is a real directory owned by the effective uid
+    with no permission bits for group or others."""
+    if stat.S_ISLNK(st.st_mode):
+        raise ClusterAuthorizationFailed(
+            f"{what} {path} is a symbolic link; refusing to follow it (a symlink or file is refused)")
+    if not stat.S_ISDIR(st.st_mode):
+        raise ClusterAuthorizationFailed(f"{what} {path} is not a directory (a symlink or file is refused)")
+    me = os.geteuid()
+    if st.st_uid != me:
+        raise ClusterAuthorizationFailed(
+            f"{what} {path} is owned by uid {st.st_uid}, not by this user (uid {me}); "
+            f"refusing to use it (set SHMQ_ROOT or root= to a directory of your own)")
+    if st.st_mode & 0o077:
+        raise ClusterAuthorizationFailed(
+            f"{what} {path} has mode {stat.S_IMODE(st.st_mode):04o}; it must be 0700 so no "
+            f"other user can reach its files (chmod 700 {path})")
+
+
+_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+
+
+def _open_dir(name: str, path: str, what: str, dir_fd: Optional[int] = None) -> int:
+    """Open directory ``name`` (relative to ``dir_fd``) without following a
+    symlink and verify it with ``check_private_dir``; return its fd."""
+    try:
+        fd = os.open(name, _DIR_FLAGS, dir_fd=dir_fd)
+    except OSError as e:
+        if e.errno in (errno.ELOOP, errno.ENOTDIR):
+            check_private_dir(os.lstat(name, dir_fd=dir_fd), path, what)
+        raise
+    try:
+        check_private_dir(os.fstat(fd), path, what)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def make_private_dirs(path: str, base: Optional[str] = None) -> None:
+    """Create directory ``path`` and its missing parents, mode 0700, beneath
+    ``base``, one component at a time: ``mkdir`` and ``open(O_NOFOLLOW)``
+    relative to the parent's fd, each component (new or existing) verified
+    with ``check_private_dir``. So a symlink planted anywhere beneath ``base``
+    never receives a directory: it is refused with ``ClusterAuthorizationFailed``.
+
+    ``base`` (itself verified the same way, not followed if a link) defaults
+    to the parent of the highest missing component, or to ``path``'s parent
+    when ``path`` exists: then only ``path`` and what is created are checked.
+    """
+    path = os.path.abspath(path)
+    if base is None:
+        base = os.path.dirname(path)
+        while not os.path.lexists(base) and base != os.path.dirname(base):
+            base = os.path.dirname(base)
+        fd = os.open(base, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    else:
+        base = os.path.abspath(base)
+        fd = _open_dir(base, base, "shmq directory")
+    rel = os.path.relpath(path, base)
+    if rel.startswith(".."):
+        os.close(fd)
+        raise ValueError(f"{path} is not beneath {base}")
+    cur = base
+    try:
+        for name in ([] if rel == "." else rel.split(os.sep)):
+            cur = os.path.join(cur, name)
+            try:
+                os.mkdir(name, 0o700, dir_fd=fd)
+            except FileExistsError:
+                pass
+            nfd = _open_dir(name, cur, "shmq directory", dir_fd=fd)
+            os.close(fd)
+            fd = nfd
+    finally:
+        os.close(fd)
 
 
 def default_root_path() -> str:
@@ -90,35 +175,52 @@ class Root:
         self.verify()
 
     def _create(self) -> None:
+        """Create the root (mode 0700) if it is missing, verify it, and only then
+        create ``meta/``, ``data/`` and ``data/<replica>/`` inside it through
+        directory fds (``make_private_dirs``): nothing is ever created inside
+        a link's target or a directory of another user."""
         old = os.umask(0o077)
         try:
-            for d in (self.path, self.meta_dir, self.data_dir, self.replica_dir()):
-                try:
-                    os.mkdir(d, 0o700)
-                except FileExistsError:
-                    pass
+            try:
+                os.mkdir(self.path, 0o700)
+            except FileExistsError:
+                pass
+            self.verify()
+            for d in (self.meta_dir, self.replica_dir()):
+                make_private_dirs(d, self.path)
         finally:
             os.umask(old)
 
     def verify(self) -> None:
         """Raise ``ClusterAuthorizationFailed`` unless the root is a real directory
-        owned by us that no other user can enter."""
+        owned by us that no other user can enter, and ``meta/``, ``data/`` and
+        ``data/<replica>/`` (where they exist) are too."""
         try:
             st = os.lstat(self.path)
         except FileNotFoundError:
             raise ClusterAuthorizationFailed(f"shmq root {self.path} does not exist") from None
-        if not stat.S_ISDIR(st.st_mode):
-            raise ClusterAuthorizationFailed(
-                f"shmq root {self.path} is not a directory (a symlink or file is refused)")
-        me = os.geteuid()
-        if st.st_uid != me:
-            raise ClusterAuthorizationFailed(
-                f"shmq root {self.path} is owned by uid {st.st_uid}, not by this user (uid {me}); "
-                f"refusing to use it (set SHMQ_ROOT or root= to a directory of your own)")
-        if st.st_mode & 0o077:
-            raise ClusterAuthorizationFailed(
-                f"shmq root {self.path} has mode {stat.S_IMODE(st.st_mode):04o}; it must be 0700 so no "
-                f"other user can reach its files (chmod 700 {self.path})")
+        check_private_dir(st, self.path, "shmq root")
+        for d in (self.meta_dir, self.data_dir, self.replica_dir()):
+            try:
+                st = os.lstat(d)
+            except FileNotFoundError:
+                continue
+            check_private_dir(st, d, "shmq root directory")
+
+    def makedirs(self, path: str) -> None:
+        """Create directory ``path`` (a partition directory) and its missing
+        parents with ``make_private_dirs``. Beneath the root the root is the
+        anchor; a path elsewhere (a replica on another filesystem) is anchored
+        at its parent, which is made 0700 if missing and must be as private as
+        the root."""
+        path = os.path.abspath(path)
+        if os.path.commonpath([path, self.path]) == self.path:
+            make_private_dirs(path, self.path)
+            return
+        base = os.path.dirname(path)
+        os.makedirs(base, mode=0o700, exist_ok=True)
+        check_private_dir(os.lstat(base), base, "replica directory")
+        make_private_dirs(path, base)
 
     # ------------------------------------------------------------------ paths
     @property

@@ -153,8 +153,8 @@ class ReplicationManager:
                         self._inodes[(name, p, r)] = ctl_inode(path)
                         continue
                     shutil.rmtree(path, ignore_errors=True)     # an orphan of a crashed create
-                    os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
                     made.append(path)
+                    self.root.makedirs(path)
                     plog = PartitionLog.create(path, lc, name=f"{name}-{p}")
                     ProducerStateTable.create(path).close()
                     write_partition_meta(path, {"topic": name, "partition": p, "topic_id": topic_id,

@@ -21,7 +21,6 @@ tagged with another epoch.
 from __future__ import annotations
 
 import logging
-import os
 import shutil
 import threading
 import time
@@ -103,7 +102,6 @@ class PartitionReplica:
         from ..coordinator.topic_config import log_config
         self.close()
         shutil.rmtree(self.path, ignore_errors=True)
-        os.makedirs(os.path.dirname(self.path), mode=0o700, exist_ok=True)
         self.log = PartitionLog.create(self.path, log_config(self.config), name=self.name)
         self.log.set_replication(True, 0, 0, 0, 0)
         self.log.set_append_state(NOT_LEADER)

@@ -22,6 +22,7 @@ import numpy as np
 
 from ..errors import InvalidRecord, MessageSizeTooLarge
 from ..native import ffi, lib, raise_for
+from ..root import make_private_dirs
 from .config import LogConfig
 from .records import Header, encode_headers
 
@@ -91,6 +92,10 @@ class PartitionLog:
                **overrides: Any) -> "PartitionLog":
         """Create the files of a new log (the directory is made if missing) and open it.
 
+        The directory must be a real directory of ours, mode 0700, never a
+        symlink (``root.make_private_dirs``; callers that know the root create
+        it first with ``Root.makedirs``).
+
         Every slot is allocated now, so a filesystem that cannot hold the log
         fails here with ``KafkaStorageError``, never later with SIGBUS.
         """
@@ -99,7 +104,7 @@ class PartitionLog:
         elif overrides:
             raise TypeError("pass either config or keyword overrides, not both")
         path = os.fspath(path)
-        os.makedirs(path, mode=0o700, exist_ok=True)
+        make_private_dirs(path)
         cfg = ffi.new("shmq_log_config *")
         cfg.slot_count = config.segment_count
         cfg.segment_bytes = config.segment_bytes
