@@ -157,6 +157,11 @@ def status(args: argparse.Namespace) -> int:
         st = client.status()
         print(f"Coordinator: pid {st.get('pid')} on {client.root.path}, up {st.get('uptime_s', 0):.0f} s")
         clients = st.get("clients") or []
+        for rid, rep in sorted((st.get("replicas") or {}).items(), key=lambda kv: int(kv[0])):
+            state = f"pid {rep.get('pid')}" if rep.get("registered") else "not running"
+            print(f"Replica process {rid}: {state}")
+            if rep.get("start_error"):
+                print(f"  its last start failed: {rep['start_error']}")
     with Admin(args.root) as admin:
         for name in admin.list_topics():
             d = admin.describe_topic(name)

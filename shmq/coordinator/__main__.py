@@ -3,8 +3,10 @@
 Runs a coordinator in the foreground (as ``shmq serve`` will). ``--standby``
 waits for the root's lock instead of exiting when another coordinator is
 active. ``--daemon`` detaches (double fork, new session, stdio to
-``<root>/coordinator.log``) and returns at once: this is how a client starts
-the embedded coordinator. Exit status: 0 after a clean stop, 3 if another
+``<root>/coordinator.log``, working directory ``/``) and returns once the
+detached coordinator serves (0), found another one active (3) or failed to
+start (1; the cause is in the log): this is how a client starts the embedded
+coordinator. Exit status in the foreground: 0 after a clean stop, 3 if another
 coordinator is active (without ``--standby``).
 """
 from __future__ import annotations
@@ -21,9 +23,20 @@ from .server import Coordinator, install_signal_handlers
 LOG_LIMIT = 16 << 20
 
 
-def _daemonize(root: Root) -> None:
+READY, OTHER_ACTIVE, STANDBY = b"R", b"3", b"S"
+
+
+def _daemonize(root: Root) -> int:
+    """Detach; returns (in the detached process) the pipe on which it reports
+    how its start went. The starting process waits for that report and exits
+    with 0 (serving or standing by), 3 (another is active) or 1 (it died)."""
+    r, w = os.pipe()
     if os.fork() > 0:
-        os._exit(0)
+        os.close(w)
+        with os.fdopen(r, "rb") as f:
+            word = f.read(1)
+        os._exit({READY: 0, STANDBY: 0, OTHER_ACTIVE: 3}.get(word, 1))
+    os.close(r)
     os.setsid()
     if os.fork() > 0:
         os._exit(0)
@@ -40,6 +53,15 @@ def _daemonize(root: Root) -> None:
     os.close(fd)
     os.close(null)
     os.chdir("/")
+    return w
+
+
+def _report(fd: int, word: bytes) -> None:
+    try:
+        os.write(fd, word)
+        os.close(fd)
+    except OSError:
+        pass
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -51,13 +73,20 @@ def main(argv: Optional[List[str]] = None) -> int:
     args = ap.parse_args(argv)
     os.umask(0o077)
     root = Root(args.root)
-    if args.daemon:
-        _daemonize(root)
+    report = _daemonize(root) if args.daemon else -1
     logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
                         format=f"%(asctime)s %(levelname)s [pid {os.getpid()}] %(name)s: %(message)s")
     coord = Coordinator(root)
     install_signal_handlers(coord)
-    return 0 if coord.run(standby=args.standby) else 3
+    if report < 0:
+        return 0 if coord.run(standby=args.standby) else 3
+    if args.standby:
+        _report(report, STANDBY)
+    # Any failure before on_ready closes the pipe unreported: the starter exits 1.
+    active = coord.run(standby=args.standby, on_ready=lambda: _report(report, READY))
+    if not active:
+        _report(report, OTHER_ACTIVE)
+    return 0 if active else 3
 
 
 if __name__ == "__main__":

@@ -5,9 +5,12 @@ Contract:
 * ``CoordinatorClient(root)`` connects lazily to ``<root>/coordinator.sock``.
   If nothing answers and the root's lock is free (no live coordinator), it
   starts the embedded one (``python -m shmq.coordinator --root R --daemon``,
-  detached, logging to ``<root>/coordinator.log``) and retries until
-  ``connect_timeout``; while the lock is held (a coordinator is starting or a
-  standby is taking over) it just retries. Then ``NotCoordinator``.
+  detached, from ``/`` with a safe ``sys.path``, logging to
+  ``<root>/coordinator.log``) and retries until ``connect_timeout``; while
+  the lock is held (a coordinator is starting or a standby is taking over) it
+  just retries. Then ``NotCoordinator``. A started coordinator that dies
+  before it serves raises ``CoordinatorStartFailed`` (a ``NotCoordinator``)
+  at once, with the last lines of its log.
 * ``call(op, **args)`` sends one request and waits up to ``timeout`` for the
   answer. If the connection breaks (the coordinator died), it reconnects once
   to the new coordinator and resends: every operation is safe to resend
@@ -31,7 +34,6 @@ import os
 import socket
 import struct
 import subprocess
-import sys
 import threading
 import time
 from typing import Any, Dict, Iterable, List, Mapping, Optional, Tuple, Union
@@ -39,10 +41,11 @@ from typing import Any, Dict, Iterable, List, Mapping, Optional, Tuple, Union
 from ..errors import NotCoordinator
 from ..offsets_table import OffsetsTable
 from ..root import Root
+from ..spawn import CHILD_CWD, child_env, log_tail, python_argv
 from .metamap import MetadataView
 from .protocol import error_from_wire, recv_frame, send_frame
 
-__all__ = ["CoordinatorClient", "TopicPartitionKey", "coordinator_alive"]
+__all__ = ["CoordinatorClient", "CoordinatorStartFailed", "TopicPartitionKey", "coordinator_alive"]
 
 TopicPartitionKey = Tuple[str, int]
 OffsetValue = Union[int, Tuple[int, str]]
@@ -70,11 +73,30 @@ def coordinator_alive(root: Root) -> bool:
     return lock_held(root.lock_path)
 
 
-def start_embedded(root: Root) -> None:
-    """Start a detached coordinator for ``root`` (it exits by itself if another wins)."""
-    subprocess.run([sys.executable, "-m", "shmq.coordinator", "--root", root.path, "--daemon"],
-                   stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                   close_fds=True, timeout=30, check=False)
+class CoordinatorStartFailed(NotCoordinator):
+    """The embedded coordinator a client started died before it served (the
+    message carries the last lines of its log)."""
+
+
+def start_embedded(root: Root, timeout: float = 30.0) -> None:
+    """Start a detached coordinator for ``root`` and wait until it serves, or
+    finds another one active, or ``timeout`` passes (then it may still come
+    up). It runs from ``/`` with this ``shmq`` first on its path (``shmq.spawn``);
+    what it prints before it detaches goes to ``<root>/coordinator.log`` too.
+    Raises ``CoordinatorStartFailed`` naming the cause if it died."""
+    fd = os.open(root.log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    try:
+        rc = subprocess.run(python_argv("shmq.coordinator", "--root", root.path, "--daemon"),
+                            stdin=subprocess.DEVNULL, stdout=fd, stderr=fd, close_fds=True, cwd=CHILD_CWD,
+                            env=child_env(), timeout=timeout, check=False).returncode
+    except subprocess.TimeoutExpired:
+        return
+    finally:
+        os.close(fd)
+    if rc not in (0, 3):
+        raise CoordinatorStartFailed(
+            f"the coordinator of {root.path} failed to start (exit status {rc}); "
+            f"the last lines of {root.log_path}:\n{log_tail(root.log_path)}")
 
 
 class CoordinatorClient:
@@ -113,12 +135,13 @@ class CoordinatorClient:
                 raise
             now = time.monotonic()
             if self.autostart and now - last_start > 2.0 and not coordinator_alive(self.root):
-                start_embedded(self.root)
+                start_embedded(self.root, timeout=max(deadline - now, 1.0))
                 last_start = time.monotonic()
                 continue
             if now > deadline:
                 raise NotCoordinator(f"no coordinator answers on {path} after {self.connect_timeout:.1f}s"
-                                     + ("" if self.autostart else " (autostart is off)"))
+                                     + (f"; the last lines of {self.root.log_path}:\n{log_tail(self.root.log_path)}"
+                                        if last_start > 0 else "" if self.autostart else " (autostart is off)"))
             time.sleep(delay)
             delay = min(delay * 2, 0.05)
 
@@ -150,6 +173,8 @@ class CoordinatorClient:
                 if self._sock is None:
                     try:
                         self._sock = self._connect()
+                    except CoordinatorStartFailed:
+                        raise                      # starting another would fail the same way
                     except NotCoordinator as e:
                         last = e
                         continue

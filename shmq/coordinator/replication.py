@@ -44,7 +44,6 @@ import logging
 import os
 import shutil
 import subprocess
-import sys
 import threading
 import time
 from typing import Any, Callable, Dict, List, Optional, Set, Tuple
@@ -54,6 +53,7 @@ from ..lifeline import DEAD, FREE, Lifeline
 from ..ringlog.log import ctl_inode
 from ..ringlog import PartitionLog
 from ..root import Root
+from ..spawn import CHILD_CWD, child_env, log_tail, python_argv
 from .durable import DurableStore
 from .topic_config import log_config
 
@@ -92,7 +92,7 @@ def _mask(replicas: List[int], members: List[int]) -> int:
 class ReplicaHandle:
     """What the coordinator knows of one replica process."""
 
-    __slots__ = ("rid", "cid", "pid", "proc", "spawned", "registered")
+    __slots__ = ("rid", "cid", "pid", "proc", "spawned", "registered", "start_error")
 
     def __init__(self, rid: int) -> None:
         self.rid = rid
@@ -101,6 +101,7 @@ class ReplicaHandle:
         self.proc: Optional[subprocess.Popen] = None     # type: ignore[type-arg]
         self.spawned = -1e9
         self.registered = False
+        self.start_error: Optional[str] = None     # why its last start failed (the end of its log)
 
 
 class ReplicationManager:
@@ -245,7 +246,11 @@ class ReplicationManager:
                 Lifeline(self.root.replica_alive_path(rid), create=True)      # before the process opens it
                 threading.Thread(target=self._watch, args=(rid,), name=f"shmq-lifeline-{rid}", daemon=True).start()
             if h.proc is not None and h.proc.poll() is not None:
-                h.proc = None                     # reaped
+                rc, h.proc = h.proc.returncode, None          # reaped
+                if rc > 0 and rc != 3:                         # 3: another process holds its lock
+                    path = self.root.replica_log_path(rid)
+                    h.start_error = f"exit status {rc}; the last lines of {path}:\n{log_tail(path)}"
+                    log.error("replica process %d failed: %s", rid, h.start_error)
             if h.registered or not self.spawn or now - h.spawned < RESPAWN_BACKOFF:
                 continue
             if h.proc is not None and now - h.spawned < STARTUP_S:
@@ -256,8 +261,9 @@ class ReplicationManager:
             try:
                 with open(self.root.replica_log_path(rid), "ab") as out:
                     h.proc = subprocess.Popen(
-                        [sys.executable, "-m", "shmq.replica", "--root", self.root.path, "--id", str(rid)],
-                        stdin=subprocess.DEVNULL, stdout=out, stderr=out, close_fds=True)
+                        python_argv("shmq.replica", "--root", self.root.path, "--id", str(rid)),
+                        stdin=subprocess.DEVNULL, stdout=out, stderr=out, close_fds=True, cwd=CHILD_CWD,
+                        env=child_env())
                 log.info("started replica process %d (pid %d)", rid, h.proc.pid)
             except OSError as e:
                 log.error("cannot start replica process %d: %s", rid, e)
@@ -309,7 +315,7 @@ class ReplicationManager:
         h = self.replicas.setdefault(rid, ReplicaHandle(rid))
         if h.registered and h.cid != cid:
             raise InvalidRequest(f"replica {rid} is already registered by pid {h.pid}")
-        h.cid, h.pid, h.registered = cid, pid, True
+        h.cid, h.pid, h.registered, h.start_error = cid, pid, True, None
         now = time.monotonic_ns()
         for name, p, pm in self.replicated_partitions():   # its lag counts from now, not from its start-up
             if rid in pm["replicas"]:

@@ -731,7 +731,7 @@ class Coordinator:
                             for c in self._clients.values()],
                 "topics": len(self.db.store.topics), "groups": len(self.db.store.offsets),
                 "partitions": len(self.registry),
-                "replicas": {str(h.rid): {"pid": h.pid, "registered": h.registered}
+                "replicas": {str(h.rid): {"pid": h.pid, "registered": h.registered, "start_error": h.start_error}
                              for h in self.replication.replicas.values()},
                 "failovers": self.replication.failovers[-100:],
                 "housekeeping": {"ticks": self.housekeeper.ticks,
