@@ -24,6 +24,8 @@ Every path under the root is built here and nowhere else::
     <root>/replica-<id>.lock    flock: the holder is replica process <id>
     <root>/replica-<id>.log     stdout/stderr of replica process <id>
     <root>/replica-<id>.alive   the lifeline robust mutex replica <id> holds (shmq.lifeline)
+    <root>/kafka-users          SASL/PLAIN credentials of the Kafka listener (mode 0600; shmq.kafka.sasl)
+    <root>/kafka-listener.log   stdout/stderr of a Kafka listener started by ``shmq serve --kafka``
 
 Names (topics, groups) follow Kafka: ``[A-Za-z0-9._-]{1,249}``, not ``.`` or
 ``..``, so no name can escape the root.
@@ -282,6 +284,14 @@ class Root:
 
     def replica_log_path(self, replica: int) -> str:
         return os.path.join(self.path, f"replica-{int(replica)}.log")
+
+    @property
+    def kafka_users_path(self) -> str:
+        return os.path.join(self.path, "kafka-users")
+
+    @property
+    def kafka_log_path(self) -> str:
+        return os.path.join(self.path, "kafka-listener.log")
 
     def coordinator_pid(self) -> Optional[int]:
         """Pid of the last coordinator that became active here, if it is alive

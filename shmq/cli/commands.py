@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from typing import Any, Dict, List, Optional
@@ -31,7 +32,52 @@ def serve(args: argparse.Namespace) -> int:
     argv = ["--root", args.root] if args.root else []
     if args.standby:
         argv.append("--standby")
-    return coordinator_main(argv)
+    procs: List[Any] = []
+    if getattr(args, "kafka", None):
+        import threading
+        threading.Thread(target=_start_kafka_listener, args=(args, procs), daemon=True).start()
+    try:
+        return coordinator_main(argv)
+    finally:
+        for proc in procs:
+            proc.terminate()
+            try:
+                proc.wait(10)
+            except Exception:
+                proc.kill()
+
+
+def _start_kafka_listener(args: argparse.Namespace, procs: List[Any]) -> None:
+    """``serve --kafka HOST:PORT``: once this coordinator is up, the Kafka
+    listener as a child process (logging to <root>/kafka-listener.log),
+    stopped with the coordinator."""
+    import subprocess
+
+    from ..coordinator.client import coordinator_alive
+    from ..kafka.__main__ import parse_address
+    from ..root import Root
+    root = Root(args.root)
+    deadline = time.monotonic() + 60
+    while not (coordinator_alive(root) and os.path.exists(root.socket_path)):
+        if time.monotonic() > deadline:
+            print("shmq serve: no coordinator came up; the Kafka listener is not started", file=sys.stderr)
+            return
+        time.sleep(0.05)
+    host, port = parse_address(args.kafka)
+    cmd = [sys.executable, "-m", "shmq.kafka", "--root", root.path, "--listen", f"{host}:{port}"]
+    if args.kafka_advertise:
+        cmd += ["--advertise", args.kafka_advertise]
+    fd = os.open(root.kafka_log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW, 0o600)
+    try:
+        proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=fd, text=True)
+    finally:
+        os.close(fd)
+    procs.append(proc)
+    line = proc.stdout.readline() if proc.stdout else ""
+    if not line.startswith("listening on"):
+        print(f"shmq serve: the Kafka listener did not start (see {root.kafka_log_path})", file=sys.stderr)
+        return
+    print(f"shmq serve: Kafka listener {line.strip()}", file=sys.stderr, flush=True)
 
 
 def topics(args: argparse.Namespace) -> int:
@@ -248,6 +294,9 @@ def groups(args: argparse.Namespace) -> int:
 def add_parsers(sub: Any) -> None:
     s = sub.add_parser("serve", help="run the coordinator in the foreground")
     s.add_argument("--standby", action="store_true", help="wait and take over when the active one dies")
+    s.add_argument("--kafka", metavar="HOST:PORT", default=None,
+                   help="also run a Kafka protocol listener there (e.g. 127.0.0.1:9092; off unless given)")
+    s.add_argument("--kafka-advertise", metavar="HOST", default=None, help="host name the listener gives clients")
     s.set_defaults(func=serve)
 
     t = sub.add_parser("topics", help="create, list, describe, delete or alter topics")

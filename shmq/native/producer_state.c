@@ -303,12 +303,19 @@ static int check_sequence(shmq_pstate_entry *e, int16_t epoch, int32_t base_seq,
     return base_seq <= last ? SHMQ_ERR_DUPLICATE_SEQ : SHMQ_ERR_OUT_OF_ORDER_SEQ;
 }
 
-int64_t shmq_pstate_append(shmq_pstate *ps, shmq_log *log, const shmq_records *r, int64_t producer_id,
-                           int16_t epoch, int32_t base_seq, int64_t timeout_ns, int *duplicate_out)
+/* Stores the batch of one locked append; returns its base offset or an error. */
+typedef int64_t (*pstate_store_fn)(shmq_log *log, const void *batch, int64_t len, int64_t producer_id, int16_t epoch,
+                                   int32_t base_seq, int64_t timeout_ns);
+
+/* The idempotent append shared by every form of batch: lock the producer's
+ * entry, check the sequence, store the batch with `store`, update the entry. */
+static int64_t append_checked(shmq_pstate *ps, shmq_log *log, const void *batch, int64_t len, uint32_t count,
+                              int64_t producer_id, int16_t epoch, int32_t base_seq, int64_t timeout_ns,
+                              int *duplicate_out, pstate_store_fn store)
 {
     if (duplicate_out)
         *duplicate_out = 0;
-    if (!ps || !log || !r || r->count == 0 || r->count > (uint32_t)INT32_MAX || producer_id < 0 ||
+    if (!ps || !log || !batch || count == 0 || count > (uint32_t)INT32_MAX || producer_id < 0 ||
         epoch < 0 || base_seq < 0)
         return SHMQ_ERR_ARG;
     int64_t deadline = shmq_deadline(timeout_ns);
@@ -317,12 +324,11 @@ int64_t shmq_pstate_append(shmq_pstate *ps, shmq_log *log, const shmq_records *r
     if (rc != SHMQ_OK)
         return rc;
     int64_t off = 0;
-    rc = check_sequence(e, epoch, base_seq, r->count, &off);
+    rc = check_sequence(e, epoch, base_seq, count, &off);
     if (rc == 1) {
-        shmq_batch_meta meta = { producer_id, epoch, base_seq, 0, -1 };
-        off = shmq_log_append(log, r, &meta, remaining(deadline));
+        off = store(log, batch, len, producer_id, epoch, base_seq, remaining(deadline));
         if (off >= 0)
-            write_fields(e, pack(epoch, seq_add(base_seq, (int32_t)(r->count - 1))), base_seq, r->count, off);
+            write_fields(e, pack(epoch, seq_add(base_seq, (int32_t)(count - 1))), base_seq, count, off);
     } else if (rc == 0) {
         if (duplicate_out)
             *duplicate_out = 1;
@@ -331,6 +337,20 @@ int64_t shmq_pstate_append(shmq_pstate *ps, shmq_log *log, const shmq_records *r
     }
     unlock_entry(e);
     return off;
+}
+
+static int64_t store_records(shmq_log *log, const void *batch, int64_t len, int64_t producer_id, int16_t epoch,
+                             int32_t base_seq, int64_t timeout_ns)
+{
+    shmq_batch_meta meta = { producer_id, epoch, base_seq, 0, -1 };
+    return shmq_log_append(log, (const shmq_records *)batch, &meta, timeout_ns);
+}
+
+int64_t shmq_pstate_append(shmq_pstate *ps, shmq_log *log, const shmq_records *r, int64_t producer_id,
+                           int16_t epoch, int32_t base_seq, int64_t timeout_ns, int *duplicate_out)
+{
+    return append_checked(ps, log, r, 0, r ? r->count : 0, producer_id, epoch, base_seq, timeout_ns,
+                          duplicate_out, store_records);
 }
 
 int64_t shmq_pstate_append1(shmq_pstate *ps, shmq_log *log, const char *key, int64_t key_len, const char *value,
@@ -360,6 +380,38 @@ int64_t shmq_pstate_append1(shmq_pstate *ps, shmq_log *log, const char *key, int
     }
     r.base_timestamp = timestamp;
     return shmq_pstate_append(ps, log, &r, producer_id, epoch, base_seq, timeout_ns, duplicate_out);
+}
+
+/* Big-endian field of a batch header (the listener's raw batches). */
+static int64_t pstate_be(const uint8_t *p, int n)
+{
+    int64_t v = 0;
+    for (int i = 0; i < n; i++)
+        v = (v << 8) | p[i];
+    return v;
+}
+
+static int64_t store_raw(shmq_log *log, const void *batch, int64_t len, int64_t producer_id, int16_t epoch,
+                         int32_t base_seq, int64_t timeout_ns)
+{
+    return shmq_log_append_raw(log, (const uint8_t *)batch, len, timeout_ns);
+}
+
+int64_t shmq_pstate_append_raw(shmq_pstate *ps, shmq_log *log, const uint8_t *batch, int64_t len,
+                               int64_t timeout_ns, int *duplicate_out)
+{
+    if (duplicate_out)
+        *duplicate_out = 0;
+    if (!batch || len < SHMQ_BATCH_HEADER_SIZE)
+        return SHMQ_ERR_ARG;
+    int64_t producer_id = pstate_be(batch + SHMQ_BATCH_OFF_PRODUCER_ID, 8);
+    int16_t epoch = (int16_t)pstate_be(batch + SHMQ_BATCH_OFF_PRODUCER_EPOCH, 2);
+    int32_t base_seq = (int32_t)(uint32_t)pstate_be(batch + SHMQ_BATCH_OFF_BASE_SEQUENCE, 4);
+    int32_t count = (int32_t)(uint32_t)pstate_be(batch + SHMQ_BATCH_OFF_RECORD_COUNT, 4);
+    if (count <= 0)
+        return SHMQ_ERR_ARG;
+    return append_checked(ps, log, batch, len, (uint32_t)count, producer_id, epoch, base_seq, timeout_ns,
+                          duplicate_out, store_raw);
 }
 
 int shmq_pstate_fence(shmq_pstate *ps, int64_t producer_id, int16_t epoch, int64_t timeout_ns)

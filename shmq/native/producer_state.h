@@ -126,6 +126,14 @@ int64_t shmq_pstate_append1(shmq_pstate *ps, shmq_log *log, const char *key, int
                             int64_t value_len, const char *headers, int64_t headers_len, int64_t timestamp,
                             int64_t producer_id, int16_t epoch, int32_t base_seq, int64_t timeout_ns,
                             int *duplicate_out);
+/* shmq_pstate_append of a complete RecordBatch v2 built elsewhere (a Kafka
+ * client's batch arriving through the wire listener): the producer id, epoch,
+ * base sequence and record count are read from the batch header, the same
+ * checks are made under the entry lock, then shmq_log_append_raw stores the
+ * batch as it is (baseOffset rewritten, CRC unaffected). A batch without a
+ * producer id (-1) is SHMQ_ERR_ARG: append it with shmq_log_append_raw. */
+int64_t shmq_pstate_append_raw(shmq_pstate *ps, shmq_log *log, const uint8_t *batch, int64_t len,
+                               int64_t timeout_ns, int *duplicate_out);
 /* Fence: raise the entry's epoch to `epoch` without appending (its next
  * batch must then have sequence 0; older epochs get PRODUCER_FENCED).
  * Returns 0, SHMQ_ERR_PRODUCER_FENCED if the entry already has a higher

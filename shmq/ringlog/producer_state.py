@@ -107,6 +107,17 @@ class ProducerStateTable:
                       f"{base_sequence})", topic=log.topic, partition=log.partition)
         return int(off), bool(dup[0])
 
+    def append_raw(self, log: PartitionLog, batch: BytesLike, timeout: Optional[float] = None) -> Tuple[int, bool]:
+        """``append`` of a complete RecordBatch v2 built elsewhere (a Kafka
+        client's, through the wire listener): producer id, epoch, sequence and
+        count come from its header; it is stored as it is (baseOffset patched)."""
+        buf = ffi.from_buffer(batch)
+        dup = ffi.new("int *")
+        off = lib.shmq_pstate_append_raw(self._h, log._h, buf, len(buf), _timeout_ns(timeout), dup)
+        if off < 0:
+            raise_for(off, f"idempotent append of a raw batch to {log.name}", topic=log.topic, partition=log.partition)
+        return int(off), bool(dup[0])
+
     def fence(self, producer_id: int, epoch: int, timeout: Optional[float] = None) -> None:
         """Raise ``producer_id``'s epoch to ``epoch`` without appending: older
         epochs get ``ProducerFenced``, the new one must start at sequence 0."""

@@ -1,0 +1,362 @@
+"""Kafka's data APIs over partition logs: Produce, Fetch, ListOffsets.
+
+Produce stores each RecordBatch of the request as it is: ``append_raw``
+claims room, copies the batch and rewrites its baseOffset (Kafka's CRC starts
+after it). A batch with a producer id (an idempotent producer) goes through
+the partition's producer-state table, the same one native idempotent
+producers use, so a retried batch is stored once and a gap or an old epoch is
+refused with Kafka's error. acks=0 gets no response, acks=1 one after the
+append, acks=all one after the high watermark passes the batch (replicated
+topics; for the others the append is the commit).
+
+Fetch copies committed frames from the log (``LogReader.read_frames``) and
+hands their batches to the client as they are stored, never above the high
+watermark; it waits for ``min_bytes`` up to ``max_wait_ms`` on the log's
+futex. Padding frames (a dead producer's claim, padded over) are left out:
+Kafka clients take the gap in offsets as they do after compaction.
+"""
+from __future__ import annotations
+
+import struct
+import threading
+import time
+from typing import TYPE_CHECKING, Any, Dict, List, Optional, Tuple
+
+from ..errors import (KafkaTimeoutError, MessageSizeTooLarge, NotEnoughReplicas, OffsetOutOfRange, ShmqError,
+                      UnknownTopicOrPartition)
+from ..native import ffi, lib
+from ..ringlog import PartitionLog
+from ..ringlog.producer_state import ProducerStateTable
+from .codec import error_code_for, ms
+
+if TYPE_CHECKING:
+    from .server import Connection, KafkaListener
+
+CORRUPT_MESSAGE = 2
+REQUEST_TIMED_OUT = 7
+INVALID_PRODUCER_EPOCH = 47
+UNSUPPORTED_FOR_MESSAGE_FORMAT = 43
+UNSUPPORTED_COMPRESSION_TYPE = 76
+INVALID_RECORD = 87
+TRANSACTIONAL_ID_AUTHORIZATION_FAILED = 53
+
+_BATCH_HEADER = 61
+_I32 = struct.Struct(">i")
+_I64 = struct.Struct(">q")
+_I16 = struct.Struct(">h")
+_FRAME = struct.Struct("<Q")
+_FRAME_DATA = 0
+
+
+class ProducerStates:
+    """The producer-state table of each partition log the listener appends
+    idempotent batches to (created beside a log that has none yet)."""
+
+    def __init__(self) -> None:
+        self._tables: Dict[str, ProducerStateTable] = {}
+        self._lock = threading.Lock()
+
+    def get(self, plog: PartitionLog) -> ProducerStateTable:
+        t = self._tables.get(plog.path)
+        if t is None:
+            with self._lock:
+                t = self._tables.get(plog.path)
+                if t is None:
+                    try:
+                        ProducerStateTable.create(plog.path).close()
+                    except ShmqError:
+                        pass           # it exists (a replicated log's, or another listener made it)
+                    t = self._tables[plog.path] = ProducerStateTable(plog.path)
+        return t
+
+    def close(self) -> None:
+        with self._lock:
+            for t in self._tables.values():
+                t.close()
+            self._tables.clear()
+
+
+class ConnectionData:
+    """A connection's readers (one per partition it fetched) and fetch buffer."""
+
+    def __init__(self, listener: "KafkaListener") -> None:
+        self.listener = listener
+        self.readers: Dict[Tuple[str, int, str], Any] = {}
+        self.buf = bytearray(1 << 20)
+        self.unblock = ffi.new("shmq_unblock_state *")
+
+    def reader(self, plog: PartitionLog, topic: str, partition: int, offset: int) -> Any:
+        key = (topic, partition, plog.path)
+        r = self.readers.get(key)
+        if r is None:
+            r = self.readers[key] = plog.reader(offset)
+        elif r.position != offset:
+            r.seek(offset)
+        return r
+
+    def close(self) -> None:
+        for r in self.readers.values():
+            close = getattr(r, "close", None)
+            if close is not None:
+                close()
+        self.readers.clear()
+
+
+# ------------------------------------------------------------------ Produce
+def _produce_partition(conn: "Connection", topic: str, partition: int, records: Optional[bytes], acks: int,
+                       timeout: float) -> Tuple[int, int, int, Optional[str]]:
+    """(error code, base offset, log start offset, message) of one partition's records."""
+    from .api_admin import ensure_topic
+    L = conn.listener
+    try:
+        info = ensure_topic(conn, topic, True)
+        plog = L.cluster.log(topic, partition)
+    except ShmqError as e:
+        return error_code_for(e), -1, -1, str(e)
+    data = memoryview(records or b"")
+    if len(data) < _BATCH_HEADER:
+        return CORRUPT_MESSAGE, -1, -1, "no record batch in the request"
+    base = -1
+    last = -1
+    pos = 0
+    try:
+        if acks == -1 and info.replicated and bin(plog.isr_mask).count("1") < info.min_insync_replicas:
+            raise NotEnoughReplicas(f"{topic}-{partition} has fewer in-sync replicas than min.insync.replicas="
+                                    f"{info.min_insync_replicas}")
+        while pos < len(data):
+            if len(data) - pos < _BATCH_HEADER:
+                return CORRUPT_MESSAGE, base, -1, f"truncated record batch at byte {pos}"
+            total = _I32.unpack_from(data, pos + 8)[0] + 12
+            if data[pos + 16] != 2:
+                return UNSUPPORTED_FOR_MESSAGE_FORMAT, base, -1, "only RecordBatch v2 (magic 2) is stored"
+            if total < _BATCH_HEADER or pos + total > len(data):
+                return CORRUPT_MESSAGE, base, -1, f"record batch length {total} runs past the request"
+            attrs = _I16.unpack_from(data, pos + 21)[0]
+            if attrs & 0x07:
+                return (UNSUPPORTED_COMPRESSION_TYPE, base, -1,
+                        "compressed batches are not stored by shmq: set compression.type=none")
+            if attrs & 0x30:
+                return INVALID_RECORD, base, -1, "transactional and control batches are not supported"
+            if total > info.max_message_bytes:
+                raise MessageSizeTooLarge(f"a {total}-byte batch exceeds max.message.bytes={info.max_message_bytes}"
+                                          f" of {topic}")
+            batch = data[pos:pos + total]
+            if _I64.unpack_from(data, pos + 43)[0] >= 0:
+                off, _dup = L.pstates.get(plog).append_raw(plog, batch, timeout)
+            else:
+                off = plog.append_raw(batch, timeout)
+            if base < 0:
+                base = off
+            last = off + _I32.unpack_from(data, pos + 23)[0]
+            pos += total
+        if acks == -1 and info.replicated and not plog.wait_hw(last, timeout):
+            return REQUEST_TIMED_OUT, base, -1, f"offset {last} was not replicated within the request timeout"
+    except ShmqError as e:
+        code = error_code_for(e)
+        if code == 90:
+            code = INVALID_PRODUCER_EPOCH
+        return code, base, -1, str(e)
+    return 0, base, plog.start_offset, None
+
+
+def produce(conn: "Connection", req: Any, version: int) -> Optional[Dict[str, Any]]:
+    acks = req.acks
+    timeout = max(0.0, ms(req.timeout) / 1000)
+    responses = []
+    for td in req.topic_data:
+        parts = []
+        for pd in td.partition_data:
+            if req.transactional_id is not None:
+                code, base, start, msg = (TRANSACTIONAL_ID_AUTHORIZATION_FAILED, -1, -1,
+                                          "transactions are not supported by the shmq Kafka listener")
+            else:
+                code, base, start, msg = _produce_partition(conn, td.name, pd.index, pd.records, acks, timeout)
+            parts.append({"index": pd.index, "error_code": code, "base_offset": base, "log_append_time": None,
+                          "log_start_offset": start, "record_errors": [], "error_message": msg})
+        responses.append({"name": td.name, "partition_responses": parts})
+    if acks == 0:
+        return None
+    return {"responses": responses}
+
+
+# -------------------------------------------------------------------- Fetch
+class _Part:
+    __slots__ = ("topic", "partition", "offset", "max_bytes", "plog", "reader", "error", "hw", "start", "chunks",
+                 "size")
+
+    def __init__(self, topic: str, partition: int, offset: int, max_bytes: int) -> None:
+        self.topic, self.partition, self.offset, self.max_bytes = topic, partition, offset, max_bytes
+        self.plog: Optional[PartitionLog] = None
+        self.reader: Any = None
+        self.error = 0
+        self.hw = self.start = -1
+        self.chunks: List[bytes] = []
+        self.size = 0
+
+
+def _read_part(conn: "Connection", p: _Part, limit: int) -> None:
+    """Batches of ``p`` from its offset, at most ``limit`` bytes (at least one batch)."""
+    data = conn.data
+    try:
+        if p.plog is None:
+            p.plog = conn.listener.cluster.log(p.topic, p.partition)
+        plog = p.plog
+        p.hw, p.start = plog.high_watermark, plog.start_offset
+        end = plog.end_offset
+        if p.offset < p.start or p.offset > end:
+            raise OffsetOutOfRange(f"offset {p.offset} of {p.topic}-{p.partition} is outside [{p.start}, {end}]")
+        p.reader = data.reader(plog, p.topic, p.partition, p.offset)
+        if p.offset >= p.hw:
+            return
+        buf = data.buf
+        want = max(limit, 1)
+        if len(buf) < want:
+            buf = data.buf = bytearray(min(want, 64 << 20))
+        try:
+            n = p.reader.read_frames(memoryview(buf)[:min(want, len(buf))])
+        except MessageSizeTooLarge:              # one frame larger than the limit: it is sent anyway
+            buf = data.buf = bytearray(plog.max_frame_bytes + 64)
+            n = p.reader.read_frames(buf)
+        mv = memoryview(buf)
+        pos = 0
+        while pos < n:
+            (word,) = _FRAME.unpack_from(buf, pos)
+            flen = word & 0xFFFFFFFF
+            if word >> 62 == _FRAME_DATA:
+                base = _I64.unpack_from(buf, pos + 8)[0]
+                if base >= p.hw:
+                    break
+                blen = _I32.unpack_from(buf, pos + 16)[0] + 12
+                if p.size and p.size + blen > limit:
+                    break
+                p.chunks.append(bytes(mv[pos + 8:pos + 8 + blen]))
+                p.size += blen
+            pos += flen
+        # The reader moved past what was copied; the next fetch seeks to where the client is.
+    except ShmqError as e:
+        p.error = error_code_for(e)
+
+
+def _wait_parts(conn: "Connection", parts: List[_Part], timeout: float) -> None:
+    """Sleep until one of ``parts`` may have new data, or ``timeout`` passes."""
+    waitable = [p for p in parts if p.reader is not None and not p.error]
+    if not waitable:
+        time.sleep(min(timeout, 0.01))
+        return
+    deadline = time.monotonic() + timeout
+    slice_s = timeout if len(waitable) == 1 else 0.002
+    i = 0
+    while True:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            return
+        p = waitable[i % len(waitable)]
+        i += 1
+        r = p.reader
+        if p.offset != r.position:
+            r.seek(p.offset)
+        # Wake at least every unblock interval to pad over a dead producer's claim.
+        unblock = p.plog.config.unblock_timeout_ms / 2000 + 0.001
+        if lib.shmq_log_wait(p.plog._h, r._cur, 20_000, int(min(left, slice_s, unblock) * 1e9)):
+            return
+        if p.plog.high_watermark > p.offset:
+            return
+        lib.shmq_log_unblock_cursor(p.plog._h, r._cur, conn.data.unblock)
+
+
+def fetch(conn: "Connection", req: Any, version: int) -> Dict[str, Any]:
+    max_wait = max(0, ms(req.max_wait)) / 1000
+    min_bytes = max(0, req.min_bytes)
+    max_bytes = getattr(req, "max_bytes", 0x7FFFFFFF)
+    if max_bytes <= 0:
+        max_bytes = 0x7FFFFFFF
+    parts = [_Part(t.topic, fp.partition, fp.fetch_offset, fp.partition_max_bytes)
+             for t in req.topics for fp in t.partitions]
+    deadline = time.monotonic() + max_wait
+    while True:
+        total = 0
+        for p in parts:
+            if p.error:
+                continue
+            limit = min(p.max_bytes, max_bytes - total)
+            if limit <= 0 and total:
+                continue
+            _read_part(conn, p, max(limit, 0))
+            total += p.size
+        left = deadline - time.monotonic()
+        if total >= min_bytes or total > 0 and min_bytes <= 1 or left <= 0 or any(p.error for p in parts):
+            break
+        _wait_parts(conn, parts, left)
+    responses: Dict[str, List[Dict[str, Any]]] = {}
+    for p in parts:
+        responses.setdefault(p.topic, []).append({
+            "partition_index": p.partition, "error_code": p.error, "high_watermark": p.hw,
+            "last_stable_offset": p.hw, "log_start_offset": p.start, "aborted_transactions": None,
+            "preferred_read_replica": -1, "records": b"".join(p.chunks)})
+    return {"error_code": 0, "session_id": 0,
+            "responses": [{"topic": t, "partitions": ps} for t, ps in responses.items()]}
+
+
+# -------------------------------------------------------------- ListOffsets
+EARLIEST, LATEST, MAX_TIMESTAMP = -2, -1, -3
+
+
+def _list_offset(conn: "Connection", topic: str, partition: int, ts: int) -> Dict[str, Any]:
+    out: Dict[str, Any] = {"partition_index": partition, "error_code": 0, "timestamp": -1, "offset": -1,
+                           "leader_epoch": -1}
+    try:
+        plog = conn.listener.cluster.log(topic, partition)
+        out["leader_epoch"] = plog.leader_epoch
+        if ts == EARLIEST:
+            out["offset"] = plog.start_offset
+        elif ts == LATEST:
+            out["offset"] = plog.high_watermark
+        elif ts >= 0 or ts == MAX_TIMESTAMP:
+            out["offset"], out["timestamp"] = _offset_for_time(plog, ts)
+        else:
+            out["error_code"] = 42
+    except ShmqError as e:
+        out["error_code"] = error_code_for(e)
+    return out
+
+
+def _offset_for_time(plog: PartitionLog, ts: int) -> Tuple[int, int]:
+    """(offset, timestamp) of the first record with timestamp >= ts (-1, -1 if
+    none); for MAX_TIMESTAMP, the record with the largest timestamp."""
+    hw = plog.high_watermark
+    r = plog.reader(plog.start_offset)
+    try:
+        if ts == MAX_TIMESTAMP:
+            best = (-1, -1)
+            while r.position < hw:
+                recs = r.read(4096)
+                if not recs:
+                    break
+                for rec in recs:
+                    if rec[0] < hw and rec[1] >= best[1]:
+                        best = (rec[0], rec[1])
+            return best
+        off = r.seek_to_time(ts)
+        if off >= hw:
+            return -1, -1
+        recs = r.read(1)
+        if not recs:
+            return -1, -1
+        return recs[0][0], recs[0][1]
+    finally:
+        close = getattr(r, "close", None)
+        if close is not None:
+            close()
+
+
+def list_offsets(conn: "Connection", req: Any, version: int) -> Dict[str, Any]:
+    topics = []
+    for t in req.topics:
+        topics.append({"name": t.name, "partitions": [_list_offset(conn, t.name, p.partition_index, p.timestamp)
+                                                      for p in t.partitions]})
+    return {"topics": topics}
+
+
+HANDLERS = {0: produce, 1: fetch, 2: list_offsets}
+
+__all__ = ["HANDLERS", "ProducerStates", "ConnectionData", "KafkaTimeoutError", "UnknownTopicOrPartition"]
