@@ -46,14 +46,19 @@ class Listener:
         return self.proc.poll() is None
 
     def stop(self, sig: int = signal.SIGTERM) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(sig)
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
+        stop_process(self.proc, sig)
         self._log.close()
+
+
+def stop_process(proc: "subprocess.Popen[str]", sig: int = signal.SIGTERM, wait: float = 10.0) -> None:
+    """Send ``sig``, wait up to ``wait`` seconds, then SIGKILL."""
+    if proc.poll() is None:
+        proc.send_signal(sig)
+        try:
+            proc.wait(wait)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(5)
 
 
 def listener_for(root: str, *extra: str) -> Iterator[Listener]:

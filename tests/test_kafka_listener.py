@@ -14,7 +14,7 @@ from typing import Dict, Iterator, List, Set, Tuple
 
 import pytest
 
-from kafka_support import Listener, frame, listener_for, recv_frame
+from kafka_support import Listener, frame, listener_for, recv_frame, stop_process
 from shmq import Admin, Consumer, Producer
 from shmq.root import Root
 
@@ -316,7 +316,6 @@ def test_unsupported_requests_get_error_codes(kafka: Listener) -> None:
 
 # ------------------------------------------------------------- shmq serve --kafka
 def test_shmq_serve_kafka_runs_the_listener_with_the_coordinator(root: Root) -> None:
-    import signal
     import subprocess
     import sys
     with socket.socket() as s:                 # a free port (the listener binds it right after)
@@ -339,11 +338,6 @@ def test_shmq_serve_kafka_runs_the_listener_with_the_coordinator(root: Root) -> 
                 assert time.monotonic() < deadline, "the listener never answered"
                 time.sleep(0.1)
     finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(5)
+        stop_process(proc, wait=20)
     with pytest.raises(OSError):                # the listener went with the coordinator
         socket.create_connection(("127.0.0.1", port), timeout=2).close()
