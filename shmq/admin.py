@@ -73,6 +73,7 @@ class GroupPartitionDescription:
     client_id: Optional[str]
     pid: Optional[int]
     host: Optional[str]
+    position: Optional[int] = None         # the owner's live read position (reader table), beyond Kafka's columns
 
 
 @dataclass(frozen=True)

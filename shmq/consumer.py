@@ -37,6 +37,7 @@ from .cluster import Cluster
 from .errors import (CommitFailed, IllegalState, InvalidConfig, LeaderNotAvailable, NoOffsetForPartition,
                      OffsetOutOfRange, ShmqError, UnknownTopicOrPartition)
 from .message import Message, OffsetAndTimestamp, TopicPartition
+from .native import lib
 from .ringlog import LogReader, RecordArrays
 
 log = logging.getLogger("shmq.consumer")
@@ -78,7 +79,7 @@ class Consumer:
                  auto_commit_interval_ms: int = 5000, max_poll_records: int = 500,
                  value_deserializer: Optional[Callable[[bytes], Any]] = None,
                  key_deserializer: Optional[Callable[[bytes], Any]] = None,
-                 check_crcs: bool = False, consumer_timeout_ms: Optional[int] = None,
+                 check_crcs: bool = True, tether: bool = True, consumer_timeout_ms: Optional[int] = None,
                  client_id: str = "shmq-consumer", spin_us: int = 50,
                  group_instance_id: Optional[str] = None, session_timeout_ms: int = 10000,
                  max_poll_interval_ms: int = 300000, heartbeat_interval_ms: Optional[int] = None,
@@ -105,6 +106,7 @@ class Consumer:
         self._value_de = value_deserializer
         self._key_de = key_deserializer
         self._check_crcs = check_crcs
+        self._tether = tether
         self._consumer_timeout = None if consumer_timeout_ms is None else consumer_timeout_ms / 1000
         self._spin_us = spin_us
         self._assigned: Dict[TopicPartition, _Assigned] = {}
@@ -270,7 +272,7 @@ class Consumer:
         if self._buffer_tp is not None and self._buffer_tp.tp in tps:
             self._drop_buffer()
         for tp in tps:
-            self._assigned.pop(tp, None)
+            _close_reader(self._assigned.pop(tp, None))
         self._order = [st for st in self._order if st.tp not in tps]
 
     def subscription(self) -> Tuple[str, ...]:
@@ -295,6 +297,9 @@ class Consumer:
             wanted.append(tp)
             self._cluster.prewarm_replicas(tp.topic)
         keep = {tp: self._assigned[tp] for tp in wanted if tp in self._assigned}
+        for tp, st in self._assigned.items():
+            if tp not in keep:
+                _close_reader(st)
         for tp in wanted:
             if tp not in keep:
                 keep[tp] = _Assigned(tp, self._cluster.log(tp.topic, tp.partition), None)
@@ -333,7 +338,8 @@ class Consumer:
         try:
             if st.reader is None:
                 st.reader = LogReader(st.log, offset, check_crc=self._check_crcs, spin_us=self._spin_us,
-                                      max_records=max(1024, self.max_poll_records))
+                                      max_records=max(1024, self.max_poll_records), tether=self._tether,
+                                      kind=lib.SHMQ_READER_KIND_CONSUMER, label=self.group_id or self.client_id)
             else:
                 st.reader.seek(offset)
         except OffsetOutOfRange:
@@ -346,6 +352,15 @@ class Consumer:
             log.warning("%s-%d: offset %s is out of range; resetting to %s", st.tp.topic, st.tp.partition,
                         st.position, self.auto_offset_reset)
             self._reset_position(st, f"offset {st.position} is out of range")
+
+    def _overrun(self, st: _Assigned, e: OffsetOutOfRange) -> None:
+        """An overwriting ring recycled records at this consumer's position:
+        say how many it missed, then apply auto_offset_reset ('none' raises)."""
+        if self.auto_offset_reset == "none":
+            raise e
+        log.warning("%s-%d: position %s is out of range (%d records missed); resetting to %s", st.tp.topic,
+                    st.tp.partition, st.position, e.missed, self.auto_offset_reset)
+        self._reset_position(st, f"position {st.position} is out of range")
 
     def _init_position(self, st: _Assigned) -> None:
         committed = self.committed(st.tp) if self.group_id else None
@@ -395,7 +410,7 @@ class Consumer:
         for tp, ts in timestamps.items():
             tp = TopicPartition(*tp)
             plog = self._cluster.log(tp.topic, tp.partition)
-            reader = LogReader(plog, plog.start_offset, buffer_bytes=plog.max_frame_bytes, max_records=1)
+            reader = LogReader(plog, plog.start_offset, buffer_bytes=plog.max_frame_bytes, max_records=1, tether=False)
             off = reader.seek_to_time(int(ts))
             recs = reader.read(1)
             out[tp] = OffsetAndTimestamp(off, recs[0].timestamp_ms) if recs and recs[0].offset == off else None
@@ -451,10 +466,8 @@ class Consumer:
         assert st.reader is not None
         try:
             return st.reader.read_as(Message, st.tp.topic, st.tp.partition, max_records, timeout)
-        except OffsetOutOfRange:
-            log.warning("%s-%d: position %s is out of range; resetting to %s", st.tp.topic, st.tp.partition,
-                        st.position, self.auto_offset_reset)
-            self._reset_position(st, f"position {st.position} is out of range")
+        except OffsetOutOfRange as e:
+            self._overrun(st, e)
             return []
 
     def _fetch(self, max_records: int, timeout: float) -> Tuple[Optional[_Assigned], List[Message]]:
@@ -600,8 +613,8 @@ class Consumer:
                 wait = 0.0 if k or rr == 0 or left <= 0 else (left if len(active) == 1 else min(left, 0.001))
                 try:
                     arrs = st.reader.read_arrays(num_messages, timeout=wait)
-                except OffsetOutOfRange:
-                    self._reset_position(st, f"position {st.position} is out of range")
+                except OffsetOutOfRange as e:
+                    self._overrun(st, e)
                     continue
                 if arrs is not None:
                     st.position = int(arrs.offsets[-1]) + 1
@@ -690,6 +703,8 @@ class Consumer:
                 log.warning("final commit failed: %s", e)
         self._leave_group()
         self._closed = True
+        for st in self._assigned.values():
+            _close_reader(st)
         self._assigned.clear()
         self._order = []
         self._buffer.clear()
@@ -700,6 +715,13 @@ class Consumer:
 
     def __exit__(self, *exc: Any) -> None:
         self.close()
+
+
+def _close_reader(st: Optional[_Assigned]) -> None:
+    """Give an unassigned partition's reader slot back (it stops holding producers)."""
+    if st is not None and st.reader is not None:
+        st.reader.close()
+        st.reader = None
 
 
 __all__ = ["Consumer"]

@@ -28,7 +28,14 @@ class KafkaTimeoutError(ShmqError):
 
 
 class OffsetOutOfRange(ShmqError):
-    """The offset is below the log start (retention removed it) or past the end."""
+    """The offset is below the log start (retention removed it) or past the end.
+
+    ``missed``: for a reader overrun by an overwriting ring, how many records
+    it never read (0 otherwise)."""
+
+    def __init__(self, message: str, *, missed: int = 0, **where: Optional[int]) -> None:
+        super().__init__(message, **where)  # type: ignore[arg-type]
+        self.missed = missed
 
 
 class CorruptRecord(ShmqError):

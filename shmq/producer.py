@@ -93,18 +93,15 @@ class _TopicRoute:
     """A topic's partitions as the producer sends to them (refreshed when the
     published metadata version changes)."""
 
-    __slots__ = ("name", "logs", "handles", "count", "max_bytes", "blocking", "fast", "replicated", "min_isr",
-                 "pstates")
+    __slots__ = ("name", "logs", "handles", "count", "max_bytes", "fast", "replicated", "min_isr", "pstates")
 
     def __init__(self, name: str, logs: List[Optional[PartitionLog]], max_bytes: int, replicated: bool = False,
                  min_isr: int = 1, acks_all: bool = False) -> None:
         self.name = name
-        # overflow="block" topics take the path with a timeout (max_block_ms).
-        self.blocking = any(log is not None and log.config.overflow == "block" for log in logs)
         self.replicated = replicated
         self.min_isr = min_isr
         # acks="all" on a replicated topic waits for the high watermark: not the fast path.
-        self.fast = not self.blocking and not (replicated and acks_all) and all(log is not None for log in logs)
+        self.fast = not (replicated and acks_all) and all(log is not None for log in logs)
         self.logs = logs
         self.handles = [_NULL if log is None else log._h for log in logs]
         self.count = len(logs)
@@ -251,7 +248,7 @@ class Producer:
                 ts = _time_ns() // 1_000_000
                 if ok and ts < self._recheck_ms:
                     off = self._append_kv(route.handles[partition], _NULL if key is None else key, klen,
-                                          value, vlen, ts)
+                                          value, vlen, ts, self._timeout_ns)
                     if off < 0:
                         if off == _NOT_LEADER:       # a failover: the slow path retries on the new leader
                             return self._send(topic, value, key, partition, headers, timestamp_ms)
@@ -303,9 +300,9 @@ class Producer:
             off = self._send_replicated(topic, partition, 1, lambda plog, t: plog.append(
                 value, key, headers, ts, t), ([value], [key] if key is not None else None, headers, ts, True),
                 pending_out)
-        elif headers is None and not route.blocking:
+        elif headers is None:
             off = self._append_kv(route.handles[partition], _NULL if key is None else key, klen,
-                                  _NULL if value is None else value, vlen, ts)
+                                  _NULL if value is None else value, vlen, ts, self._timeout_ns)
             if off < 0:
                 route.logs[partition]._fail(off, "send")
         else:

@@ -160,6 +160,18 @@ def test_status_shows_coordinator_topics_and_offsets(root: Root) -> None:
     assert "Client processes:" in out and re.search(r"pid\s+\d+\s+.*cpu\s+[\d.]+ s\s+rss\s+[\d.]+ MB", out)
 
 
+def test_status_and_group_describe_show_each_live_readers_position_and_lag(root: Root) -> None:
+    from shmq import Consumer
+    shmq(root, "topics", "create", "r", "--partitions", "1", *SMALL)
+    shmq(root, "produce", "r", "--partition", "0", input="a\nb\nc\nd\n")
+    with Consumer("r", root=root.path, group_id="audit", auto_offset_reset="earliest") as c:
+        assert len(c.consume(3, timeout=10)) == 3
+        out = shmq(root, "status").stdout
+        assert re.search(rf"consumer 'audit' pid {os.getpid()}: position 3\s+lag 1", out), out
+        out = shmq(root, "groups", "describe", "audit").stdout
+        assert "POSITION" in out and re.search(rf"audit\s+r\s+0\s+-\s+4\s+-\s+.*{os.getpid()}\s+3\s+1", out), out
+
+
 @pytest.mark.timeout(90)
 def test_dump_log_prints_frames_batches_and_records(root: Root) -> None:
     shmq(root, "topics", "create", "d", *SMALL)

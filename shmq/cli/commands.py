@@ -208,13 +208,19 @@ def status(args: argparse.Namespace) -> int:
             print(f"Replica process {rid}: {state}")
             if rep.get("start_error"):
                 print(f"  its last start failed: {rep['start_error']}")
-    with Admin(args.root) as admin:
-        for name in admin.list_topics():
-            d = admin.describe_topic(name)
-            print(f"Topic {name}: {d.partition_count} partitions")
-            for p in d.partitions:
-                print(f"  {name}-{p.partition}: log start {p.start_offset}  log end {p.end_offset}  "
-                      f"records {p.end_offset - p.start_offset}")
+    from ..cluster import Cluster
+    cluster = Cluster(args.root)
+    try:
+        with Admin(args.root) as admin:
+            for name in admin.list_topics():
+                d = admin.describe_topic(name)
+                print(f"Topic {name}: {d.partition_count} partitions")
+                for p in d.partitions:
+                    print(f"  {name}-{p.partition}: log start {p.start_offset}  log end {p.end_offset}  "
+                          f"records {p.end_offset - p.start_offset}")
+                    _print_readers(cluster, name, p.partition, p.end_offset)
+    finally:
+        cluster.close()
     pids = sorted({int(c["pid"]) for c in clients if isinstance(c, dict) and c.get("pid")})
     if pids:
         print("Client processes:")
@@ -229,6 +235,24 @@ def status(args: argparse.Namespace) -> int:
             except psutil.Error:
                 print(f"  pid {pid:>7}  (gone)")
     return 0
+
+
+def _print_readers(cluster: Any, topic: str, partition: int, end: int) -> None:
+    """The partition's live readers (reader table) with position and lag, and what
+    retention did: producers' waits for room, records overrun readers missed."""
+    try:
+        plog = cluster.log(topic, partition)
+    except Exception as e:                         # no leader right now, files gone: say so, go on
+        print(f"    (reader table unavailable: {e})")
+        return
+    if plog.blocked_count:
+        print(f"    producers waited for room {plog.blocked_count} times, {plog.blocked_seconds:.3f} s in all "
+              f"({plog.config.overflow} mode)")
+    for r in plog.readers():
+        label = f" '{r.label}'" if r.label else ""
+        missed = f"  missed {r.missed}" if r.missed else ""
+        print(f"    {r.kind}{label} pid {r.pid}: position {r.position}  lag {max(0, end - r.position)}"
+              f"{'' if r.tethered else '  untethered'}{missed}")
 
 
 def groups(args: argparse.Namespace) -> int:
@@ -253,12 +277,14 @@ def groups(args: argparse.Namespace) -> int:
             print(f"Consumer group '{d.group}': state {d.state}, {len(d.members)} member(s)"
                   + (f", assignor {d.assignor}, generation {d.generation}" if d.assignor else ""))
             print(f"{'GROUP':<20} {'TOPIC':<20} {'PARTITION':>9} {'CURRENT-OFFSET':>14} {'LOG-END-OFFSET':>14} "
-                  f"{'LAG':>8} {'CONSUMER-ID':<36} {'HOST':<12} {'CLIENT-ID':<20} {'PID':>7}")
+                  f"{'LAG':>8} {'CONSUMER-ID':<36} {'HOST':<12} {'CLIENT-ID':<20} {'PID':>7} {'POSITION':>10} "
+                  f"{'POSITION-LAG':>12}")
             for p in d.partitions:
                 print(f"{d.group:<20} {p.topic:<20} {p.partition:>9} "
                       f"{'-' if p.committed is None else p.committed:>14} {p.log_end:>14} "
                       f"{'-' if p.lag is None else p.lag:>8} {p.member_id or '-':<36} {p.host or '-':<12} "
-                      f"{p.client_id or '-':<20} {p.pid or '-':>7}")
+                      f"{p.client_id or '-':<20} {p.pid or '-':>7} {'-' if p.position is None else p.position:>10} "
+                      f"{'-' if p.position is None else max(0, p.log_end - p.position):>12}")
             return 0
         if args.action == "delete":
             admin.delete_group(args.group)

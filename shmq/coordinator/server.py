@@ -48,6 +48,7 @@ from typing import Any, Callable, Dict, List, Optional
 import psutil
 
 from ..errors import ClusterAuthorizationFailed, InvalidRequest, ShmqError, UnknownTopicOrPartition
+from ..ringlog import NO_FLOOR
 from ..root import Root, validate_group
 from .durable import DurableStore
 from .groups import GroupManager
@@ -371,8 +372,8 @@ class Coordinator:
         for p in partitions:
             low = self.db.store.committed_min(topic, p)
             plog = self._leader_log(topic, p)      # replicated: the current leader's log
-            if low is not None and plog is not None:
-                plog.set_slowest_position(low)
+            if plog is not None:                   # no group committed: no group holds the ring
+                plog.set_slowest_position(NO_FLOOR if low is None else low)
 
     def _payload(self) -> Dict[str, Any]:
         topics = {}
@@ -578,8 +579,11 @@ class Coordinator:
             end = plog.end_offset if plog is not None else -1
             cur = committed.get((t, p))
             m = owners.get((t, p))
+            # The owner's live position, from the partition's reader table.
+            pos = next((r.position for r in plog.readers() if r.pid == m["pid"] and r.label == group),
+                       None) if plog is not None and m else None
             parts.append({"topic": t, "partition": p, "committed": cur, "log_end": end,
-                          "lag": (end - cur) if cur is not None and end >= 0 else None,
+                          "lag": (end - cur) if cur is not None and end >= 0 else None, "position": pos,
                           "member_id": m["member_id"] if m else None,
                           "client_id": m["client_id"] if m else None, "pid": m["pid"] if m else None,
                           "host": m["host"] if m else None})
@@ -596,9 +600,14 @@ class Coordinator:
                 k.split("/")[0] == group for k in self.db.store.offset_slots) and group not in self.groups.groups:
             raise InvalidRequest(f"group {group!r} does not exist")
         slots = dict(self.db.store.offset_slots)
+        held = list(self.db.store.offsets.get(group, {}))
         self.db.commit([self.db.store.prepare_delete_group(group)])
         self.offsets.release_group(group, slots)
         self.groups.forget(group)
+        for topic in held:                     # its committed offsets no longer hold block-mode rings
+            t = self.db.store.topics.get(topic)
+            if t is not None:
+                self._update_slowest(topic, range(len(t["partitions"])))
         log.info("deleted group %s", group)
 
     def op_reset_offsets(self, group: str, to: str, topics: Optional[List[str]] = None,
@@ -636,7 +645,7 @@ class Coordinator:
             elif to == "offset":
                 off = min(max(int(value), lo), hi)  # type: ignore[arg-type]
             else:
-                reader = LogReader(plog, lo, buffer_bytes=plog.max_frame_bytes, max_records=256)
+                reader = LogReader(plog, lo, buffer_bytes=plog.max_frame_bytes, max_records=256, tether=False)
                 off = reader.seek_to_time(int(value))  # type: ignore[arg-type]
                 while off < hi:                   # the time index is sparse: scan to the record
                     recs = reader.read(256)

@@ -27,6 +27,7 @@ ERROR_NAMES = {
     lib.SHMQ_ERR_PRODUCER_FENCED: "producer fenced by a newer epoch",
     lib.SHMQ_ERR_DUPLICATE_SEQ: "duplicate sequence number",
     lib.SHMQ_ERR_OUT_OF_ORDER_SEQ: "out-of-order sequence number",
+    lib.SHMQ_ERR_READERS_FULL: f"every one of the {lib.SHMQ_MAX_READERS} reader slots is held by a live reader",
 }
 
 _CLASSES = {

@@ -19,8 +19,10 @@
  *   128  +--------------------------------------------------------------+
  *        | commit_seq (u32 futex word) | waiters (u32)                  |
  *   192  +--------------------------------------------------------------+
- *        | slowest_offset  lowest position still needed (block mode)    |
+ *        | slowest_offset  groups' committed floor (block mode; MAX none)|
  *        | unblock_owner   pid holding the unblock lock, 0 = free       |
+ *        | space_seq (u32 futex word) | space_waiters (u32)             |
+ *        | blocked_ns | blocked_count   producers' waits for room         |
  *   256  +--------------------------------------------------------------+
  *        | append_state    0 OPEN, 1 DELETED, 2 NOT_LEADER (appends refused)|
  *   320  +--------------------------------------------------------------+
@@ -34,7 +36,21 @@
  *   512  +--------------------------------------------------------------+
  *        | slot 0: claim line (64) | state line (64)                    |
  *        | slot 1 ...                                                   |
+ *   512 + 128 * slot_count
  *        +--------------------------------------------------------------+
+ *        | reader 0 (64): owner | start_time | position | flags | kind  |
+ *        |                missed | label[24]                            |
+ *        | reader 1 ... reader SHMQ_MAX_READERS - 1                     |
+ *        +--------------------------------------------------------------+
+ *
+ * Reader table (log_readers.c has the protocol): every live reader of the
+ * partition (consumer, LogReader, follower) owns one 64-byte slot and
+ * publishes there the next offset it needs. In block mode (the default)
+ * a segment is recycled only when every live tethered reader and the
+ * groups' committed floor (slowest_offset) are past its end; a producer
+ * facing a full ring sleeps on space_seq, which readers bump when they move
+ * while space_waiters is non-zero. A slot whose process died (pid and
+ * process start time) is freed by whoever notices.
  *
  * Slot words:
  *   claim       (record_count << 32) | byte_position. Producers fetch-add
@@ -93,7 +109,7 @@
 #include "record_batch.h"
 
 #define SHMQ_LOG_MAGIC 0x31474F4C514D4853
-#define SHMQ_LOG_VERSION 2
+#define SHMQ_LOG_VERSION 3
 #define SHMQ_MAX_SLOTS 1024
 #define SHMQ_CTL_HEADER_SIZE 512
 #define SHMQ_CTL_SLOT_SIZE 128
@@ -122,6 +138,13 @@
 
 #define SHMQ_MAX_REPLICAS 8
 
+#define SHMQ_MAX_READERS 64
+#define SHMQ_READER_SLOT_SIZE 64
+#define SHMQ_READER_TETHERED 1      /* the reader holds producers back (block mode) */
+#define SHMQ_READER_KIND_LOG 0      /* a LogReader */
+#define SHMQ_READER_KIND_CONSUMER 1 /* a Consumer's reader */
+#define SHMQ_READER_KIND_FOLLOWER 2 /* a follower replica copying the leader */
+
 /* Error codes beyond those of record_batch.h. */
 #define SHMQ_ERR_OUT_OF_RANGE -10   /* offset below the log start (recycled) */
 #define SHMQ_ERR_TIMEOUT -11        /* waited past the timeout */
@@ -136,6 +159,7 @@
 #define SHMQ_ERR_PRODUCER_FENCED -20 /* a newer epoch of this producer id appended */
 #define SHMQ_ERR_DUPLICATE_SEQ -21  /* an older batch of this producer, already stored */
 #define SHMQ_ERR_OUT_OF_ORDER_SEQ -22 /* a sequence gap: a batch of this producer is missing */
+#define SHMQ_ERR_READERS_FULL -23   /* every slot of the reader table is held by a live reader */
 
 typedef struct shmq_ctl_header {
     uint64_t magic;
@@ -155,10 +179,14 @@ typedef struct shmq_ctl_header {
     uint32_t waiters;
     uint64_t pad2[7];
     /* line 3 */
-    int64_t slowest_offset;
+    int64_t slowest_offset;     /* groups' committed floor; INT64_MAX: no group holds anything */
     uint32_t unblock_owner;
+    uint32_t space_seq;         /* futex word: +1 when a reader moves or leaves while space_waiters != 0 */
+    uint32_t space_waiters;     /* producers sleeping for room in a full block-mode ring */
     uint32_t pad3a;
-    uint64_t pad3[6];
+    uint64_t blocked_ns;        /* total time producers waited for room (fetch-add by each waiter) */
+    uint64_t blocked_count;     /* waits for room that producers went through */
+    uint64_t pad3[3];
     /* line 4: SHMQ_APPEND_OPEN / DELETED (set once by the coordinator when
      * the topic is deleted, before the files are unlinked) / NOT_LEADER (a
      * follower, or a fenced old leader); producer appends fail unless OPEN */
@@ -193,6 +221,17 @@ typedef struct shmq_ctl_slot {
     uint64_t pad_state[2];
 } shmq_ctl_slot;
 
+/* One reader's slot in the reader table (64 bytes; see log_readers.c). */
+typedef struct shmq_reader_slot {
+    uint64_t owner;       /* 0 free; pid of the owning process (bit 63 set while it fills the slot) */
+    uint64_t start_time;  /* the owner's process start time (/proc/<pid>/stat field 22) */
+    int64_t position;     /* next offset the reader needs (owner only, seq_cst) */
+    uint32_t flags;       /* SHMQ_READER_TETHERED */
+    uint32_t kind;        /* SHMQ_READER_KIND_* */
+    int64_t missed;       /* records this reader lost to an overwriting ring (owner only) */
+    char label[24];       /* group id, client id or replica name, NUL-padded */
+} shmq_reader_slot;
+
 /* Configuration of a new log. */
 typedef struct shmq_log_config {
     uint32_t slot_count;
@@ -210,6 +249,8 @@ typedef struct shmq_cursor {
     uint64_t pos;
     int64_t rel;
     int64_t next_offset;
+    uint32_t reader_id;   /* 0: not in the reader table; else slot index + 1 (reads and seeks publish next_offset there) */
+    uint32_t pad;
 } shmq_cursor;
 
 /* Where a walker last saw the log blocked, and since when. */
@@ -250,10 +291,11 @@ int64_t shmq_log_append1(shmq_log *log, const char *key, int64_t key_len,
                          const char *headers, int64_t headers_len,
                          int64_t timestamp, int64_t *timestamp_out, int64_t timeout_ns);
 /* The common cases with fewer arguments (each cffi argument costs ~20 ns, more
- * than the append itself): timestamp now, no headers, wait without limit. */
+ * than the append itself): no headers; append_value stamps now and waits
+ * for room without limit, append_kv waits up to timeout_ns (< 0: no limit). */
 int64_t shmq_log_append_value(shmq_log *log, const char *value, int64_t value_len);
 int64_t shmq_log_append_kv(shmq_log *log, const char *key, int64_t key_len,
-                           const char *value, int64_t value_len, int64_t timestamp);
+                           const char *value, int64_t value_len, int64_t timestamp, int64_t timeout_ns);
 /* Append a batch of records; returns the base offset or an error. */
 int64_t shmq_log_append(shmq_log *log, const shmq_records *r, const shmq_batch_meta *meta,
                         int64_t timeout_ns);
@@ -383,8 +425,27 @@ int32_t shmq_frames_epochs(const uint8_t *buf, int64_t len, int32_t last_epoch, 
  * Returns 0 or SHMQ_ERR_IO. */
 int shmq_log_flush(shmq_log *log);
 
-/* Block mode: report the lowest offset any consumer still needs. */
+/* ------------------------------------------------------- reader table */
+
+/* Block mode: the lowest offset any consumer group still needs (its
+ * committed offset); INT64_MAX when no group holds anything. Wakes producers
+ * waiting for room. */
 void shmq_log_set_slowest(shmq_log *log, int64_t offset);
+/* Take a slot of the reader table for cur (cur->reader_id is set) with
+ * the given first position, SHMQ_READER_* flags, kind and label (truncated
+ * to 23 bytes). Returns the slot index or SHMQ_ERR_READERS_FULL. */
+int shmq_log_reader_register(shmq_log *log, shmq_cursor *cur, int64_t position, uint32_t flags, uint32_t kind,
+                             const char *label);
+/* Give cur's slot back (only from the process that took it). */
+void shmq_log_reader_release(shmq_log *log, shmq_cursor *cur);
+/* Slot index of the table, or NULL past SHMQ_MAX_READERS. */
+shmq_reader_slot *shmq_log_reader_slot(shmq_log *log, uint32_t index);
+/* Free the slots of readers whose process died; returns how many. */
+int shmq_log_readers_sweep(shmq_log *log);
+/* The lowest offset still needed: min of the groups' floor and every live
+ * tethered reader's position. *holder: the reader slot that sets it, -1 for
+ * the groups' floor, -2 when nothing holds anything (INT64_MAX returned). */
+int64_t shmq_log_retention_floor(shmq_log *log, int32_t *holder);
 
 /* Housekeeping: prepare the next slot, finish an abandoned seal, and pad
  * over claims left incomplete past the unblock timeout. Safe to run from any

@@ -23,8 +23,12 @@
  *    whoever wrote it, its value is where the segment ends.
  *  - header.active_seq: CAS seq -> seq+1 by whoever activates seq+1; every
  *    step is idempotent, so any producer (or reader) can help a roll along.
- *  - Block mode: a sealed segment's slot is recycled only when
- *    header.slowest_offset (acquire) is at or past the segment's end.
+ *  - Block mode: a sealed segment's slot is recycled only when the
+ *    retention floor (log_readers.c: the groups' committed floor and every
+ *    live tethered reader's position, seq_cst loads) is at or past the
+ *    segment's end. A producer that finds it short sleeps on space_seq
+ *    (shmq__wait_for_space), registered in space_waiters before it looks
+ *    again, so a reader that moves after that look always wakes it.
  *  - After a commit, waiters is read seq_cst (wake_readers) so a sleeping
  *    reader is never missed.
  */
@@ -88,8 +92,7 @@ int shmq__prepare_slot(shmq_log *log, uint64_t t)
         int64_t end = segment_end(slot);
         if (end < 0)
             return SHMQ_ERR_RETRY;
-        if ((log->flags & SHMQ_FLAG_OVERFLOW_BLOCK) &&
-            __atomic_load_n(&log->hdr->slowest_offset, __ATOMIC_ACQUIRE) < end)
+        if ((log->flags & SHMQ_FLAG_OVERFLOW_BLOCK) && shmq_log_retention_floor(log, NULL) < end)
             return SHMQ_ERR_TIMEOUT;
     }
     if (!cas64(&slot->state_seq, ss, ss_make(t, SHMQ_SLOT_CLEANING)))
@@ -150,17 +153,33 @@ int shmq__advance(shmq_log *log, uint64_t s)
     return activate(log, s, end);
 }
 
+/* Is the ring still too full to move past segment s? (shmq__wait_for_space's re-check) */
+static int ring_full(shmq_log *log, uint64_t s)
+{
+    return shmq__advance(log, s) == SHMQ_ERR_TIMEOUT;
+}
+
 /* Wait until segment s is no longer the active one, helping it along. */
 static int await_next_segment(shmq_log *log, uint64_t s, int64_t deadline)
 {
     shmq_unblock_state st = { 0 };
+    int blocked = 0;
     for (int round = 0;; round++) {
         if (ld_acq(&log->hdr->active_seq) != s)
             return SHMQ_OK;
         int rc = shmq__advance(log, s);
         if (rc == SHMQ_OK)
             continue;
-        if (rc != SHMQ_ERR_RETRY && rc != SHMQ_ERR_TIMEOUT)
+        if (rc == SHMQ_ERR_TIMEOUT) {
+            /* Block mode, the ring is full of what readers still need: sleep
+             * until one moves (or dies), up to the deadline. */
+            if (!blocked++)
+                __atomic_fetch_add(&log->hdr->blocked_count, 1, __ATOMIC_RELAXED);
+            if (shmq__wait_for_space(log, ring_full, s, deadline) != SHMQ_OK)
+                return SHMQ_ERR_TIMEOUT;
+            continue;
+        }
+        if (rc != SHMQ_ERR_RETRY)
             return rc;
         if (round > 256 && round % 64 == 0) {
             /* A sealer may have died between its claim and its seal. */
@@ -340,9 +359,9 @@ int64_t shmq_log_append_value(shmq_log *log, const char *value, int64_t value_le
 }
 
 int64_t shmq_log_append_kv(shmq_log *log, const char *key, int64_t key_len, const char *value, int64_t value_len,
-                           int64_t timestamp)
+                           int64_t timestamp, int64_t timeout_ns)
 {
-    return shmq_log_append1(log, key, key_len, value, value_len, NULL, 0, timestamp, NULL, -1);
+    return shmq_log_append1(log, key, key_len, value, value_len, NULL, 0, timestamp, NULL, timeout_ns);
 }
 
 int64_t shmq_log_append(shmq_log *log, const shmq_records *r, const shmq_batch_meta *meta, int64_t timeout_ns)

@@ -36,7 +36,6 @@ static void file_name(char *out, size_t n, const char *dir, uint32_t slot, const
         snprintf(out, n, "%s/partition.ctl", dir);
 }
 
-static size_t ctl_bytes(uint32_t n) { return page_round(SHMQ_CTL_HEADER_SIZE + (size_t)n * SHMQ_CTL_SLOT_SIZE); }
 
 /* Create one file of exactly len bytes, all blocks allocated now, so that a
  * full tmpfs is an error here and never a SIGBUS in the middle of a write. */
@@ -126,7 +125,7 @@ int shmq_log_create(const char *dir, const shmq_log_config *cfg)
     h->unblock_timeout_ns = cfg->unblock_timeout_ns;
     h->created_ns = shmq_now_ns();
     h->active_seq = 0;
-    h->slowest_offset = 0;
+    h->slowest_offset = INT64_MAX; /* no consumer group holds anything yet */
     for (uint32_t i = 0; i < cfg->slot_count; i++) {
         slots[i].state_seq = ss_make(0, SHMQ_SLOT_EMPTY);
         slots[i].max_timestamp = INT64_MIN;
@@ -215,6 +214,7 @@ int shmq_log_open(const char *dir, shmq_log **out)
         goto fail;
     log->hdr = (shmq_ctl_header *)log->ctl;
     log->slots = (shmq_ctl_slot *)(log->ctl + SHMQ_CTL_HEADER_SIZE);
+    log->readers = (shmq_reader_slot *)(log->ctl + SHMQ_CTL_HEADER_SIZE + (size_t)log->n * SHMQ_CTL_SLOT_SIZE);
     for (uint32_t i = 0; i < log->n; i++) {
         file_name(path, sizeof path, dir, i, "log");
         if (!(log->seg[i] = map_file(path, log->cap, &rc)))

@@ -79,6 +79,8 @@ struct shmq_log {
     int64_t err_offset, err_seq, err_pos;
     /* shmq_log_flush: what this handle synced last (segment seq, position). */
     uint64_t flushed_seq, flushed_pos;
+    /* The reader table, after the slots in the control block (log_readers.c). */
+    shmq_reader_slot *readers;
 };
 
 enum { FAULT_NONE, FAULT_KILL_AFTER_CLAIM, FAULT_STOP_AFTER_CLAIM, FAULT_KILL_BEFORE_HEADER };
@@ -214,6 +216,19 @@ static inline int frame_rel_ok(uint64_t h, int64_t rel)
     return fh_type(h) == SHMQ_FRAME_DATA ? fh_rel(h) == rel : fh_rel(h) >= rel;
 }
 
+/* An incomplete frame header at relative offset rel is one of: 0 (claimed,
+ * header not written yet), POISON (an unblocker's mark), or a claimed or
+ * fenced word of this rel with a length that fits. Anything else is garbage
+ * that would otherwise stall readers until an unblocker padded it over. */
+static inline int pending_header_ok(shmq_log *log, uint64_t h, uint64_t pos, int64_t rel)
+{
+    if (h == 0 || h == POISON)
+        return 1;
+    int64_t len = -(int64_t)fh_len(h);
+    return len >= SHMQ_MIN_FRAME && len % SHMQ_FRAME_ALIGN == 0 && pos + (uint64_t)len <= log->cap &&
+           fh_rel(h) == rel && fh_type(h) != SHMQ_FRAME_PADDING;
+}
+
 /* Checks on live shared memory can fail because the slot was recycled
  * under the walker (its bytes are being zeroed or rewritten): that is not
  * corruption. Re-check the generation before calling anything corrupt. */
@@ -235,5 +250,21 @@ SHMQ_INTERNAL int shmq__commit_frame(shmq_log *log, claim_t *c, int64_t max_ts);
 
 /* log_read.c: the segment holding an offset. */
 SHMQ_INTERNAL int shmq__find_segment(shmq_log *log, int64_t offset, uint64_t *seq_out);
+
+/* log_readers.c: publish cur->next_offset into its reader slot (if any) and
+ * wake producers waiting for room; sleep until a full ring may have room
+ * (still_full(log, seq) is re-checked after registering as a waiter; one
+ * slice of at most 10 ms, so dead readers are noticed). Returns SHMQ_OK, or
+ * SHMQ_ERR_TIMEOUT once deadline (>= 0) has passed. */
+SHMQ_INTERNAL void shmq__reader_publish(shmq_log *log, const shmq_cursor *cur);
+SHMQ_INTERNAL int shmq__wait_for_space(shmq_log *log, int (*still_full)(shmq_log *, uint64_t), uint64_t seq,
+                                       int64_t deadline);
+
+/* Bytes of the control block of a log with n slots: header, slots, reader table. */
+static inline size_t ctl_bytes(uint32_t n)
+{
+    return page_round(SHMQ_CTL_HEADER_SIZE + (size_t)n * SHMQ_CTL_SLOT_SIZE +
+                      (size_t)SHMQ_MAX_READERS * SHMQ_READER_SLOT_SIZE);
+}
 
 #endif

@@ -229,6 +229,7 @@ int shmq_log_seek(shmq_log *log, shmq_cursor *cur, int64_t offset)
         cur->pos = pos;
         cur->rel = rel;
         cur->next_offset = offset;
+        shmq__reader_publish(log, cur);
         return SHMQ_OK;
     }
 }
@@ -238,9 +239,10 @@ int shmq_log_seek(shmq_log *log, shmq_cursor *cur, int64_t offset)
  * sat at the very end of seq), move there. */
 static int reseek_recycled(shmq_log *log, shmq_cursor *cur, uint64_t seq)
 {
-    shmq_cursor c;
+    shmq_cursor c = { 0 };
     if (shmq_log_seek(log, &c, cur->next_offset) != SHMQ_OK || c.seq <= seq)
         return set_error(log, SHMQ_ERR_OUT_OF_RANGE, seq, cur->pos, cur->next_offset);
+    c.reader_id = cur->reader_id;
     *cur = c;
     return SHMQ_OK;
 }
@@ -248,8 +250,8 @@ static int reseek_recycled(shmq_log *log, shmq_cursor *cur, uint64_t seq)
 /* shmq_log_read and, with views == NULL, the raw frame stream of
  * shmq_log_read_frames (then the result is bytes, not records, and the high
  * watermark is ignored). */
-int64_t shmq_log_read(shmq_log *log, shmq_cursor *cur, uint8_t *dst, int64_t dst_len,
-                      shmq_record_view *views, int64_t max_records, int check_crc, int64_t *dst_used)
+static int64_t read_frames_at(shmq_log *log, shmq_cursor *cur, uint8_t *dst, int64_t dst_len,
+                              shmq_record_view *views, int64_t max_records, int check_crc, int64_t *dst_used)
 {
     const int frames = views == NULL;
     int64_t nrec = 0;
@@ -296,8 +298,11 @@ int64_t shmq_log_read(shmq_log *log, shmq_cursor *cur, uint8_t *dst, int64_t dst
             if (base + rel >= hw)
                 break; /* replicated: nothing at or above the high watermark */
             uint64_t h = ld_acq(frame_word(log, i, pos));
-            if (fh_len(h) <= 0)
+            if (fh_len(h) <= 0) {
+                if (!pending_header_ok(log, h, pos, rel) && !recycled(slot, ss))
+                    READ_STOP(set_error(log, SHMQ_ERR_CORRUPT, seq, pos, base + rel));
                 break;
+            }
             int64_t len = frame_len_checked(log, h, pos);
             if (len < 0 || !frame_rel_ok(h, rel)) {
                 if (recycled(slot, ss))
@@ -445,6 +450,17 @@ int64_t shmq_log_read(shmq_log *log, shmq_cursor *cur, uint8_t *dst, int64_t dst
     return READ_RESULT;
 #undef READ_STOP
 #undef READ_RESULT
+}
+
+/* Every read ends by publishing the reader's new position (one compare on
+ * the reader's own slot when it did not move). */
+int64_t shmq_log_read(shmq_log *log, shmq_cursor *cur, uint8_t *dst, int64_t dst_len,
+                      shmq_record_view *views, int64_t max_records, int check_crc, int64_t *dst_used)
+{
+    int64_t n = read_frames_at(log, cur, dst, dst_len, views, max_records, check_crc, dst_used);
+    if (n > 0)
+        shmq__reader_publish(log, cur);
+    return n;
 }
 
 int64_t shmq_log_read_frames(shmq_log *log, shmq_cursor *cur, uint8_t *dst, int64_t dst_len, int check_crc)

@@ -19,8 +19,6 @@
  *  - A sealer that died before its seal CAS: once the segment is full and
  *    nothing was claimed beyond the gap, the unblocker makes the seal (one
  *    CAS from 0; whoever wins, the seal's value is the truth).
- *  - header.slowest_offset (block mode) is published with a release store
- *    and read with acquire by the slot preparation in log_append.c.
  */
 #define _GNU_SOURCE
 #include <unistd.h>
@@ -210,11 +208,4 @@ int64_t shmq_log_housekeep(shmq_log *log, shmq_unblock_state *st)
 int64_t shmq_log_unblock_cursor(shmq_log *log, const shmq_cursor *cur, shmq_unblock_state *st)
 {
     return walk_and_unblock(log, cur->seq, cur->pos, cur->rel, st);
-}
-
-/* Block mode: the lowest offset still needed, published by housekeeping;
- * shmq__prepare_slot (log_append.c) recycles no segment that ends above it. */
-void shmq_log_set_slowest(shmq_log *log, int64_t offset)
-{
-    __atomic_store_n(&log->hdr->slowest_offset, offset, __ATOMIC_RELEASE);
 }

@@ -176,7 +176,7 @@ class PartitionReplica:
         # The coordinator wrote replicated/leader_index/isr_mask/leader_epoch; we own the epoch start.
         plog.set_replication(True, epoch, plog.leader_index, plog.isr_mask, end)
         self.hw_reader = LogReader(plog, plog.high_watermark if plog.high_watermark <= end else end,
-                                   buffer_bytes=64 << 10)
+                                   buffer_bytes=64 << 10, tether=False)
         plog.set_append_state(OPEN)
         self.role, self.epoch = "leader", epoch
         log.info("replica %d leads %s in epoch %d from offset %d", self.rid, self.name, epoch, end)
@@ -260,7 +260,7 @@ class PartitionReplica:
                             self.rid, self.name, my_end, new_end, found)
                 my_end = new_end
         try:
-            self.reader = LogReader(ll, my_end, buffer_bytes=64 << 10, check_crc=True)
+            self.reader = self._follower_reader(ll, my_end)
         except OffsetOutOfRange:
             start = ll.start_offset
             log.warning("replica %d: %s ends at %d, below the leader's start %d: starting over there",
@@ -268,15 +268,22 @@ class PartitionReplica:
             self.log.reset(start)
             self.cache.clear()
             self._rebuild_producer_state()
-            self.reader = LogReader(ll, start, buffer_bytes=64 << 10, check_crc=True)
+            self.reader = self._follower_reader(ll, start)
         self.ready = True
         self._leader_end = (ll.end_offset, time.monotonic_ns())
         return True
 
+    def _follower_reader(self, leader_log: PartitionLog, offset: int) -> LogReader:
+        """This follower's reader of the leader's log: listed in its reader
+        table, untethered (the ISR, not the ring, decides what a lagging
+        follower may miss; one that falls behind the ring starts over)."""
+        return LogReader(leader_log, offset, buffer_bytes=64 << 10, check_crc=True, tether=False,
+                         kind=lib.SHMQ_READER_KIND_FOLLOWER, label=f"replica-{self.rid}")
+
     def _rebuild_producer_state(self) -> None:
         assert self.pstate is not None and self.log is not None
         self.pstate.clear()
-        r = LogReader(self.log, self.log.start_offset, buffer_bytes=1 << 20)
+        r = LogReader(self.log, self.log.start_offset, buffer_bytes=1 << 20, tether=False)
         while True:
             n = r.read_frames(self.buf)
             if not n:
@@ -303,8 +310,9 @@ class PartitionReplica:
             return 0
         if n:
             if own.config.overflow == "block":
-                # Keep what the leader keeps: what consumer groups still need.
-                own.set_slowest_position(ll.slowest_position)
+                # Keep what the leader keeps: what consumer groups and the
+                # leader's live readers still need (they may fail over here).
+                own.set_slowest_position(ll.retention_floor())
             before = own.end_offset
             try:
                 end = own.append_frames(self.buf, n)

@@ -16,9 +16,12 @@ class LogConfig:
     * ``segment_count``: slots in the ring (all allocated up front).
     * ``index_interval_bytes``: one offset-index and time-index entry per this
       many bytes of log.
-    * ``overflow``: ``"overwrite"`` recycles the oldest segment when the ring is
-      full; ``"block"`` makes producers wait until the slowest reported
-      position has moved past it.
+    * ``overflow``: ``"block"`` (default) recycles the oldest segment only once
+      every live tethered reader and every consumer group's committed offset
+      is past it; a producer facing a full ring waits (``max_block_ms``), so
+      nothing a reader has not read is lost. ``"overwrite"`` (opt-in, for
+      latest-value use) recycles it regardless; an overrun reader gets
+      ``OffsetOutOfRange`` with the count of records it missed.
     * ``unblock_timeout_ms``: how long a claimed frame may stay incomplete
       before it is padded over.
     """
@@ -26,7 +29,7 @@ class LogConfig:
     segment_bytes: int = 8 << 20
     segment_count: int = 8
     index_interval_bytes: int = 4096
-    overflow: str = "overwrite"
+    overflow: str = "block"
     unblock_timeout_ms: int = 1000
 
     def __post_init__(self) -> None:

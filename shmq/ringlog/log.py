@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import os
 import time
-from typing import TYPE_CHECKING, Any, Iterable, List, Optional, Sequence, Tuple, Union
+from typing import TYPE_CHECKING, Any, Iterable, List, NamedTuple, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
@@ -33,6 +33,23 @@ BytesLike = Union[bytes, bytearray, memoryview]
 
 _NULL = ffi.NULL
 _LEO_MASK = (1 << 48) - 1
+
+NO_FLOOR = (1 << 63) - 1
+"""``slowest_position`` / ``retention_floor`` when nothing holds the ring back."""
+
+READER_KINDS = {0: "reader", 1: "consumer", 2: "follower"}
+
+
+class ReaderInfo(NamedTuple):
+    """One live reader of a partition, from its reader table."""
+
+    slot: int
+    pid: int
+    position: int
+    kind: str           # "reader" (LogReader), "consumer" or "follower"
+    label: str          # group id, client id or replica name
+    tethered: bool      # holds producers back in block mode
+    missed: int         # records lost to an overwriting ring
 
 
 def ctl_inode(path: str) -> int:
@@ -147,6 +164,8 @@ class PartitionLog:
         detail = (f"segment {lib.shmq_log_error_seq(self._h)} byte {lib.shmq_log_error_position(self._h)}"
                   if rc in (lib.SHMQ_ERR_CORRUPT, lib.SHMQ_ERR_CRC) else "")
         at = f" at offset {offset}" if offset is not None else ""
+        if rc == lib.SHMQ_ERR_TIMEOUT and self.config.overflow == "block":
+            detail = self.describe_holder()
         raise_for(rc, f"{what} on {self.name}{at}", topic=self.topic, partition=self.partition,
                   offset=offset, detail=detail)
 
@@ -166,7 +185,7 @@ class PartitionLog:
             else:
                 if type(key) is not bytes:
                     key = _as_bytes(key, "key")
-                off = self._append_kv(self._h, key, len(key), value, len(value), -1)
+                off = self._append_kv(self._h, key, len(key), value, len(value), -1, -1)
             if off < 0:
                 self._fail(off, "append")
             return off
@@ -406,13 +425,61 @@ class PartitionLog:
 
     @property
     def slowest_position(self) -> int:
-        """Block mode: the lowest offset a consumer still needs (as last set)."""
+        """Block mode: the consumer groups' committed floor (as last set; ``NO_FLOOR`` for none)."""
         return int(self._hdr.slowest_offset)
 
     def set_slowest_position(self, offset: int) -> None:
-        """Block mode: the lowest offset any consumer still needs. Producers
+        """Block mode: the lowest offset any consumer group still needs (its
+        committed offset; ``NO_FLOOR`` when no group holds anything). Producers
         blocked on a full ring go on once it passes the oldest segment."""
         lib.shmq_log_set_slowest(self._h, int(offset))
+
+    @property
+    def blocked_count(self) -> int:
+        """How many appends waited for room in this full block-mode ring (all processes)."""
+        return int(self._hdr.blocked_count)
+
+    @property
+    def blocked_seconds(self) -> float:
+        """How long appends waited for room in all, in seconds (all processes)."""
+        return int(self._hdr.blocked_ns) / 1e9
+
+    # ------------------------------------------------------------ reader table
+    def readers(self) -> List[ReaderInfo]:
+        """The live readers registered in this partition's reader table, with
+        their positions (dead readers' slots are freed first)."""
+        lib.shmq_log_readers_sweep(self._h)
+        out = []
+        for i in range(lib.SHMQ_MAX_READERS):
+            r = lib.shmq_log_reader_slot(self._h, i)
+            owner = int(r.owner)
+            if owner == 0 or owner >> 63:
+                continue
+            out.append(ReaderInfo(i, owner & 0xFFFFFFFF, int(r.position), READER_KINDS.get(int(r.kind), "?"),
+                                  ffi.string(r.label).decode(errors="replace"),
+                                  bool(r.flags & lib.SHMQ_READER_TETHERED), int(r.missed)))
+        return out
+
+    def retention_floor(self) -> int:
+        """The lowest offset still needed: the consumer groups' committed floor
+        and every live tethered reader's position (``NO_FLOOR``: nothing holds
+        the ring back). One C call."""
+        return int(lib.shmq_log_retention_floor(self._h, _NULL))
+
+    def describe_holder(self) -> str:
+        """Who keeps a full block-mode ring from turning, for error messages."""
+        holder = ffi.new("int32_t *")
+        floor = int(lib.shmq_log_retention_floor(self._h, holder))
+        who = next((r for r in self.readers() if r.slot == holder[0]), None) if holder[0] >= 0 else None
+        if floor == NO_FLOOR:
+            return "the ring is full but no reader holds it (try again)"
+        oldest = self.start_offset
+        if who is None:
+            return (f"the ring is full: a consumer group's committed offset {floor} is in the oldest segment "
+                    f"(from offset {oldest}); commit further or delete the group")
+        label = f" '{who.label}'" if who.label else ""
+        return (f"the ring is full: {who.kind}{label} in process {who.pid} at offset {floor} has not read "
+                f"the oldest segment (from offset {oldest}); it holds producers back until it reads on")
 
     def __repr__(self) -> str:
         return f"PartitionLog({self.name!r}, path={self.path!r})"

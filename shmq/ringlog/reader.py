@@ -10,6 +10,16 @@ until a producer commits. A reader stuck behind a frame that stays incomplete
 past the log's unblock timeout pads it over itself, so it never waits on a dead
 producer for good even when no housekeeper runs.
 
+Reader positions: a reader takes a slot in the partition's reader table
+(log.h) and every read or seek publishes the next offset it needs there, from
+C. In a block-mode log (the default) a tethered reader (the default) keeps
+producers from recycling any segment it has not read; ``tether=False`` opts
+out (Aeron's untethered subscriber). ``close()`` gives the slot back; a reader
+whose process dies has its slot freed by whoever notices (pid + process start
+time). In an overwriting ring, a reader that was overrun gets
+``OffsetOutOfRange`` saying how many records it missed (also counted in its
+slot, for ``shmq status``).
+
 A reader is used by one thread at a time.
 """
 from __future__ import annotations
@@ -19,6 +29,7 @@ from typing import Any, Iterable, List, NamedTuple, Optional, Tuple
 
 import numpy as np
 
+from ..errors import OffsetOutOfRange
 from ..native import ffi, lib, raise_for
 from .log import PartitionLog
 from .records import LogRecord, decode_headers
@@ -45,7 +56,8 @@ class LogReader:
     """Reads records of one log from ``offset`` onward."""
 
     def __init__(self, log: PartitionLog, offset: int = 0, *, buffer_bytes: int = 1 << 20,
-                 max_records: int = 8192, check_crc: bool = False, spin_us: int = 50) -> None:
+                 max_records: int = 8192, check_crc: bool = True, spin_us: int = 50, tether: bool = True,
+                 kind: int = 0, label: str = "") -> None:
         self.log = log
         self._h = log._h
         # The buffer holds the largest frame the log allows, but a read copies
@@ -62,7 +74,37 @@ class LogReader:
         self.check_crc = 1 if check_crc else 0
         self._ready = lib.shmq_log_ready
         self.spin_ns = spin_us * 1000
-        self.seek(offset)
+        self.tethered = bool(tether)
+        if not isinstance(offset, int) or offset < 0:
+            raise ValueError(f"offset must be a non-negative int, got {offset!r}")
+        rc = lib.shmq_log_reader_register(self._h, self._cur, offset, lib.SHMQ_READER_TETHERED if tether else 0,
+                                          kind, label.encode()[:23])
+        if rc < 0:
+            log._fail(rc, "register a reader")
+        try:
+            self.seek(offset)
+        except BaseException:
+            self.close()
+            raise
+
+    def close(self) -> None:
+        """Give this reader's slot in the reader table back: it no longer
+        holds producers back. Idempotent."""
+        cur = getattr(self, "_cur", None)
+        if cur is not None and cur.reader_id and self.log._h is not None:
+            lib.shmq_log_reader_release(self.log._h, cur)
+
+    def __del__(self) -> None:
+        try:
+            self.close()
+        except Exception:
+            pass
+
+    def __enter__(self) -> "LogReader":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
 
     # -------------------------------------------------------------- position
     @property
@@ -96,8 +138,23 @@ class LogReader:
         if n == 0 and timeout > 0:
             n = self._wait_and_read(max_records, timeout)
         if n < 0:
+            if n == lib.SHMQ_ERR_OUT_OF_RANGE:
+                self._overrun()
             self.log._fail(n, "read", int(self._cur.next_offset))
         return n
+
+    def _overrun(self) -> None:
+        """The ring recycled records this reader had not read (overwrite mode):
+        count them in its slot and say how many."""
+        position = int(self._cur.next_offset)
+        start = self.log.start_offset
+        missed = max(0, start - position)
+        if self._cur.reader_id:
+            lib.shmq_log_reader_slot(self._h, self._cur.reader_id - 1).missed += missed
+        raise OffsetOutOfRange(f"read from {self.log.name} at offset {position}: the ring recycled it; this reader "
+                               f"missed {missed} records (offsets {position} to {start - 1}; the log starts at "
+                               f"{start})", topic=self.log.topic, partition=self.log.partition, offset=position,
+                               missed=missed)
 
     def _read_once(self, max_records: int) -> int:
         if self._buf is None:
