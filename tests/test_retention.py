@@ -283,3 +283,22 @@ def test_a_consumer_is_listed_with_its_position_in_the_reader_table(root):
         [r] = plog.readers()
         assert (r.pid, r.position, r.kind, r.label, r.tethered) == (os.getpid(), 10, "consumer", "billing", True)
     assert plog.readers() == []
+
+
+def test_a_forked_child_never_moves_or_frees_its_parents_reader_slot(shm_dir):
+    log = PartitionLog.create(os.path.join(shm_dir, "f-0"), segment_bytes=4096, segment_count=3)
+    for i in range(10):
+        log.append(b"%08d" % i)
+    r = log.reader(0)
+    assert len(r.read(2)) == 2
+    pid = os.fork()
+    if pid == 0:                        # the child reads on with the inherited reader, then closes it
+        ok = len(r.read(5)) == 5
+        r.close()
+        os._exit(0 if ok else 1)
+    _, status = os.waitpid(pid, 0)
+    assert os.WEXITSTATUS(status) == 0
+    [slot] = log.readers()
+    assert (slot.pid, slot.position) == (os.getpid(), 2)
+    r.close()
+    log.close()

@@ -29,6 +29,7 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <limits.h>
+#include <pthread.h>
 #include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -43,6 +44,25 @@ _Static_assert(sizeof(shmq_ctl_header) == SHMQ_CTL_HEADER_SIZE, "the header is 8
 #define OWNER_CLAIMING (1ULL << 63)
 
 static inline uint32_t owner_pid(uint64_t owner) { return (uint32_t)owner; }
+
+/* This process's pid without a system call per read: read once, refreshed in
+ * a forked child by an atfork handler. A child that inherited a reader's
+ * cursor then never writes the parent's slot (its pid is not the owner). */
+static uint32_t current_pid;
+static pthread_once_t pid_once = PTHREAD_ONCE_INIT;
+
+static void refresh_pid(void) { __atomic_store_n(&current_pid, (uint32_t)getpid(), __ATOMIC_RELAXED); }
+static void init_pid(void)
+{
+    refresh_pid();
+    pthread_atfork(NULL, NULL, refresh_pid);
+}
+
+static inline uint32_t my_pid(void)
+{
+    pthread_once(&pid_once, init_pid);
+    return __atomic_load_n(&current_pid, __ATOMIC_RELAXED);
+}
 
 /* Start time of process pid in clock ticks since boot (/proc/<pid>/stat
  * field 22); 0 when it cannot be read (the process is gone), UINT64_MAX for a
@@ -121,7 +141,7 @@ shmq_reader_slot *shmq_log_reader_slot(shmq_log *log, uint32_t index)
 int shmq_log_reader_register(shmq_log *log, shmq_cursor *cur, int64_t position, uint32_t flags, uint32_t kind,
                              const char *label)
 {
-    uint32_t pid = (uint32_t)getpid();
+    uint32_t pid = my_pid();
     uint64_t start = my_start_time();
     for (int pass = 0; pass < 2; pass++) {
         for (uint32_t i = 0; i < SHMQ_MAX_READERS; i++) {
@@ -156,7 +176,7 @@ void shmq_log_reader_release(shmq_log *log, shmq_cursor *cur)
     if (id == 0 || id > SHMQ_MAX_READERS)
         return;
     shmq_reader_slot *r = &log->readers[id - 1];
-    uint64_t mine = (uint64_t)(uint32_t)getpid();
+    uint64_t mine = (uint64_t)my_pid();
     /* Only the slot's owner frees it (a forked child holding a copy of the
      * cursor does not). */
     __atomic_compare_exchange_n(&r->owner, &mine, 0, 0, __ATOMIC_SEQ_CST, __ATOMIC_RELAXED);
@@ -171,7 +191,8 @@ void shmq__reader_publish(shmq_log *log, const shmq_cursor *cur)
     shmq_reader_slot *r = &log->readers[id - 1];
     /* The owner's own line: a plain compare first keeps repeated empty reads
      * from writing (and from a fence). */
-    if (__atomic_load_n(&r->position, __ATOMIC_RELAXED) == cur->next_offset)
+    if (__atomic_load_n(&r->position, __ATOMIC_RELAXED) == cur->next_offset ||
+        __atomic_load_n(&r->owner, __ATOMIC_RELAXED) != my_pid())
         return;
     __atomic_store_n(&r->position, cur->next_offset, __ATOMIC_SEQ_CST);
     wake_producers(log);
