@@ -33,7 +33,7 @@ from kio.serial import entity_reader, entity_writer
 from .. import errors
 
 __all__ = ["SUPPORTED", "API_NAMES", "ProtocolError", "peek_header", "decode_request", "encode_response",
-           "build", "error_code_for", "error_response", "ms", "UNSUPPORTED_VERSION"]
+           "build", "error_code_for", "error_response", "has_error_code", "ms", "UNSUPPORTED_VERSION"]
 
 # (min, max) version of every API the listener serves. Flexible versions are
 # included: kio reads and writes compact encodings and tagged fields.
@@ -233,6 +233,15 @@ def error_response(key: int, version: int, code: int, request: Any = None) -> Di
         elif f.default is _MISSING and f.default_factory is _MISSING:
             body[f.name] = _zero(f.type, kt)
     return body
+
+
+def has_error_code(key: int, version: int) -> bool:
+    """True if the response of (key, version) has a top-level error_code."""
+    try:
+        schema = load_response_schema(key, version)
+    except Exception:
+        return False
+    return any(f.metadata.get("kafka_type") == "error_code" for f in dataclasses.fields(schema))
 
 
 def _zero(tp: Any, kafka_type: Optional[str]) -> Any:

@@ -42,7 +42,8 @@ from ..errors import ShmqError
 from ..root import Root
 from . import api_admin, api_data, api_groups
 from .codec import (API_NAMES, SUPPORTED, ProtocolError, api_versions_error_frame, bare_error_frame,
-                    decode_request, encode_response, error_code_for, error_response, peek_header)
+                    decode_request, encode_response, error_code_for, error_response, has_error_code,
+                    peek_header)
 from .groups import GroupProxy
 from .sasl import SaslState, load_users
 
@@ -246,9 +247,12 @@ class Connection:
         if rng is None or not rng[0] <= version <= rng[1]:
             return self._refuse(frame, key, version, corr, 35)
         if not self.sasl.authenticated and key not in _PRE_AUTH:
+            # Nothing but the error: answered where the response has an error code
+            # of its own, otherwise the connection just closes (as Kafka does).
             log.warning("kafka listener: %s sent %s before authenticating; refused", self.peer,
                         API_NAMES.get(key, key))
-            self._refuse(frame, key, version, corr, SASL_AUTHENTICATION_FAILED)
+            if has_error_code(key, version):
+                self._refuse(frame, key, version, corr, SASL_AUTHENTICATION_FAILED)
             return False
         header, req = decode_request(frame, key, version)
         self.client_id = header.client_id or self.client_id
