@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import fcntl
 import os
+import select
 import socket
 import struct
 import subprocess
@@ -149,6 +150,38 @@ class CoordinatorClient:
         s, self._sock = self._sock, None
         if s is not None:
             s.close()
+
+    def wait_closed(self, timeout: float) -> bool:
+        """Sleep until the coordinator closes this connection (it died or
+        stopped) or ``timeout`` s pass; True if it is closed (or was never
+        open). Costs no request: a quiet connection is a live coordinator."""
+        sock = self._sock
+        if sock is None:
+            return True
+        poller = select.poll()
+        try:
+            poller.register(sock, select.POLLIN | select.POLLPRI)
+        except (ValueError, OSError):        # closed meanwhile
+            return True
+        if not poller.poll(max(timeout, 0) * 1000):
+            return False
+        with self._lock:                     # a call in flight reads its own answer first
+            if self._sock is not sock:
+                return True
+            try:
+                sock.setblocking(False)
+                try:
+                    data = sock.recv(1, socket.MSG_PEEK)
+                finally:
+                    sock.settimeout(self.timeout)
+            except BlockingIOError:
+                return False                 # the readable data was an answer, read meanwhile
+            except OSError:
+                data = b""
+            if data:
+                # Nothing is sent to us unasked on this connection: drop it, the next call reconnects.
+                self._close_sock()
+            return True
 
     def connect(self) -> "CoordinatorClient":
         """Connect now (normally done by the first call)."""

@@ -348,6 +348,10 @@ class GroupManager:
                         self._by_cid.get(m.cid, set()).discard((g.name, m.member_id))
                     self._remove(g, m, why, keep_static=static_keep, notify=not static_keep)
 
+    def supervising(self) -> bool:
+        """True while ``tick`` has something to watch: a member, or a rejoin grace period."""
+        return self._grace_until is not None or any(g.members for g in self.groups.values())
+
     # --------------------------------------------------------------- queries
     def list(self) -> List[Dict[str, Any]]:
         return [{"group": n, "state": g.state, "members": len(g.members), "assignor": g.assignor,

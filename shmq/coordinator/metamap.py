@@ -9,6 +9,8 @@ written whole; 64-byte header, then the payload area)::
     24  capacity  bytes of the payload area (file size - 64)
     32  moved     1 once this file was replaced by a new one: reopen by path
     40  writer    pid of the coordinator that writes it
+    48  bell      uint32 futex word: +1 and woken after every publish, and
+                  when the file is replaced (``MetadataBell`` sleeps on it)
     64  payload   compact JSON: {"topics": {name: {topic_id, partitions, paths, config}}}
                   (replicated topics add leaders, leader_epochs, replicas, isr,
                   offline and replica_paths, one entry per partition; paths
@@ -36,14 +38,45 @@ from dataclasses import dataclass
 from typing import Any, Dict, List, Optional
 
 from ..errors import ClusterAuthorizationFailed, CorruptRecord, NotCoordinator
+from ..native import ffi, lib
 
-__all__ = ["MetadataPublisher", "MetadataView", "TopicMetadata"]
+__all__ = ["MetadataPublisher", "MetadataView", "MetadataBell", "TopicMetadata"]
 
 MAGIC = b"SHMQMAP1"
 HEADER = 64
-OFF_VERSION, OFF_LENGTH, OFF_CAPACITY, OFF_MOVED, OFF_WRITER = 8, 16, 24, 32, 40
+OFF_VERSION, OFF_LENGTH, OFF_CAPACITY, OFF_MOVED, OFF_WRITER, OFF_BELL = 8, 16, 24, 32, 40, 48
 _W_VERSION, _W_MOVED = OFF_VERSION // 8, OFF_MOVED // 8
 _U64 = struct.Struct("@Q")     # native: one memcpy of 8 bytes (aligned), never byte by byte
+_U32 = struct.Struct("@I")
+
+
+def _map_header(path: str, *, writable: bool) -> Optional[mmap.mmap]:
+    """The header of the metadata map at ``path`` if it is ours and looks like one, else None."""
+    try:
+        fd = os.open(path, (os.O_RDWR if writable else os.O_RDONLY) | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError:
+        return None
+    try:
+        st = os.fstat(fd)
+        if st.st_uid != os.geteuid() or st.st_size < HEADER:
+            return None
+        m = mmap.mmap(fd, HEADER, prot=mmap.PROT_READ | (mmap.PROT_WRITE if writable else 0))
+    finally:
+        os.close(fd)
+    if m[0:8] != MAGIC:
+        m.close()
+        return None
+    return m
+
+
+def _ring(m: mmap.mmap) -> None:
+    """Bump the bell word of mapping ``m`` and wake whoever sleeps on it."""
+    _U32.pack_into(m, OFF_BELL, (_U32.unpack_from(m, OFF_BELL)[0] + 1) & 0xFFFFFFFF)
+    buf = ffi.from_buffer(m)
+    try:
+        lib.shmq_futex_wake(ffi.cast("uint32_t *", buf + OFF_BELL), 0)
+    finally:
+        ffi.release(buf)
 
 
 def _encode(payload: Dict[str, Any]) -> bytes:
@@ -85,21 +118,7 @@ class MetadataPublisher:
     def _map_previous(self) -> Optional[mmap.mmap]:
         """The file a previous coordinator published, mapped writable so it
         can be marked ``moved`` for readers that still map it."""
-        try:
-            fd = os.open(self.path, os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC)
-        except OSError:
-            return None
-        try:
-            st = os.fstat(fd)
-            if st.st_uid != os.geteuid() or st.st_size < HEADER:
-                return None
-            m = mmap.mmap(fd, HEADER)
-        finally:
-            os.close(fd)
-        if m[0:8] != MAGIC:
-            m.close()
-            return None
-        return m
+        return _map_header(self.path, writable=True)
 
     def _new_file(self, capacity: int, payload: bytes) -> None:
         tmp = f"{self.path}.{os.getpid()}.tmp"
@@ -123,6 +142,7 @@ class MetadataPublisher:
         old, self._map, self._capacity = self._map, m, capacity
         if old is not None:
             _U64.pack_into(old, OFF_MOVED, 1)
+            _ring(old)
             old.close()
 
     def publish(self, payload: Dict[str, Any]) -> int:
@@ -139,6 +159,7 @@ class MetadataPublisher:
         _U64.pack_into(m, OFF_LENGTH, len(data))
         self._version += 2
         _U64.pack_into(m, OFF_VERSION, self._version)
+        _ring(m)
         return self._version
 
     def close(self) -> None:
@@ -278,3 +299,51 @@ class MetadataView:
 
     def close(self) -> None:
         self._release()
+
+
+class MetadataBell:
+    """Sleeps until the coordinator publishes new metadata (or replaces the
+    file): a futex wait on the header's bell word, GIL released. It maps the
+    header itself, so one thread can sleep here while others use a
+    ``MetadataView``. Not thread-safe (one sleeper)."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self._map: Optional[mmap.mmap] = None
+        self._buf: Any = None
+        self._word: Any = None
+        self._seen = -1
+
+    def _open(self) -> bool:
+        self.close()
+        self._map = _map_header(self.path, writable=False)
+        if self._map is None:
+            return False
+        self._buf = ffi.from_buffer(self._map)
+        self._word = ffi.cast("uint32_t *", self._buf + OFF_BELL)
+        self._seen = int(self._word[0])
+        return True
+
+    def wait(self, timeout: float) -> bool:
+        """Sleep up to ``timeout`` s; True if metadata was published (or the
+        file replaced) since the previous call returned True."""
+        if self._map is None or _U64.unpack_from(self._map, OFF_MOVED)[0]:
+            if not self._open():
+                time.sleep(timeout)
+                return False
+            return True
+        cur = int(self._word[0])
+        if cur == self._seen:
+            lib.shmq_futex_wait(self._word, cur, int(timeout * 1e9))
+            cur = int(self._word[0])
+        changed = cur != self._seen or bool(_U64.unpack_from(self._map, OFF_MOVED)[0])
+        self._seen = cur
+        return changed
+
+    def close(self) -> None:
+        if self._buf is not None:
+            ffi.release(self._buf)
+            self._buf = self._word = None
+        if self._map is not None:
+            self._map.close()
+            self._map = None

@@ -124,6 +124,7 @@ class ReplicationManager:
         self._preferred_since: Dict[Key, float] = {}
         self.failovers: List[Dict[str, Any]] = []
         self.last_end: Dict[Key, int] = {}            # leader's log end last seen, for unclean reports
+        self._marks: Dict[Key, Tuple[int, int]] = {}  # (end offset, high watermark) per leader at the last tick
         self.started = time.monotonic()
 
     # ------------------------------------------------------------ placement
@@ -277,13 +278,13 @@ class ReplicationManager:
         life = Lifeline(self.root.replica_alive_path(rid), create=True)
         while not self._stop.is_set():
             try:
-                state = life.watch(0.5)
+                state = life.watch(2.0)           # a death wakes it at once; the timeout only re-checks stop
             except OSError as e:
                 log.error("lifeline of replica %d: %s", rid, e)
                 time.sleep(0.5)
                 continue
             if state == FREE:
-                time.sleep(0.002)                 # not running (yet): look again soon
+                time.sleep(0.05)                  # not running (yet): look again soon
             elif state == DEAD:
                 with self._server_lock:
                     if not self._stop.is_set():
@@ -468,13 +469,29 @@ class ReplicationManager:
         for r in replicas:
             self._baseline[(topic, partition, r)] = now
 
-    def tick(self) -> None:
-        """ISR shrink/expand, leaderless and preferred elections, process supervision."""
+    def tick(self) -> bool:
+        """ISR shrink/expand, leaderless and preferred elections, process supervision.
+        Returns whether anything is unsettled (a replica process not registered,
+        a partition without its preferred leader or its full ISR) or moved (a
+        leader's end offset or high watermark): the caller ticks again soon."""
         self.ensure_processes()
+        busy = any(not h.registered for rid, h in self.replicas.items() if rid < self.needed())
+        marks: Dict[Key, Tuple[int, int]] = {}
+        try:
+            busy = self._tick(marks) or busy
+        finally:
+            busy = busy or marks != self._marks
+            self._marks = marks
+        return busy
+
+    def _tick(self, marks: Dict[Key, Tuple[int, int]]) -> bool:
+        busy = False
         now_ns = time.monotonic_ns()
         for name, p, pm in self.replicated_partitions():
             t = self.db.store.topics[name]
             leader = pm["leader"]
+            if leader != pm["replicas"][0] or len(pm["isr"]) != len(pm["replicas"]):
+                busy = True
             if leader < 0 or (name, p, leader) in self.offline:
                 if time.monotonic() - self.started > 0.5:
                     self.elect(name, p, "partition has no leader")
@@ -490,10 +507,12 @@ class ReplicationManager:
                 continue
             try:
                 if plog.append_state != OPEN:
+                    busy = True
                     continue                      # its process has not opened it yet
                 leos = plog.replica_leos()
                 hw = plog.high_watermark
                 self.last_end[(name, p)] = plog.end_offset
+                marks[(name, p)] = (self.last_end[(name, p)], hw)
             except ShmqError as e:
                 self.storage_failed(name, p, leader, str(e))
                 continue
@@ -528,6 +547,7 @@ class ReplicationManager:
                     self.elect(name, p, f"preferred replica {preferred} is in sync again", preferred=preferred)
             else:
                 self._preferred_since.pop((name, p), None)
+        return busy
 
 
 META_FILE = "partition.meta"

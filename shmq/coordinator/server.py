@@ -19,7 +19,10 @@ Theory of operation:
    ``metadata.map``, answer. A crash at any point leaves either the old or
    the new state after recovery (orphan files are swept at startup).
 5. A thread journals hot-path offset commits from ``<root>/offsets.table``
-   every 10 ms (``offsets_sync``); ``sync_offsets`` does it at once.
+   every 10 ms while they come in (``offsets_sync``); ``sync_offsets`` does
+   it at once. Every supervision loop (housekeeping, offsets, groups,
+   replication) backs off to ``IDLE_S`` while it finds nothing to do, so an
+   idle coordinator wakes only a few times a second.
 6. It exits on SIGTERM/SIGINT, or when its root directory disappears.
 
 Operations (``op_<name>``, arguments by keyword): ping, create_topic,
@@ -52,7 +55,7 @@ from ..ringlog import NO_FLOOR
 from ..root import Root, validate_group
 from .durable import DurableStore
 from .groups import GroupManager
-from .housekeeping import Housekeeper, LogRegistry
+from .housekeeping import Backoff, Housekeeper, LogRegistry
 from .metamap import MetadataPublisher
 from .offsets_sync import OffsetsTableSync
 from .partition_files import create_logs, open_all_logs, remove_logs
@@ -64,6 +67,8 @@ __all__ = ["Coordinator", "acquire_lock"]
 log = logging.getLogger("shmq.coordinator")
 
 _UCRED = struct.Struct("3i")      # pid, uid, gid
+IDLE_S = 1.0                      # the slowest pace of an idle supervision loop
+HOUSEKEEP_IDLE_S = 0.5            # ... of idle housekeeping (a burst after it prepares its own slot)
 
 
 def acquire_lock(root: Root, *, wait: bool) -> Optional[int]:
@@ -89,6 +94,7 @@ class Coordinator:
         self.started = time.time()
         self._lock = threading.Lock()
         self._stop = threading.Event()
+        self._groups_wake = threading.Event()     # a group operation: supervise promptly
         self._clients: Dict[int, Dict[str, Any]] = {}
         self._tl = threading.local()
         self._next_conn = 0
@@ -121,7 +127,7 @@ class Coordinator:
             self.groups = GroupManager(self._topic_partitions, self._set_owner, self._sync_offsets,
                                        rejoin_grace=1.0 if self.offsets.had_owners else 0.0)
             self.publisher = MetadataPublisher(self.root.metadata_map_path, self._payload())
-            self.housekeeper = Housekeeper(self.registry, self.housekeeping_interval)
+            self.housekeeper = Housekeeper(self.registry, self.housekeeping_interval, idle_interval=HOUSEKEEP_IDLE_S)
             self.housekeeper.start()
             threading.Thread(target=self._offsets_loop, name="shmq-offsets", daemon=True).start()
             threading.Thread(target=self._groups_loop, name="shmq-groups", daemon=True).start()
@@ -136,6 +142,7 @@ class Coordinator:
 
     def stop(self) -> None:
         self._stop.set()
+        self._groups_wake.set()
 
     def _write_pid(self) -> None:
         tmp = self.root.pid_path + ".tmp"
@@ -161,7 +168,7 @@ class Coordinator:
         finally:
             os.umask(old)
         s.listen(128)
-        s.settimeout(0.2)
+        s.settimeout(IDLE_S)
         return s
 
     def _serve(self, listener: socket.socket) -> None:
@@ -200,35 +207,53 @@ class Coordinator:
                 self.registry.close_all()
                 self.replication.close()
 
-    def _offsets_loop(self, interval: float = 0.01) -> None:
-        """Journal hot-path commits from the offsets table every ``interval`` seconds."""
-        while not self._stop.wait(interval):
+    def _offsets_loop(self, interval: float = 0.01, idle: float = IDLE_S) -> None:
+        """Journal hot-path commits from the offsets table every ``interval``
+        seconds while they come in, backing off to ``idle`` while none do."""
+        backoff = Backoff(interval, idle)
+        pause = interval
+        while not self._stop.wait(pause):
             with self._lock:
-                if not self._stop.is_set():
-                    self._sync_offsets()
+                if self._stop.is_set():
+                    break
+                changed = self._sync_offsets()
+            pause = backoff.next(changed > 0)
 
-    def _replication_loop(self) -> None:
-        """Replica supervision, ISR and elections (``ReplicationManager.tick``)."""
+    def _replication_loop(self, idle: float = IDLE_S) -> None:
+        """Replica supervision, ISR and elections (``ReplicationManager.tick``),
+        every ``TICK`` while anything is unsettled or moving, else backing off to ``idle``."""
         from .replication import TICK
-        n = 0
-        while not self._stop.wait(TICK):
-            n += 1
+        backoff = Backoff(TICK, idle)
+        pause, slowest_at = TICK, 0.0
+        while not self._stop.wait(pause):
+            busy = False
             with self._lock:
                 if self._stop.is_set():
                     break
                 try:
-                    self.replication.tick()
-                    if n % 10 == 0:          # a new leader of a block-mode topic learns what groups committed
+                    busy = self.replication.tick()
+                    now = time.monotonic()
+                    if now - slowest_at >= 0.1:   # a new leader of a block-mode topic learns what groups committed
+                        slowest_at = now
                         for name, t in self.db.store.topics.items():
                             if is_replicated(t) and t["config"]["overflow"] == "block":
                                 self._update_slowest(name, range(len(t["partitions"])))
                 except Exception:
                     log.exception("replication supervision failed")
+                    busy = True
+            pause = backoff.next(busy)
 
-    def _groups_loop(self, interval: float = 0.02, pid_every: int = 5) -> None:
-        """Group supervision: heartbeats, stuck revocations, process liveness (psutil)."""
-        n = 0
-        while not self._stop.wait(interval):
+    def _groups_loop(self, interval: float = 0.02, pid_every: int = 5, idle: float = IDLE_S) -> None:
+        """Group supervision: heartbeats, stuck revocations, process liveness
+        (psutil); every ``interval`` s while a group has members (or a join
+        woke it), backing off to ``idle`` while none has."""
+        backoff = Backoff(interval, idle)
+        pause, n = interval, 0
+        while True:
+            self._groups_wake.wait(pause)
+            self._groups_wake.clear()
+            if self._stop.is_set():
+                break
             n += 1
             with self._lock:
                 if self._stop.is_set():
@@ -238,7 +263,9 @@ class Coordinator:
                 except Exception:
                     log.exception("group supervision failed")
                 pushes = self.groups.take_pushes()
+                busy = self.groups.supervising()
             self._send_pushes(pushes)
+            pause = backoff.next(busy)
 
     def _send_pushes(self, pushes: List[Any]) -> None:
         for cid, frame in pushes:
@@ -540,6 +567,7 @@ class Coordinator:
                     create_time=create_time, host=host or socket.gethostname(),
                     group_instance_id=group_instance_id, session_timeout_ms=session_timeout_ms,
                     max_poll_interval_ms=max_poll_interval_ms, assignor=assignor, owned=owned)
+        self._groups_wake.set()
         return self.groups.join(self._tl.cid, self._tl.pid, args)
 
     def op_heartbeat(self, group: str, member_id: str) -> Dict[str, Any]:

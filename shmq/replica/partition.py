@@ -32,6 +32,7 @@ from ..ringlog.log import ctl_inode
 from ..ringlog import LogReader, PartitionLog
 from ..ringlog.producer_state import ProducerStateTable
 from ..ringlog.reader import frame_epochs
+from ..coordinator.housekeeping import activity_mark
 from .epoch_cache import LeaderEpochCache
 
 __all__ = ["PartitionReplica"]
@@ -40,9 +41,11 @@ log = logging.getLogger("shmq.replica")
 
 OPEN, NOT_LEADER = 0, 2
 COPY_BYTES = 1 << 20
-IDLE_PUBLISH_NS = 50_000_000      # an idle follower re-reports "caught up" this often
-HOUSEKEEP_NS = 2_000_000
-STORAGE_CHECK_NS = 20_000_000
+HOUSEKEEP_NS = 2_000_000          # a busy leader's housekeeping pace
+STORAGE_CHECK_NS = 20_000_000     # a busy replica checks its files are still there this often
+ACTIVE_NS = 1_000_000_000         # a replica is busy this long after it last saw its log move
+IDLE_NS = 1_000_000_000           # an idle replica's pace for housekeeping and storage checks
+SLACK_NS = 100_000_000            # an idle duty this close to due is done with the others (fewer wake-ups)
 
 
 
@@ -77,6 +80,11 @@ class PartitionReplica:
         self._last_flush = time.monotonic_ns()
         self._housekept = 0
         self._checked = 0
+        self.busy_until = 0                    # monotonic ns: busy (fast pace) until then
+        self._mark: Any = None                 # the leader log's activity mark last seen
+        # An idle follower re-reports "caught up" well within replica_lag_time_max_ms.
+        lag_ms = int(config.get("replica_lag_time_max_ms") or 10_000)
+        self.idle_publish_ns = min(max(lag_ms // 4, 50), 1000) * 1_000_000
         self.log: Optional[PartitionLog] = None
         self.pstate: Optional[ProducerStateTable] = None
         self.cache: Optional[LeaderEpochCache] = None
@@ -188,27 +196,53 @@ class PartitionReplica:
         self.role, self.epoch, self.leader_path = "follower", epoch, leader_path
 
     # ------------------------------------------------------------------ work
-    def step(self) -> int:
+    def busy(self, now: int) -> bool:
+        """True while this replica's log moved within ``ACTIVE_NS``: it keeps a fast pace."""
+        return now < self.busy_until
+
+    def due(self, now: int) -> int:
+        """Monotonic ns when an idle replica next has a periodic duty (storage
+        check, housekeeping, "caught up" report, flush)."""
+        due = self._checked + IDLE_NS
+        if self.role == "leader":
+            due = min(due, self._housekept + IDLE_NS)
+        elif self.role == "follower":
+            due = min(due, self._last_publish + self.idle_publish_ns)
+        fms = self.config.get("flush_ms")
+        if fms is not None and self._unflushed:
+            due = min(due, self._last_flush + int(fms * 1_000_000))
+        return due
+
+    def step(self, now: Optional[int] = None) -> int:
         """One round of this replica's duties; returns how much work it did (0: idle)."""
-        now = time.monotonic_ns()
-        if now - self._checked > STORAGE_CHECK_NS:
+        if now is None:
+            now = time.monotonic_ns()
+        if now - self._checked > (STORAGE_CHECK_NS if now < self.busy_until else IDLE_NS - SLACK_NS):
             self._checked = now
             if ctl_inode(self.path) != self._ino:
                 self.report("replica_storage_failed", topic=self.topic, partition=self.partition,
                             replica_id=self.rid, why=f"log files at {self.path} are gone")
                 self.recreate()
                 return 1
+        work = 0
         if self.role == "follower":
-            return self._follow(now)
-        if self.role == "leader":
-            return self._lead(now)
-        return 0
+            work = self._follow(now)
+        elif self.role == "leader":
+            work = self._lead(now)
+        if work:
+            self.busy_until = now + ACTIVE_NS
+        return work
 
     def _lead(self, now: int) -> int:
         plog = self.log
         assert plog is not None
         work = 0
-        if now - self._housekept > HOUSEKEEP_NS:
+        # Producers append to this log without us: its activity mark tells us it is in use.
+        mark = activity_mark(plog)
+        if mark != self._mark or mark[2]:
+            self._mark = mark
+            self.busy_until = now + ACTIVE_NS
+        if now - self._housekept > (HOUSEKEEP_NS if now < self.busy_until else IDLE_NS - SLACK_NS):
             self._housekept = now
             if self.config.get("flush_ms") is not None:
                 # A leader on disk: producers append themselves; its process msyncs every flush_ms.
@@ -328,7 +362,7 @@ class PartitionReplica:
         else:
             end = self.reader.position
             self._flush_if_due(0, now)       # flush_ms: what an idle follower still holds unflushed
-            if now - self._last_publish < IDLE_PUBLISH_NS:
+            if now - self._last_publish < self.idle_publish_ns - SLACK_NS:
                 return 0
         caught_up = n == 0 or end >= target
         hw = ll.publish_leo(self.index, self.epoch, end, caught_up)
@@ -354,6 +388,23 @@ class PartitionReplica:
             self.log.flush()
             self._unflushed = 0
             self._last_flush = now
+
+    def wait_target(self) -> Optional[Tuple[str, int, int]]:
+        """(log path, inode, offset) whose commits past offset give this replica
+        work: the leader's log for a follower, its own for a leader alone in
+        its ISR; None when no commit would (see ``waiters.LogWaiter``)."""
+        if self.role == "follower" and self.ready and self.reader is not None and self.leader_path is not None:
+            peer = self.peers.get(self.leader_path)
+            return (self.leader_path, peer[0], self.reader.position) if peer is not None else None
+        if self.role == "leader" and self.log is not None and self.log.isr_mask == 1 << self.log.leader_index:
+            return self.path, self._ino, self.hw_reader.position
+        return None
+
+    def can_wait(self) -> bool:
+        """True if ``wait`` sleeps on a log's commits (else it only sleeps)."""
+        return ((self.role == "follower" and self.ready and self.reader is not None and self.leader_log is not None)
+                or (self.role == "leader" and self.log is not None
+                    and self.log.isr_mask == 1 << self.log.leader_index))
 
     def wait(self, timeout_ns: int) -> None:
         """Sleep until the leader commits (followers) or the timeout passes."""

@@ -8,14 +8,20 @@ Theory of operation:
    (``shmq.lifeline``) for good: the coordinator's watcher wakes the moment
    this process dies.
 2. It registers with the coordinator on a connection that stays open: the
-   coordinator treats that connection's EOF as this process's death. A
-   thread pings every ``PING_S``; after a coordinator change it registers
-   again with the new one; with no coordinator for ``ORPHAN_S`` it exits
-   (so does it when the root directory disappears).
+   coordinator treats that connection's EOF as this process's death, and a
+   thread sleeps in ``poll`` on it: when the coordinator closes it (died,
+   stopped) the thread pings, which reconnects to the new coordinator, and
+   registers again; with no coordinator for ``ORPHAN_S`` it exits (so does it
+   when the root directory disappears, and on SIGTERM/SIGINT, which a
+   coordinator that stops cleanly sends it).
 3. The main loop re-reads the published metadata when its version changes
    and gives each hosted partition its role (``PartitionReplica.update``),
-   then runs every partition's duties (``step``); when none had work it
-   sleeps on a leader's commit futex for at most ``IDLE_NS``.
+   then runs every partition's duties (``step``). When none had work and a
+   partition was busy within the last second, it sleeps ``FAST_NS`` on one
+   log's commit futex (rotating). Otherwise it is idle: it sleeps on its bell
+   (``waiters``: rung by a commit on any log it waits for, by a metadata
+   publish, or by stop) until the next periodic duty (at most ``IDLE_NS``),
+   so an idle process wakes about once a second and still reacts at once.
 
 Started by the coordinator as ``python -m shmq.replica --root R --id N``.
 """
@@ -33,14 +39,17 @@ from ..errors import NotCoordinator, ShmqError
 from ..lifeline import Lifeline
 from ..root import Root
 from .partition import PartitionReplica
+from .waiters import LogWaiter, MetadataWaiter
 
 __all__ = ["ReplicaProcess"]
 
 log = logging.getLogger("shmq.replica")
 
-PING_S = 0.1
+PING_S = 2.0                  # the lifeline thread's poll timeout on the coordinator connection
 ORPHAN_S = 10.0
-IDLE_NS = 1_000_000
+FAST_NS = 1_000_000           # the wait of a busy process between rounds
+IDLE_NS = 1_000_000_000       # the longest sleep of an idle process
+ROOT_CHECK_NS = 500_000_000
 
 
 class ReplicaProcess:
@@ -51,6 +60,8 @@ class ReplicaProcess:
         self.rid = rid
         self.partitions: Dict[Tuple[str, int], PartitionReplica] = {}
         self._stop = threading.Event()
+        self._bell = threading.Event()          # rung by the waiters: see shmq.replica.waiters
+        self._waiters: Dict[Tuple[str, int], LogWaiter] = {}
         self._version = -1
         self._root_ino = os.stat(root.path).st_ino
         self.client = CoordinatorClient(root, autostart=False, connect_timeout=ORPHAN_S)
@@ -77,9 +88,12 @@ class ReplicaProcess:
             self._register()
             threading.Thread(target=self._lifeline, name="shmq-replica-lifeline", daemon=True).start()
             self.view = self.client.metadata()
+            MetadataWaiter(self._bell, self.root.metadata_map_path, self._stop).start()
             log.info("replica process %d (pid %d) serving %s", self.rid, os.getpid(), self.root.path)
             self._loop()
         finally:
+            for w in self._waiters.values():
+                w.stop()
             for pr in self.partitions.values():
                 pr.close()
             self.client.close()
@@ -91,7 +105,9 @@ class ReplicaProcess:
         self._coordinator = self.client.coordinator_pid
 
     def _lifeline(self) -> None:
-        while not self._stop.wait(PING_S):
+        while not self._stop.is_set():
+            if not self.client.wait_closed(PING_S) or self._stop.is_set():
+                continue
             try:
                 self.client.call("ping")
                 if self.client.coordinator_pid != self._coordinator:
@@ -142,12 +158,32 @@ class ReplicaProcess:
                 pr.update(leader, md.leader_epochs[p], idx, lpath, self.rid in md.offline[p])
         for key in [k for k in self.partitions if k not in seen]:
             self.partitions.pop(key).close()
+            w = self._waiters.pop(key, None)
+            if w is not None:
+                w.stop()
+
+    def _arm(self) -> None:
+        """Point every partition's waiter at what would give it work now."""
+        for key, pr in self.partitions.items():
+            target = pr.wait_target()
+            w = self._waiters.get(key)
+            if w is None:
+                if target is None:
+                    continue
+                w = self._waiters[key] = LogWaiter(self._bell, pr.name)
+                w.start()
+            w.watch(target)
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._bell.set()
 
     def _loop(self) -> None:
-        checked = 0.0
+        checked = 0
+        turn = 0
         while not self._stop.is_set():
-            now = time.monotonic()
-            if now - checked > 0.1:
+            now = time.monotonic_ns()
+            if now - checked > ROOT_CHECK_NS:
                 checked = now
                 if not self._root_alive():
                     log.warning("replica %d: root %s was removed; exiting", self.rid, self.root.path)
@@ -159,9 +195,10 @@ class ReplicaProcess:
                 except ShmqError as e:
                     log.error("replica %d: applying metadata version %d failed: %s", self.rid, self._version, e)
             work = 0
-            for pr in list(self.partitions.values()):
+            parts = list(self.partitions.values())
+            for pr in parts:
                 try:
-                    work += pr.step()
+                    work += pr.step(now)
                 except ShmqError as e:
                     log.error("replica %d: %s: %s", self.rid, pr.name, e)
                     pr.ready = False
@@ -169,9 +206,18 @@ class ReplicaProcess:
                     log.exception("replica %d: %s failed", self.rid, pr.name)
                     pr.ready = False
                     time.sleep(0.01)
-            if not work:
-                waiter = next(iter(self.partitions.values()), None)
-                if waiter is None or len(self.partitions) > 1:
-                    time.sleep(IDLE_NS / 1e9 if waiter is not None else 0.01)
+            if work:
+                continue
+            if any(pr.busy(now) for pr in parts):
+                waiters = [pr for pr in parts if pr.can_wait()]
+                if waiters:
+                    turn += 1
+                    waiters[turn % len(waiters)].wait(FAST_NS)
                 else:
-                    waiter.wait(IDLE_NS)
+                    self._stop.wait(FAST_NS / 1e9)
+                continue
+            due = min((pr.due(now) for pr in parts), default=now + IDLE_NS)
+            self._bell.clear()
+            self._arm()
+            if self.view.version() == self._version and not self._stop.is_set():
+                self._bell.wait(max(FAST_NS, min(due - now, IDLE_NS, ROOT_CHECK_NS)) / 1e9)
