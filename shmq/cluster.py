@@ -22,11 +22,12 @@ class TopicInfo:
     """What producers and consumers need about a topic."""
 
     __slots__ = ("name", "topic_id", "partitions", "paths", "config", "max_message_bytes", "replicated",
-                 "leaders", "leader_epochs", "min_insync_replicas", "replica_paths")
+                 "leaders", "leader_epochs", "min_insync_replicas", "replica_paths", "replicas", "isr")
 
     def __init__(self, name: str, topic_id: str, partitions: int, paths: List[Optional[str]], config: Dict[str, Any],
                  leaders: Optional[List[int]] = None, leader_epochs: Optional[List[int]] = None,
-                 replica_paths: Optional[List[List[str]]] = None) -> None:
+                 replica_paths: Optional[List[List[str]]] = None, replicas: Optional[List[List[int]]] = None,
+                 isr: Optional[List[List[int]]] = None) -> None:
         self.name = name
         self.topic_id = topic_id
         self.partitions = partitions
@@ -38,6 +39,23 @@ class TopicInfo:
         self.leader_epochs = leader_epochs
         self.min_insync_replicas = int(config.get("min_insync_replicas") or 1)
         self.replica_paths = replica_paths
+        self.replicas = replicas
+        self.isr = isr
+
+    def preferred_read_replica(self, partition: int, rack: Optional[str]) -> Optional[int]:
+        """Kafka's rack-aware replica selector (KIP-392): the replica id to read
+        ``partition`` from for a client in ``rack``: the leader if it is in that
+        rack, else the first in-sync replica there, else the leader (None: the
+        partition has no leader and no in-sync replica in the rack)."""
+        leader = self.leaders[partition] if self.leaders else None
+        leader = None if leader is None or leader < 0 else leader
+        racks = self.config.get("replica_racks") or {}
+        if not rack or not self.replicated or not racks or not self.isr:
+            return leader
+        in_rack = [r for r in self.isr[partition] if racks.get(str(r)) == rack]
+        if leader in in_rack or not in_rack:
+            return leader
+        return in_rack[0]
 
 
 class Cluster:
@@ -73,7 +91,7 @@ class Cluster:
         if md is None:
             raise UnknownTopicOrPartition(f"topic {name!r} does not exist in {self.root.path}", topic=name)
         return TopicInfo(md.name, md.topic_id, md.partitions, list(md.paths), dict(md.config), md.leaders,
-                         md.leader_epochs, md.replica_paths)
+                         md.leader_epochs, md.replica_paths, md.replicas, md.isr)
 
     def topics(self) -> List[str]:
         self._view.refresh()
@@ -87,7 +105,24 @@ class Cluster:
             raise UnknownTopicOrPartition(
                 f"partition {partition!r} of topic {topic!r} does not exist (it has {info.partitions})",
                 topic=topic, partition=partition if isinstance(partition, int) else None)
-        path = info.paths[partition]
+        return self._open(info, partition, info.paths[partition])
+
+    def read_log(self, topic: str, partition: int, rack: Optional[str]) -> PartitionLog:
+        """The log a consumer in ``rack`` reads ``topic``-``partition`` from: an
+        in-sync follower's in that rack (KIP-392; it serves only what is below
+        the high watermark), else the leader's (as ``log``)."""
+        info = self.topic(topic)
+        if not rack or not info.replicated:
+            return self.log(topic, partition)
+        if not isinstance(partition, int) or not 0 <= partition < info.partitions:
+            return self.log(topic, partition)   # raises UnknownTopicOrPartition
+        rid = info.preferred_read_replica(partition, rack)
+        if rid is None or not info.replicas or not info.replica_paths:
+            return self.log(topic, partition)
+        return self._open(info, partition, info.replica_paths[partition][info.replicas[partition].index(rid)])
+
+    def _open(self, info: TopicInfo, partition: int, path: Optional[str]) -> PartitionLog:
+        topic = info.name
         if path is None:
             raise LeaderNotAvailable(f"partition {topic}-{partition} has no leader right now",
                                      topic=topic, partition=partition)

@@ -72,6 +72,14 @@ class Consumer:
     ``session_timeout_ms``, ``max_poll_interval_ms``, ``heartbeat_interval_ms``
     and ``partition_assignment_strategy`` (``sticky`` default, ``range``,
     ``roundrobin``).
+
+    Retention and integrity: every assigned partition's reader holds its
+    place in the partition's reader table, so a default (``overflow="block"``)
+    topic never recycles what it has not read (``tether=False`` opts out);
+    ``check_crcs`` (default True) checks every batch's CRC32C.
+    ``client_rack`` (Kafka's ``client.rack``, KIP-392): read a replicated
+    partition from an in-sync replica in that rack (topic config
+    ``replica_racks``) instead of the leader, never above the high watermark.
     """
 
     def __init__(self, *topics: str, group_id: Optional[str] = None, root: Any = None,
@@ -79,7 +87,8 @@ class Consumer:
                  auto_commit_interval_ms: int = 5000, max_poll_records: int = 500,
                  value_deserializer: Optional[Callable[[bytes], Any]] = None,
                  key_deserializer: Optional[Callable[[bytes], Any]] = None,
-                 check_crcs: bool = True, tether: bool = True, consumer_timeout_ms: Optional[int] = None,
+                 check_crcs: bool = True, tether: bool = True, client_rack: Optional[str] = None,
+                 consumer_timeout_ms: Optional[int] = None,
                  client_id: str = "shmq-consumer", spin_us: int = 50,
                  group_instance_id: Optional[str] = None, session_timeout_ms: int = 10000,
                  max_poll_interval_ms: int = 300000, heartbeat_interval_ms: Optional[int] = None,
@@ -107,6 +116,9 @@ class Consumer:
         self._key_de = key_deserializer
         self._check_crcs = check_crcs
         self._tether = tether
+        if client_rack is not None and (not isinstance(client_rack, str) or not client_rack):
+            raise InvalidConfig(f"client_rack={client_rack!r} must be a non-empty str")
+        self.client_rack = client_rack
         self._consumer_timeout = None if consumer_timeout_ms is None else consumer_timeout_ms / 1000
         self._spin_us = spin_us
         self._assigned: Dict[TopicPartition, _Assigned] = {}
@@ -260,7 +272,7 @@ class Consumer:
         self._gens = {TopicPartition(*tp): gen for tp, gen in owned.items() if tp not in revoke}
         if added:
             for tp in added:
-                st = _Assigned(tp, self._cluster.log(tp.topic, tp.partition), None)
+                st = _Assigned(tp, self._read_log(tp), None)
                 self._assigned[tp] = st
                 self._order.append(st)
             if on_assign is not None:
@@ -302,7 +314,7 @@ class Consumer:
                 _close_reader(st)
         for tp in wanted:
             if tp not in keep:
-                keep[tp] = _Assigned(tp, self._cluster.log(tp.topic, tp.partition), None)
+                keep[tp] = _Assigned(tp, self._read_log(tp), None)
         self._assigned = keep
         self._order = list(keep.values())
         self._drop_buffer()
@@ -438,21 +450,27 @@ class Consumer:
         if st is not None and st.reader is not None and st.position is not None:
             st.reader.seek(st.position)
 
+    def _read_log(self, tp: TopicPartition) -> Any:
+        """The log to read ``tp`` from: its leader's, or with ``client_rack`` an
+        in-sync follower's in that rack (KIP-392 follower fetching)."""
+        return self._cluster.read_log(tp.topic, tp.partition, self.client_rack)
+
     def _follow_leaders(self) -> None:
         """After a metadata change: read each replicated partition from its
-        current leader's log, at the same position (offsets are the same in
-        every replica)."""
+        current leader's log (or preferred read replica's), at the same
+        position (offsets are the same in every replica)."""
         self._leaders_version = self._cluster.version()
         for st in self._order:
             try:
-                plog = self._cluster.log(st.tp.topic, st.tp.partition)
+                plog = self._read_log(st.tp)
             except (LeaderNotAvailable, UnknownTopicOrPartition):
                 continue                 # keep reading what the old leader had below its high watermark
             if plog is not st.log:
-                log.info("%s-%d: reading from the new leader's log %s", st.tp.topic, st.tp.partition, plog.path)
+                log.info("%s-%d: reading from the log %s", st.tp.topic, st.tp.partition, plog.path)
                 if self._buffer_tp is st:
                     self._drop_buffer()
-                st.log, st.reader = plog, None
+                _close_reader(st)
+                st.log = plog
                 if st.position is not None:
                     self._seek_state(st, st.position)
 

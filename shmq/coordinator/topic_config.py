@@ -24,12 +24,16 @@ MAX_REPLICATION_FACTOR = 8   # SHMQ_MAX_REPLICAS in log.h: one LEO slot per repl
 # (str) to the base directory holding that replica's logs of this topic (e.g. a
 # disk path while the leader lives in tmpfs); ``flush_messages`` / ``flush_ms``
 # make such a replica msync before it reports records as replicated.
+# ``replica_racks`` maps a replica process id (str) to its rack (Kafka's
+# broker.rack): a consumer with ``client_rack`` reads from an in-sync replica
+# in its rack (KIP-392 follower fetching), else from the leader.
 REPLICATION_DEFAULTS: Dict[str, Any] = {
     "replication_factor": 1, "min_insync_replicas": 1, "unclean_leader_election": False,
     "replica_lag_time_max_ms": 10_000, "flush_messages": None, "flush_ms": None, "replica_dirs": None,
+    "replica_racks": None,
 }
 ALTERABLE = ("max_message_bytes", "min_insync_replicas", "unclean_leader_election", "replica_lag_time_max_ms",
-             "flush_messages", "flush_ms")
+             "flush_messages", "flush_ms", "replica_racks")
 DEFAULTS: Dict[str, Any] = {**dataclasses.asdict(LogConfig()), "max_message_bytes": None, **REPLICATION_DEFAULTS}
 
 
@@ -108,6 +112,14 @@ def _check_replication(out: Dict[str, Any], topic: Optional[str]) -> None:
             raise InvalidConfig("replica_dirs must map replica ids ('0'..'7') to absolute directory paths, "
                                 f"got {dirs!r}", topic=topic)
         out["replica_dirs"] = {str(k): str(v) for k, v in dirs.items()}
+    racks = out["replica_racks"]
+    if racks is not None:
+        if not isinstance(racks, Mapping) or not all(
+                isinstance(k, str) and k.isdigit() and int(k) < MAX_REPLICATION_FACTOR
+                and isinstance(v, str) and v for k, v in racks.items()):
+            raise InvalidConfig("replica_racks must map replica ids ('0'..'7') to non-empty rack names, "
+                                f"got {racks!r}", topic=topic)
+        out["replica_racks"] = {str(k): str(v) for k, v in racks.items()}
 
 
 def merge_alter(current: Mapping[str, Any], changes: Mapping[str, Any], *, topic: str) -> Dict[str, Any]:
