@@ -13,18 +13,24 @@ from typing import Callable, Dict, Optional, Tuple
 import xxhash
 
 from .errors import InvalidConfig
-from .native import lib
+from .native import fastpath, lib
 
 PARTITIONERS = ("murmur2_random", "murmur2", "xxhash", "roundrobin")
 CACHE_LIMIT = 1 << 16
 
 
 class Partitioner:
-    """Chooses a partition for (key, partition count)."""
+    """Chooses a partition for (key, partition count). With the C fast path
+    in use, ``Partitioner(...)`` returns its C twin (same rules, one state
+    shared by the C and Python sends)."""
 
-    def __init__(self, name: str = "murmur2_random", sticky_records: int = 1000) -> None:
+    def __new__(cls, name: str = "murmur2_random", sticky_records: int = 1000) -> "Partitioner":
         if name not in PARTITIONERS:
             raise InvalidConfig(f"partitioner={name!r} must be one of {PARTITIONERS}")
+        fast = fastpath.partitioner(name, sticky_records) if cls is Partitioner else None
+        return fast if fast is not None else super().__new__(cls)
+
+    def __init__(self, name: str = "murmur2_random", sticky_records: int = 1000) -> None:
         self.name = name
         self._sticky_left = 0
         self._sticky = 0

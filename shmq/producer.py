@@ -32,7 +32,7 @@ from .cluster import Cluster
 from .errors import (DuplicateSequenceNumber, IllegalState, InvalidConfig, InvalidRecord, KafkaTimeoutError,
                      LeaderNotAvailable, NotEnoughReplicas, NotLeaderForPartition, UnknownTopicOrPartition)
 from .message import Header, RecordMetadata
-from .native import ffi, lib
+from .native import fastpath, ffi, lib
 from .partitioner import Partitioner
 from .ringlog import PartitionLog
 from .ringlog.records import encode_headers
@@ -181,6 +181,8 @@ class Producer:
         self._append_kv = lib.shmq_log_append_kv
         self._ts_out = ffi.new("int64_t *")
         self._closed = False
+        self._fast: Any = None
+        fastpath.attach_producer(self)     # send() in C for the common case (shmq/native/fastpath.c)
 
     # --------------------------------------------------------------- routing
     def _route(self, topic: str) -> _TopicRoute:
@@ -292,10 +294,10 @@ class Producer:
             route = self._check_partition(topic, partition)
         if timestamp_ms is None:
             ts = _time_ns() // 1_000_000
-        elif type(timestamp_ms) is int and timestamp_ms >= 0:
+        elif type(timestamp_ms) is int and 0 <= timestamp_ms < 1 << 63:
             ts = timestamp_ms
         else:
-            raise InvalidRecord(f"timestamp_ms must be a non-negative int, got {timestamp_ms!r}", topic=topic)
+            raise InvalidRecord(f"timestamp_ms must be a non-negative int64, got {timestamp_ms!r}", topic=topic)
         if route.replicated:
             off = self._send_replicated(topic, partition, 1, lambda plog, t: plog.append(
                 value, key, headers, ts, t), ([value], [key] if key is not None else None, headers, ts, True),
@@ -583,6 +585,7 @@ class Producer:
         if self._closed:
             return
         self._closed = True
+        fastpath.detach(self)
         self.flush(timeout)
         for route in self._routes.values():
             route.close()

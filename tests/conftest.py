@@ -12,9 +12,23 @@ from typing import Iterator, List
 
 import pytest
 
+from shmq import Admin
 from shmq.root import Root
 
 SHM = "/dev/shm" if os.path.isdir("/dev/shm") else None
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption("--fastpath", choices=("on", "off"), default=None,
+                     help="off: run with the C per-record path switched off (as SHMQ_FASTPATH=0)")
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    # Read when each Producer/Consumer is made, and inherited by the processes tests start.
+    if config.getoption("--fastpath") == "off":
+        os.environ["SHMQ_FASTPATH"] = "0"
+    elif config.getoption("--fastpath") == "on":
+        os.environ.pop("SHMQ_FASTPATH", None)
 
 
 @pytest.fixture
@@ -121,3 +135,11 @@ def module_root() -> Iterator[str]:
             kill_coordinator(Root(path, create=False))
         kill_replicas(path)
         shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def module_admin(module_root: str) -> Iterator[Admin]:
+    """An Admin client on module_root, closed at the end of the module."""
+    a = Admin(module_root)
+    yield a
+    a.close()

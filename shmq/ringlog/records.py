@@ -32,7 +32,10 @@ def _zigzag_varint(n: int, out: bytearray) -> None:
 
 def encode_headers(headers: Iterable[Header]) -> bytes:
     """Encode headers as one record's header block (count + entries)."""
-    items = list(headers)
+    try:
+        items = list(headers)
+    except TypeError:
+        raise InvalidRecord(f"headers must be an iterable of (str, bytes) pairs, got {type(headers).__name__}") from None
     out = bytearray()
     _zigzag_varint(len(items), out)
     for item in items:
@@ -41,7 +44,10 @@ def encode_headers(headers: Iterable[Header]) -> bytes:
         key, value = item
         if not isinstance(key, str):
             raise InvalidRecord(f"a header key must be str, got {type(key).__name__}")
-        kb = key.encode()
+        try:
+            kb = key.encode()
+        except UnicodeEncodeError:
+            raise InvalidRecord(f"a header key must encode to UTF-8, got {key!r}") from None
         _zigzag_varint(len(kb), out)
         out += kb
         if value is None:

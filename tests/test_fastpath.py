@@ -1,0 +1,306 @@
+"""The per-record path in C (shmq/native/fastpath.c) against the Python path.
+
+* Both paths write byte-identical batches (hypothesis over keys, values,
+  headers, None, sizes up to max_message_bytes), and kafka-python decodes them.
+* Bad input to every C entry point raises the shmq exception the Python path
+  raises, never crashes: wrong types, str values, bad partitions, a closed
+  client, a deleted topic, a fork after use.
+* Many calls leave RSS and the reference counts of shared objects flat.
+* A producer killed (or stopped) inside the C send leaves a claim that is
+  unblocked; no other record moves.
+* The Producer and Consumer API suites pass with the fast path switched off
+  (``SHMQ_FASTPATH=0``; ``pytest --fastpath=off`` runs the whole suite so).
+"""
+from __future__ import annotations
+
+import contextlib
+import gc
+import itertools
+import os
+import signal
+import struct
+import subprocess
+import sys
+import time
+from typing import Any, Iterator, List, Tuple
+
+import psutil
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from kafka.record.default_records import DefaultRecordBatch
+
+from shmq import (Admin, Consumer, IllegalState, InvalidRecord, InvalidTopic, MessageSizeTooLarge, Producer,
+                  TopicPartition, UnknownTopicOrPartition)
+from shmq.cluster import Cluster
+from shmq.native import fastpath
+
+pytestmark = [pytest.mark.timeout(120),
+              pytest.mark.skipif(fastpath._ext is None, reason="the _fastpath extension was not built here")]
+
+_names = itertools.count()
+MAX_BYTES = 3000
+SMALL = {"segment_bytes": 1 << 20, "segment_count": 4, "max_message_bytes": MAX_BYTES, "overflow": "overwrite"}
+TS = 1_700_000_000_000
+
+
+@contextlib.contextmanager
+def fastpath_off() -> Iterator[None]:
+    old = os.environ.get("SHMQ_FASTPATH")
+    os.environ["SHMQ_FASTPATH"] = "0"
+    try:
+        yield
+    finally:
+        if old is None:
+            del os.environ["SHMQ_FASTPATH"]
+        else:
+            os.environ["SHMQ_FASTPATH"] = old
+
+
+@pytest.fixture(scope="module")
+def root(module_root: str) -> str:
+    return module_root
+
+
+@pytest.fixture(scope="module")
+def admin(module_admin: Admin) -> Admin:
+    return module_admin
+
+
+def new_topic(admin: Admin, partitions: int = 1, **config: Any) -> str:
+    name = f"fp{next(_names)}"
+    admin.create_topic(name, partitions, {**SMALL, **config})
+    return name
+
+
+@pytest.fixture(scope="module")
+def producers(root: str) -> Iterator[Tuple[Producer, Producer]]:
+    """(C path, Python path) producers on the module's root."""
+    if not fastpath.enabled():
+        pytest.skip("SHMQ_FASTPATH=0: the C path is switched off for this run")
+    fast = Producer(root)
+    with fastpath_off():
+        slow = Producer(root)
+    assert fast._fast is not None and slow._fast is None
+    yield fast, slow
+    fast.close()
+    slow.close()
+
+
+def raw_batches(cluster: Cluster, topic: str, partition: int, start: int) -> List[bytes]:
+    """The RecordBatch bytes stored in topic-partition from offset start on."""
+    reader = cluster.log(topic, partition).reader(start)
+    buf = bytearray(4 << 20)
+    n = reader.read_frames(buf)
+    out, pos = [], 0
+    while pos < n:
+        (word,) = struct.unpack_from("<Q", buf, pos)
+        flen = word & 0xFFFFFFFF
+        assert word >> 62 == 0, "a data frame"
+        (blen,) = struct.unpack_from(">i", buf, pos + 8 + 8)
+        out.append(bytes(buf[pos + 8:pos + 8 + blen + 12]))
+        pos += flen
+    return out
+
+
+# ------------------------------------------------------- identical batches
+
+headers_st = st.one_of(st.none(), st.lists(st.tuples(st.text(max_size=8), st.one_of(st.none(), st.binary(max_size=16))),
+                                           max_size=4))
+blob_st = st.one_of(st.none(), st.binary(max_size=40),
+                    st.builds(lambda n, b: bytes([b]) * n, st.integers(0, MAX_BYTES), st.integers(0, 255)))
+record_st = st.tuples(blob_st, blob_st, headers_st, st.integers(0, 2 ** 62))
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=list(HealthCheck))
+@given(records=st.lists(record_st, min_size=1, max_size=6))
+def test_c_and_python_sends_store_byte_identical_batches_that_kafka_decodes(
+        root: str, admin: Admin, producers: Tuple[Producer, Producer], records: List[Any]) -> None:
+    fast, slow = producers
+    records = [r for r in records if (len(r[0] or b"") + len(r[1] or b"")) <= MAX_BYTES]
+    if not records:
+        return
+    topics = [new_topic(admin), new_topic(admin)]
+    calls = fast._fast.fallbacks
+    for producer, topic in zip((fast, slow), topics):
+        for value, key, headers, ts in records:
+            md = producer.send(topic, value, key=key, partition=0, headers=headers, timestamp_ms=ts)
+            assert md.timestamp_ms == ts
+    assert fast._fast.fallbacks == calls, "the C path sent every record itself"
+    cluster = fast._cluster
+    got_fast, got_slow = (raw_batches(cluster, t, 0, 0) for t in topics)
+    assert got_fast == got_slow
+    assert len(got_fast) == len(records)
+    for offset, (raw, (value, key, headers, ts)) in enumerate(zip(got_fast, records)):
+        batch = DefaultRecordBatch(raw)
+        assert batch.validate_crc() and batch.base_offset == offset
+        (rec,) = list(batch)
+        assert (rec.offset, rec.key, rec.value, rec.timestamp) == (offset, key, value, ts)
+        assert [(k, v) for k, v in rec.headers] == [(k, v) for k, v in (headers or [])]
+
+
+def test_sends_with_the_wall_clock_and_keys_match_the_python_path(admin: Admin,
+                                                                 producers: Tuple[Producer, Producer]) -> None:
+    fast, slow = producers
+    topic = new_topic(admin, 5)
+    keys = [b"k%d" % i for i in range(50)]
+    placed_fast = [fast.send(topic, b"v", key=k).partition for k in keys]
+    placed_slow = [slow.send(topic, b"v", key=k).partition for k in keys]
+    assert placed_fast == placed_slow
+    before = time.time_ns() // 1_000_000
+    md = fast.send(topic, b"now")
+    assert before <= md.timestamp_ms <= time.time_ns() // 1_000_000
+    # null keys stick to one partition for a while, as the Python path's partitioner
+    assert len({fast.send(topic, b"x").partition for _ in range(50)}) == 1
+
+
+# --------------------------------------------------------------- bad input
+
+def test_bad_input_to_the_c_send_raises_the_shmq_error(admin: Admin, producers: Tuple[Producer, Producer]) -> None:
+    fast, slow = producers
+    topic = new_topic(admin, 2)
+    for p in (fast, slow):
+        with pytest.raises(InvalidRecord):
+            p.send(topic, "a str value")
+        with pytest.raises(InvalidRecord):
+            p.send(topic, 12)
+        with pytest.raises(InvalidRecord):
+            p.send(topic, b"v", key="a str key")
+        for part in (-1, 2, 10 ** 30, -10 ** 30, "0", 1.0, True):
+            with pytest.raises(UnknownTopicOrPartition):
+                p.send(topic, b"v", partition=part)
+        for ts in (-1, "now", 2 ** 70, 1.5):
+            with pytest.raises(InvalidRecord):
+                p.send(topic, b"v", timestamp_ms=ts)
+        for headers in ([("k", "str")], [b"x"], [("k",)], [(1, b"v")], "abc", 5, [("\udc80", b"v")]):
+            with pytest.raises(InvalidRecord):
+                p.send(topic, b"v", headers=headers)
+        with pytest.raises(MessageSizeTooLarge):
+            p.send(topic, b"x" * (MAX_BYTES + 1))
+        with pytest.raises(MessageSizeTooLarge):
+            p.send(topic, b"x" * MAX_BYTES, key=b"k")
+        with pytest.raises(InvalidTopic):
+            p.send(5, b"v")
+        with pytest.raises(UnknownTopicOrPartition):
+            p.send("no-such-topic", b"v")
+    assert [t.end_offset for t in admin.describe_topic(topic).partitions] == [0, 0]
+
+
+def test_closed_producer_and_deleted_topic(root: str, admin: Admin) -> None:
+    topic = new_topic(admin)
+    p = Producer(root)
+    assert p.send(topic, b"a").offset == 0
+    admin.delete_topic(topic)
+    with pytest.raises(UnknownTopicOrPartition):
+        for _ in range(1000):             # the route is dropped within 100 ms, the log refuses at once
+            p.send(topic, b"b")
+            time.sleep(0.001)
+    p.close()
+    with pytest.raises(IllegalState):
+        p.send(topic, b"c")
+
+
+def test_fork_after_use_sends_from_the_child(root: str, admin: Admin) -> None:
+    topic = new_topic(admin)
+    p = Producer(root)
+    p.send(topic, b"parent", partition=0)
+    pid = os.fork()
+    if pid == 0:                                     # child: same producer object, same mappings
+        code = 1
+        try:
+            code = 0 if p.send(topic, b"child", partition=0).offset == 1 else 2
+        finally:
+            os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0
+    assert p.send(topic, b"parent again", partition=0).offset == 2
+    p.close()
+
+
+# ------------------------------------------------------------------ leaks
+
+def test_a_million_sends_leave_rss_and_refcounts_flat(root: str, admin: Admin,
+                                                      producers: Tuple[Producer, Producer]) -> None:
+    fast, _ = producers
+    topic = new_topic(admin, 2, segment_bytes=4 << 20)
+    value, key, headers = b"v" * 64, b"key", [("h", b"x")]
+    send = fast.send
+    for _ in range(50_000):
+        send(topic, value, key=key, headers=headers)
+    gc.collect()
+    shared = (topic, value, key, headers, fast._fast, fast)
+    refs = [sys.getrefcount(o) for o in shared]
+    rss = psutil.Process().memory_info().rss
+    for i in range(1_000_000):
+        send(topic, value, key=key, headers=headers if i & 1 else None, partition=i & 1)
+    gc.collect()
+    assert [sys.getrefcount(o) for o in shared] == refs
+    grown = psutil.Process().memory_info().rss - rss
+    assert grown < 8 << 20, f"RSS grew by {grown} bytes over a million sends"
+
+
+# -------------------------------------------------- kill -9 and SIGSTOP
+
+def _victim(root: str, topic: str, fault: str, count: int) -> None:
+    os.environ["SHMQ_FAULT_INJECT"] = fault
+    try:
+        with Producer(root) as p:
+            assert (p._fast is not None) == fastpath.enabled()
+            for i in range(count):
+                p.send(topic, struct.pack("<Q", i), partition=0)
+    finally:
+        os._exit(0)
+
+
+def _read_all(root: str, topic: str, end: int, budget: float) -> List[Any]:
+    out: List[Any] = []
+    with Consumer(root=root, auto_offset_reset="earliest") as c:
+        c.assign([TopicPartition(topic, 0)])
+        deadline = time.monotonic() + budget
+        while time.monotonic() < deadline and (not out or out[-1].offset < end - 1):
+            out.extend(c.consume(1000, timeout=0.05))
+    return out
+
+
+@pytest.mark.parametrize("fault", ["kill_after_claim", "stop_after_claim"])
+def test_producer_dying_or_stopped_inside_the_c_send_is_unblocked(root: str, admin: Admin, reaper: Any,
+                                                                   fault: str) -> None:
+    topic = new_topic(admin, unblock_timeout_ms=200)
+    n = 300
+    victim = reaper.start(_victim, root, topic, f"{fault}:{n}", 10 * n)
+    if fault.startswith("kill"):
+        victim.join(20)
+        assert victim.exitcode == -signal.SIGKILL
+    else:
+        proc = psutil.Process(victim.pid)
+        deadline = time.monotonic() + 20
+        while proc.status() != psutil.STATUS_STOPPED:
+            assert time.monotonic() < deadline, "the producer never stopped itself"
+            time.sleep(0.002)
+    with Producer(root) as p:                 # another producer goes on; readers pad the dead claim over
+        mds = [p.send(topic, b"after", partition=0) for _ in range(10)]
+    assert mds[0].offset == n                 # offsets 0..n-2 committed, n-1 is the victim's claim
+    got = _read_all(root, topic, mds[-1].offset + 1, 10)
+    assert [m.offset for m in got] == list(range(n - 1)) + list(range(n, n + 10))
+    assert [struct.unpack("<Q", m.value)[0] for m in got[:n - 1]] == list(range(n - 1))
+    if fault.startswith("stop"):
+        os.kill(victim.pid, signal.SIGCONT)   # its commit is fenced; send appends the record again
+        victim.join(20)
+        assert victim.exitcode == 0
+        end = admin.describe_topic(topic).partitions[0].end_offset
+        assert end == 10 * n + 10 + 1         # one offset went to the fenced first attempt
+        got = _read_all(root, topic, end, 10)
+        values = [struct.unpack("<Q", m.value)[0] for m in got if m.value != b"after"]
+        assert values == list(range(10 * n)), "every record of the stopped producer exactly once, in order"
+
+
+# ------------------------------------------------------- both ways, in CI
+
+def test_producer_and_consumer_suites_pass_with_the_fast_path_off(tmp_path: Any) -> None:
+    """The API suites again with SHMQ_FASTPATH=0 (the whole suite: ``pytest --fastpath=off``)."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    env = {**os.environ, "SHMQ_FASTPATH": "0"}
+    r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider",
+                        os.path.join(here, "test_producer.py"), os.path.join(here, "test_consumer.py")],
+                       env=env, capture_output=True, text=True, timeout=110)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-2000:]
