@@ -5,14 +5,23 @@
 # the per-record path and is compiled from the same core sources. It is
 # optional: where it cannot be built shmq runs without it (as with
 # SHMQ_FASTPATH=0).
-import glob
+import importlib.util
 import os
 
 from setuptools import Extension, setup
 
 NATIVE = "shmq/native"
-CORE = sorted(p for p in glob.glob(f"{NATIVE}/*.c")
-              if not os.path.basename(p).startswith(("fastpath", "_")))
+
+
+def _core_sources() -> list:
+    """The core's C files, from the one list the cffi build script keeps."""
+    spec = importlib.util.spec_from_file_location("_shmq_build", f"{NATIVE}/build.py")
+    build = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(build)
+    return [f"{NATIVE}/{name}" for name in build.SOURCES]
+
+
+CORE = _core_sources()
 
 fastpath = Extension(
     "shmq.native._fastpath",
