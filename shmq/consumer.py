@@ -37,7 +37,7 @@ from .cluster import Cluster
 from .errors import (CommitFailed, IllegalState, InvalidConfig, LeaderNotAvailable, NoOffsetForPartition,
                      OffsetOutOfRange, ShmqError, UnknownTopicOrPartition)
 from .message import Message, OffsetAndTimestamp, TopicPartition
-from .native import lib
+from .native import fastpath, lib
 from .ringlog import LogReader, RecordArrays
 
 log = logging.getLogger("shmq.consumer")
@@ -132,12 +132,19 @@ class Consumer:
         self._group_version = -1
         self._gens: Dict[TopicPartition, int] = {}
         self._listeners: Tuple[Any, Any, Any] = (None, None, None)
+        self._fast: Any = None                  # the C poll (shmq/native/fastpath.c), attached below
         self._group_opts = {"group_instance_id": group_instance_id, "session_timeout_ms": session_timeout_ms,
                             "max_poll_interval_ms": max_poll_interval_ms,
                             "heartbeat_interval_ms": heartbeat_interval_ms,
                             "assignor": partition_assignment_strategy}
         if topics:
             self.subscribe(list(topics))
+        fastpath.attach_consumer(self)
+
+    def _changed(self) -> None:
+        """The assignment, a pause state or a reader changed: the C poll re-arms."""
+        if self._fast is not None:
+            self._fast.disarm()
 
     # ------------------------------------------------------------ assignment
     def subscribe(self, topics: Any = (), on_assign: Optional[Callable[[List[TopicPartition]], None]] = None,
@@ -277,6 +284,7 @@ class Consumer:
                 self._order.append(st)
             if on_assign is not None:
                 on_assign(list(added))
+        self._changed()
 
     def _remove_partitions(self, tps: Any) -> None:
         if not tps:
@@ -286,6 +294,7 @@ class Consumer:
         for tp in tps:
             _close_reader(self._assigned.pop(tp, None))
         self._order = [st for st in self._order if st.tp not in tps]
+        self._changed()
 
     def subscription(self) -> Tuple[str, ...]:
         return self._subscription
@@ -318,6 +327,7 @@ class Consumer:
         self._assigned = keep
         self._order = list(keep.values())
         self._drop_buffer()
+        self._changed()
 
     def unsubscribe(self) -> None:
         if self._group is not None and self.enable_auto_commit:
@@ -347,6 +357,7 @@ class Consumer:
         if self._buffer_tp is st:
             self._drop_buffer()
         st.out_of_range = False
+        self._changed()
         try:
             if st.reader is None:
                 st.reader = LogReader(st.log, offset, check_crc=self._check_crcs, spin_us=self._spin_us,
@@ -429,12 +440,14 @@ class Consumer:
         return out
 
     def pause(self, *partitions: TopicPartition) -> None:
+        self._changed()
         for st in self._targets(partitions):
             st.paused = True
             if self._buffer_tp is st:
                 self._drop_buffer()
 
     def resume(self, *partitions: TopicPartition) -> None:
+        self._changed()
         for st in self._targets(partitions):
             st.paused = False
 
@@ -443,7 +456,9 @@ class Consumer:
 
     # ------------------------------------------------------------------ fetch
     def _drop_buffer(self) -> None:
-        """Forget buffered records; the reader goes back to the position."""
+        """Forget buffered records (the C poll's too); the reader goes back to the position."""
+        if self._fast is not None:
+            self._fast.drop()
         st = self._buffer_tp
         self._buffer.clear()
         self._buffer_tp = None
@@ -460,6 +475,7 @@ class Consumer:
         current leader's log (or preferred read replica's), at the same
         position (offsets are the same in every replica)."""
         self._leaders_version = self._cluster.version()
+        self._changed()
         for st in self._order:
             try:
                 plog = self._read_log(st.tp)
@@ -541,11 +557,14 @@ class Consumer:
                                key=kd(m.key) if kd and m.key is not None else m.key) for m in recs]
         return recs
 
-    def _begin_poll(self) -> Any:
+    def _begin_poll(self, spill: bool = True) -> Any:
         """What every poll, consume and consume_arrays does first: mark the
         member alive for max_poll_interval_ms, apply a new group assignment,
-        auto-commit what was already returned. Returns the group state."""
+        auto-commit what was already returned. Returns the group state.
+        ``spill``: records the C poll read ahead join the record buffer."""
         self._check_open()
+        if spill and self._fast is not None and self._buffer_tp is not None and not self._buffer:
+            self._buffer.extend(self._fast.take())
         g = self._group
         if g is not None:
             g.last_poll = time.monotonic()
@@ -556,6 +575,7 @@ class Consumer:
 
     def poll(self, timeout: float = 1.0) -> Optional[Message]:
         """The next record, or None if none arrives within ``timeout`` seconds."""
+        _check_timeout(timeout)
         g = self._begin_poll()
         if not self._buffer:
             st, recs = self._fetch(self.max_poll_records, timeout) if g is None else \
@@ -580,6 +600,8 @@ class Consumer:
         g = self._begin_poll()
         if not isinstance(num_messages, int) or num_messages <= 0:
             raise InvalidConfig(f"num_messages={num_messages!r} must be a positive int")
+        if timeout is not None:
+            _check_timeout(timeout)
         out: List[Message] = []
         if self._buffer:
             st = self._buffer_tp
@@ -721,6 +743,7 @@ class Consumer:
                 log.warning("final commit failed: %s", e)
         self._leave_group()
         self._closed = True
+        fastpath.detach(self)
         for st in self._assigned.values():
             _close_reader(st)
         self._assigned.clear()
@@ -740,6 +763,11 @@ def _close_reader(st: Optional[_Assigned]) -> None:
     if st is not None and st.reader is not None:
         st.reader.close()
         st.reader = None
+
+
+def _check_timeout(timeout: Any) -> None:
+    if not isinstance(timeout, (int, float)) or isinstance(timeout, bool) or timeout != timeout:
+        raise InvalidConfig(f"timeout={timeout!r} must be a number of seconds")
 
 
 __all__ = ["Consumer"]

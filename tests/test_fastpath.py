@@ -17,6 +17,7 @@ import contextlib
 import gc
 import itertools
 import os
+import pickle
 import signal
 import struct
 import subprocess
@@ -30,8 +31,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from kafka.record.default_records import DefaultRecordBatch
 
-from shmq import (Admin, Consumer, IllegalState, InvalidRecord, InvalidTopic, MessageSizeTooLarge, Producer,
-                  TopicPartition, UnknownTopicOrPartition)
+from shmq import (Admin, Consumer, IllegalState, InvalidConfig, InvalidRecord, InvalidTopic, Message,
+                  MessageSizeTooLarge, Producer, ShmqError, TopicPartition, UnknownTopicOrPartition)
 from shmq.cluster import Cluster
 from shmq.native import fastpath
 
@@ -237,6 +238,178 @@ def test_a_million_sends_leave_rss_and_refcounts_flat(root: str, admin: Admin,
     assert [sys.getrefcount(o) for o in shared] == refs
     grown = psutil.Process().memory_info().rss - rss
     assert grown < 8 << 20, f"RSS grew by {grown} bytes over a million sends"
+
+
+# ---------------------------------------------------------------- consumer
+
+def consumer(root: str, topic: str, partitions: int, fast: bool, **kw: Any) -> Consumer:
+    ctx = contextlib.nullcontext() if fast else fastpath_off()
+    with ctx:
+        c = Consumer(root=root, auto_offset_reset="earliest", **kw)
+    assert (c._fast is not None) == fast
+    c.assign([TopicPartition(topic, p) for p in range(partitions)])
+    return c
+
+
+def test_c_poll_and_consume_return_what_the_python_path_returns(root: str, admin: Admin,
+                                                               producers: Tuple[Producer, Producer]) -> None:
+    fast_p, _ = producers
+    topic = new_topic(admin, 3)
+    sent = []
+    for i in range(300):
+        key = None if i % 4 == 0 else b"k%d" % i
+        value = None if i % 7 == 0 else b"v" * (i % 50)
+        headers = [("h", b"%d" % i), ("none", None), ("\u00e9", b"")] if i % 5 == 0 else None
+        sent.append(fast_p.send(topic, value, key=key, partition=i % 3, headers=headers, timestamp_ms=TS + i))
+    got = {}
+    for fast in (True, False):
+        c = consumer(root, topic, 3, fast, max_poll_records=17)
+        msgs = [c.poll(1.0) for _ in range(150)] + c.consume(10) + c.consume(1000, timeout=0.5)
+        while len(msgs) < 300 + 150:
+            more = c.consume(1000, timeout=0.2)
+            if not more:
+                break
+            msgs.extend(more)
+        assert None not in msgs and len(msgs) == 300
+        assert {c.position(TopicPartition(topic, p)) for p in range(3)} == {100}
+        assert c.poll(0.05) is None and c.consume(5, timeout=0) == []
+        got[fast] = msgs
+        c.close()
+    by_offset = {fast: sorted(m, key=lambda m: (m.partition, m.offset)) for fast, m in got.items()}
+    assert by_offset[True] == by_offset[False]
+    assert all(type(m) is Message for m in got[True])
+    assert [(m.partition, m.offset, m.timestamp_ms) for m in by_offset[True]] == \
+        sorted((md.partition, md.offset, md.timestamp_ms) for md in sent)
+    m = next(m for m in got[True] if m.headers)
+    assert pickle.loads(pickle.dumps(m)) == m and m.headers == [("h", m.headers[0][1]), ("none", None), ("\u00e9", b"")]
+    assert m == Message(*m)
+
+
+def test_seek_pause_and_bulk_after_a_c_poll_see_the_position(root: str, admin: Admin,
+                                                             producers: Tuple[Producer, Producer]) -> None:
+    fast_p, _ = producers
+    topic = new_topic(admin, 2)
+    for i in range(20):
+        fast_p.send(topic, b"%d" % i, partition=0)
+    fast_p.send(topic, b"other", partition=1)
+    tp0, tp1 = TopicPartition(topic, 0), TopicPartition(topic, 1)
+    c = consumer(root, topic, 1, True)
+    m = c.poll(1.0)
+    assert (m.partition, m.offset) == (0, 0) and c._fast.pending > c._fast.pending_at   # the rest is read ahead
+    assert c.position(tp0) == 1
+    c.seek(tp0, 5)
+    assert c.poll(1.0).offset == 5 and c.position(tp0) == 6
+    c.pause(tp0)
+    assert c.poll(0.05) is None
+    c.resume(tp0)
+    assert c.poll(1.0).offset == 6
+    arrays = c.consume_arrays(100, timeout=1.0)
+    assert arrays is not None and arrays[0] == tp0 and int(arrays[1].offsets[0]) == 7
+    c.seek(tp0, 3)
+    assert [m.offset for m in c.consume(4)] == [3, 4, 5, 6]
+    c.assign([tp0, tp1])
+    assert c.position(tp0) == 7
+    c.pause(tp0)
+    c.seek(tp1, 0)
+    assert c.poll(1.0).value == b"other"
+    c.close()
+
+
+def test_one_doorbell_wakes_a_consumer_of_many_partitions(root: str, admin: Admin,
+                                                          producers: Tuple[Producer, Producer]) -> None:
+    import threading
+    fast_p, _ = producers
+    topic = new_topic(admin, 6)
+    c = consumer(root, topic, 6, True, spin_us=0)
+    for p in range(6):
+        c.seek(TopicPartition(topic, p), 0)
+    got: List[Any] = []
+    t = threading.Thread(target=lambda: got.append(c.poll(10.0)))
+    t.start()
+    logs = [fast_p._cluster.log(topic, p) for p in range(6)]
+    deadline = time.monotonic() + 5
+    while not all(log._hdr.waiters for log in logs):          # asleep on every partition at once
+        assert time.monotonic() < deadline, [int(log._hdr.waiters) for log in logs]
+        time.sleep(0.001)
+    fast_p.send(topic, b"wake", partition=4)
+    t.join(5)
+    assert not t.is_alive() and got[0] is not None and (got[0].partition, got[0].value) == (4, b"wake")
+    assert not any(log._hdr.waiters for log in logs)
+    c.close()
+
+
+def test_bad_input_to_the_c_poll_and_consume(root: str, admin: Admin) -> None:
+    topic = new_topic(admin)
+    for fast in (True, False):
+        c = consumer(root, topic, 1, fast)
+        for bad in ("1", None, float("nan"), True, [1]):
+            with pytest.raises(InvalidConfig):
+                c.poll(bad)
+        for bad in (0, -1, "3", 1.5, None):
+            with pytest.raises(InvalidConfig):
+                c.consume(bad)
+        with pytest.raises(InvalidConfig):
+            c.consume(3, timeout="soon")
+        assert c.poll(0) is None and c.consume(10 ** 30, timeout=0) == []
+        c.close()
+        with pytest.raises(IllegalState):
+            c.poll(0)
+        with pytest.raises(IllegalState):
+            c.consume(1, timeout=0)
+
+
+def test_c_poll_after_topic_deletion_and_fork(root: str, admin: Admin) -> None:
+    topic = new_topic(admin)
+    with Producer(root) as p:
+        for i in range(3):
+            p.send(topic, b"%d" % i, partition=0)
+    c = consumer(root, topic, 1, fastpath.enabled())
+    assert c.poll(1.0).offset == 0                  # two more read ahead
+    pid = os.fork()
+    if pid == 0:
+        code = 1
+        try:
+            code = 0 if [c.poll(1.0).offset, c.poll(1.0).offset, c.poll(0.01)] == [1, 2, None] else 2
+        finally:
+            os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0
+    admin.delete_topic(topic)
+    try:
+        for _ in range(20):                         # what was stored still reads; then nothing, or a clear error
+            c.poll(0.01)
+    except ShmqError:
+        pass
+    c.close()
+
+
+def test_a_million_polls_leave_rss_and_refcounts_flat(root: str, admin: Admin,
+                                                      producers: Tuple[Producer, Producer]) -> None:
+    fast_p, _ = producers
+    topic = new_topic(admin, 2, segment_bytes=64 << 20, segment_count=2)
+    chunk = [b"v" * 64] * 1000
+    for i in range(1000):
+        fast_p.send_batch(topic, chunk, partition=i & 1)
+    fast_p.send(topic, b"v", key=b"k", headers=[("h", b"x")], partition=0)
+    c = consumer(root, topic, 2, True, max_poll_records=500)
+    poll = c.poll
+    for _ in range(50_000):
+        poll(0)
+    gc.collect()
+    shared = (topic, c._fast, c, Message)
+    refs = [sys.getrefcount(o) for o in shared]
+    rss = psutil.Process().memory_info().rss
+    n = 0
+    while poll(0) is not None:
+        n += 1
+    for _ in range(50):
+        n += len(c.consume(1000, timeout=0))
+    gc.collect()
+    assert n == 1_000_001 - 50_000
+    assert [sys.getrefcount(o) for o in shared] == refs
+    grown = psutil.Process().memory_info().rss - rss
+    assert grown < 8 << 20, f"RSS grew by {grown} bytes over a million polls"
+    c.close()
 
 
 # -------------------------------------------------- kill -9 and SIGSTOP

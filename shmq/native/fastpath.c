@@ -595,6 +595,806 @@ static PyTypeObject FastProducerType = {
     .tp_members = FastProducer_members,
 };
 
+/* ----------------------------------------------------------- consumer
+ *
+ * FastConsumer serves poll() from the assigned partitions' LogReaders: it
+ * reads through each reader's own cursor, buffer and views with the core's
+ * shmq_log_read (seqlock re-check and CRC included), so reader positions
+ * and retention see exactly what the Python path would do.
+ *
+ * Arming: before serving, and again every lease_ns, the Python arm
+ * function runs the poll prelude (group changes, liveness, auto-commit,
+ * leader changes, initial positions) and hands over the active partitions;
+ * any change of the assignment, pause state or readers disarms (disarm()).
+ *
+ * Pending records: a read may return several records; the ones not yet
+ * returned stay in the reader's buffer ("pending"). While some are pending,
+ * consumer._buffer_tp names their partition, exactly as the Python path's
+ * record buffer does, so its drop/seek logic applies unchanged (drop()
+ * forgets them, take() hands them to the Python buffer).
+ *
+ * Positions: every returned record stores st.position = offset + 1.
+ *
+ * Waiting on many partitions (the doorbell): the sleeper reads each log's
+ * commit_seq, increments each log's waiters (seq_cst), re-checks every
+ * cursor, then sleeps in one futex_waitv on all the commit_seq words. A
+ * committer bumps commit_seq and wakes when waiters != 0 (log_wait.c), so a
+ * commit to any of them wakes the consumer; producers pay nothing while
+ * nobody waits. Without futex_waitv (Linux < 5.16) the sleep is a 1 ms
+ * slice on one log at a time.
+ */
+#ifdef __linux__
+#include <errno.h>
+#include <time.h>
+#include <unistd.h>
+#include <sys/syscall.h>
+#ifndef SYS_futex_waitv
+#define SYS_futex_waitv 449
+#endif
+#endif
+
+#define MAX_WAITV 128
+#define FUTEX2_SIZE_U32 0x02
+
+struct waitv_entry {   /* struct futex_waitv of linux/futex.h (5.16+) */
+    uint64_t val;
+    uint64_t uaddr;
+    uint32_t flags;
+    uint32_t reserved;
+};
+
+static PyObject *s_position, *s_buffer_tp, *s_timeout, *s_num_messages;
+
+typedef struct {
+    PyObject *st;          /* the consumer's _Assigned */
+    PyObject *reader;      /* its LogReader: owns cursor, buffer, views, unblock state */
+    PyObject *topic, *partition;
+    shmq_log *h;
+    shmq_cursor *cur;
+    uint8_t *buf;
+    shmq_record_view *views;
+    shmq_unblock_state *unblock;
+    int64_t read_len, buf_len, max_views, spin_ns, slice_ns;
+    int check_crc;
+    int lazy;              /* only st is set: part_fn(st) sets the partition up when it is first read */
+} Part;
+
+typedef struct {
+    PyObject_HEAD
+    PyObject *consumer;
+    PyObject *fallback;      /* Python poll */
+    PyObject *fallback_consume;
+    PyObject *arm_fn;        /* arm() -> (parts, max_records) or None: the Python path serves */
+    PyObject *part_fn;       /* part_fn(st) -> the tuple of one partition (see part_parse) */
+    PyTypeObject *msg_type;
+    Part *parts;
+    Py_ssize_t nparts, rr;
+    Part pend;               /* part with pending records (pend_n > pend_i) */
+    int64_t pend_i, pend_n, pend_used;
+    int64_t lease_ns, lease_until;
+    int64_t max_records;
+    int armed;
+    int doorbell;            /* 0 once futex_waitv was found missing */
+} FastConsumer;
+
+static void part_clear(Part *p)
+{
+    Py_CLEAR(p->st);
+    Py_CLEAR(p->reader);
+    Py_CLEAR(p->topic);
+    Py_CLEAR(p->partition);
+}
+
+static void part_copy(Part *dst, const Part *src)
+{
+    *dst = *src;
+    Py_XINCREF(dst->st);
+    Py_XINCREF(dst->reader);
+    Py_XINCREF(dst->topic);
+    Py_XINCREF(dst->partition);
+}
+
+static void parts_free(FastConsumer *self)
+{
+    for (Py_ssize_t i = 0; i < self->nparts; i++)
+        part_clear(&self->parts[i]);
+    PyMem_Free(self->parts);
+    self->parts = NULL;
+    self->nparts = 0;
+}
+
+static void pend_clear(FastConsumer *self)
+{
+    self->pend_i = self->pend_n = 0;
+    part_clear(&self->pend);
+}
+
+/* One part from the arm function's tuple:
+ * (st, reader, topic, partition, h, cur, buf, buf_len, read_len, views, max_views, unblock, check_crc,
+ *  spin_ns, slice_ns) */
+static int part_parse(PyObject *t, Part *p)
+{
+    if (PyTuple_Check(t) && PyTuple_GET_SIZE(t) == 1) {
+        p->st = Py_NewRef(PyTuple_GET_ITEM(t, 0));
+        p->lazy = 1;
+        return 0;
+    }
+    PyObject *st, *reader, *topic, *partition, *h, *cur, *buf, *views, *unblock;
+    long long buf_len, read_len, max_views, spin_ns, slice_ns;
+    int crc;
+    if (!PyArg_ParseTuple(t, "OOO!O!OOOLLOLOiLL", &st, &reader, &PyUnicode_Type, &topic, &PyLong_Type, &partition,
+                          &h, &cur, &buf, &buf_len, &read_len, &views, &max_views, &unblock, &crc, &spin_ns,
+                          &slice_ns))
+        return -1;
+    if (as_handle(h, (void **)&p->h) < 0 || as_handle(cur, (void **)&p->cur) < 0 ||
+        as_handle(buf, (void **)&p->buf) < 0 || as_handle(views, (void **)&p->views) < 0 ||
+        as_handle(unblock, (void **)&p->unblock) < 0)
+        return -1;
+    if (buf_len <= 0 || read_len <= 0 || read_len > buf_len || max_views <= 0 || slice_ns <= 0) {
+        PyErr_SetString(PyExc_ValueError, "bad reader sizes");
+        return -1;
+    }
+    p->st = Py_NewRef(st);
+    p->reader = Py_NewRef(reader);
+    p->topic = Py_NewRef(topic);
+    p->partition = Py_NewRef(partition);
+    p->buf_len = buf_len;
+    p->read_len = read_len;
+    p->max_views = max_views;
+    p->check_crc = crc;
+    p->spin_ns = spin_ns;
+    p->slice_ns = slice_ns;
+    return 0;
+}
+
+/* Run the Python arm function. 1: armed; 0: the Python path serves this
+ * call; -1: an exception (raised by the prelude, as the Python poll would). */
+static int arm(FastConsumer *self)
+{
+    self->armed = 0;
+    PyObject *r = PyObject_CallNoArgs(self->arm_fn);
+    if (r == NULL)
+        return -1;
+    if (r == Py_None) {
+        Py_DECREF(r);
+        return 0;
+    }
+    PyObject *list;
+    long long max_records;
+    if (!PyArg_ParseTuple(r, "O!L", &PyList_Type, &list, &max_records) || max_records <= 0) {
+        if (!PyErr_Occurred())
+            PyErr_SetString(PyExc_ValueError, "arm: bad max_records");
+        Py_DECREF(r);
+        return -1;
+    }
+    Py_ssize_t n = PyList_GET_SIZE(list);
+    Part *parts = PyMem_Calloc(n ? (size_t)n : 1, sizeof(Part));
+    if (parts == NULL) {
+        Py_DECREF(r);
+        PyErr_NoMemory();
+        return -1;
+    }
+    for (Py_ssize_t i = 0; i < n; i++) {
+        if (part_parse(PyList_GET_ITEM(list, i), &parts[i]) < 0) {
+            for (Py_ssize_t j = 0; j <= i; j++)
+                part_clear(&parts[j]);
+            PyMem_Free(parts);
+            Py_DECREF(r);
+            return -1;
+        }
+    }
+    Py_DECREF(r);
+    parts_free(self);
+    self->parts = parts;
+    self->nparts = n;
+    if (self->rr >= n)
+        self->rr = 0;
+    self->max_records = max_records;
+    self->lease_until = shmq_now_ns() + self->lease_ns;
+    self->armed = 1;
+    return 1;
+}
+
+/* Set up a lazy part through part_fn (initial position, as the Python
+ * path does when it first reads a partition). */
+static int part_setup(FastConsumer *self, Part *p)
+{
+    PyObject *t = PyObject_CallOneArg(self->part_fn, p->st);
+    if (t == NULL)
+        return -1;
+    Part fresh = { 0 };
+    int rc = part_parse(t, &fresh);
+    Py_DECREF(t);
+    if (rc < 0 || fresh.lazy) {
+        part_clear(&fresh);
+        if (rc == 0)
+            PyErr_SetString(PyExc_ValueError, "part_fn returned no reader");
+        return -1;
+    }
+    part_clear(p);
+    *p = fresh;
+    return 0;
+}
+
+static int64_t part_read(Part *p, int64_t max, int64_t *used)
+{
+    if (max > p->max_views)
+        max = p->max_views;
+    int64_t n = shmq_log_read(p->h, p->cur, p->buf, p->read_len, p->views, max, p->check_crc, used);
+    if (n == SHMQ_ERR_TOO_LARGE && p->read_len < p->buf_len)   /* one frame bigger than read_len */
+        n = shmq_log_read(p->h, p->cur, p->buf, p->buf_len, p->views, max, p->check_crc, used);
+    return n;
+}
+
+/* Decoded headers of a record, as the Python path's decode_headers. */
+static PyObject *headers_of(const uint8_t *buf, int64_t used, int64_t pos, int64_t count)
+{
+    PyObject *list = PyList_New(count);
+    if (list == NULL)
+        return NULL;
+    const uint8_t *p = buf + pos, *end = buf + used;
+    for (int64_t k = 0; k < count; k++) {
+        int64_t len[2];
+        for (int f = 0; f < 2; f++) {
+            uint64_t z = 0;
+            int shift = 0;
+            for (;;) {
+                if (p >= end || shift > 63)
+                    goto corrupt;
+                uint8_t b = *p++;
+                z |= (uint64_t)(b & 0x7F) << shift;
+                if (!(b & 0x80))
+                    break;
+                shift += 7;
+            }
+            len[f] = (int64_t)(z >> 1) ^ -(int64_t)(z & 1);
+            if ((f == 0 && len[f] < 0) || len[f] > end - p)
+                goto corrupt;
+            if (f == 0) {
+                PyObject *key = PyUnicode_DecodeUTF8((const char *)p, (Py_ssize_t)len[0], "replace");
+                if (key == NULL)
+                    goto fail;
+                PyList_SET_ITEM(list, k, key);   /* replaced by the pair below */
+                p += len[0];
+            }
+        }
+        PyObject *value = len[1] < 0 ? Py_NewRef(Py_None) : PyBytes_FromStringAndSize((const char *)p,
+                                                                                       (Py_ssize_t)len[1]);
+        if (value == NULL)
+            goto fail;
+        if (len[1] > 0)
+            p += len[1];
+        PyObject *key = PyList_GET_ITEM(list, k);
+        PyObject *pair = PyTuple_Pack(2, key, value);
+        Py_DECREF(value);
+        if (pair == NULL)
+            goto fail;
+        PyList_SET_ITEM(list, k, pair);
+        Py_DECREF(key);
+    }
+    return list;
+corrupt:
+    PyErr_SetString(PyExc_ValueError, "a record header runs past the record");
+fail:
+    Py_DECREF(list);
+    return NULL;
+}
+
+/* Message for view i of part p. NULL with an exception on error. */
+static PyObject *message_at(FastConsumer *self, Part *p, int64_t i, int64_t used)
+{
+    const shmq_record_view *v = &p->views[i];
+    if ((v->key_len >= 0 && (v->key_pos < 0 || v->key_pos + v->key_len > used)) ||
+        (v->value_len >= 0 && (v->value_pos < 0 || v->value_pos + v->value_len > used)) ||
+        (v->headers_count > 0 && (v->headers_pos < 0 || v->headers_pos > used))) {
+        PyErr_SetString(PyExc_ValueError, "a decoded record points outside the read buffer");
+        return NULL;
+    }
+    PyObject *items[7];
+    items[0] = Py_NewRef(p->topic);
+    items[1] = Py_NewRef(p->partition);
+    items[2] = PyLong_FromLongLong(v->offset);
+    items[3] = v->key_len < 0 ? Py_NewRef(Py_None)
+                              : PyBytes_FromStringAndSize((const char *)p->buf + v->key_pos, (Py_ssize_t)v->key_len);
+    items[4] = v->value_len < 0 ? Py_NewRef(Py_None)
+                                : PyBytes_FromStringAndSize((const char *)p->buf + v->value_pos,
+                                                            (Py_ssize_t)v->value_len);
+    items[5] = v->headers_count > 0 ? headers_of(p->buf, used, v->headers_pos, v->headers_count)
+                                    : PyTuple_New(0);
+    items[6] = PyLong_FromLongLong(v->timestamp);
+    return new_named(self->msg_type, 7, items);
+}
+
+static int set_position(PyObject *st, int64_t next)
+{
+    PyObject *o = PyLong_FromLongLong(next);
+    if (o == NULL)
+        return -1;
+    int rc = PyObject_SetAttr(st, s_position, o);
+    Py_DECREF(o);
+    return rc;
+}
+
+/* The next pending record, its position stored; the consumer's _buffer_tp
+ * is cleared once none is left. */
+static PyObject *next_pending(FastConsumer *self)
+{
+    PyObject *msg = message_at(self, &self->pend, self->pend_i, self->pend_used);
+    if (msg == NULL)
+        return NULL;
+    int64_t off = self->pend.views[self->pend_i].offset;
+    self->pend_i++;
+    if (set_position(self->pend.st, off + 1) < 0) {
+        Py_DECREF(msg);
+        return NULL;
+    }
+    if (self->pend_i >= self->pend_n) {
+        pend_clear(self);
+        if (PyObject_SetAttr(self->consumer, s_buffer_tp, Py_None) < 0) {
+            Py_DECREF(msg);
+            return NULL;
+        }
+    }
+    return msg;
+}
+
+/* Records just read (n of them, used bytes) into part p: the first is
+ * returned, the rest become pending. */
+static PyObject *first_of_read(FastConsumer *self, Part *p, int64_t n, int64_t used)
+{
+    if (n == 1) {
+        PyObject *msg = message_at(self, p, 0, used);
+        if (msg != NULL && set_position(p->st, p->views[0].offset + 1) < 0)
+            Py_CLEAR(msg);
+        return msg;
+    }
+    pend_clear(self);
+    part_copy(&self->pend, p);
+    self->pend_i = 0;
+    self->pend_n = n;
+    self->pend_used = used;
+    if (PyObject_SetAttr(self->consumer, s_buffer_tp, p->st) < 0) {
+        pend_clear(self);
+        return NULL;
+    }
+    return next_pending(self);
+}
+
+static inline int64_t min64(int64_t a, int64_t b) { return a < b ? a : b; }
+
+static void sleep_ns(int64_t ns)
+{
+    struct timespec ts = { ns / 1000000000LL, ns % 1000000000LL };
+    nanosleep(&ts, NULL);
+}
+
+/* Wait (GIL released by the caller) until a cursor may have something or
+ * timeout_ns passes: spin first, then the doorbell (see above). */
+static void wait_parts(FastConsumer *self, Part *parts, Py_ssize_t n, int64_t spin_ns, int64_t timeout_ns)
+{
+    if (n == 0) {
+        sleep_ns(timeout_ns);
+        return;
+    }
+    if (n == 1) {
+        shmq_log_wait(parts[0].h, parts[0].cur, spin_ns, timeout_ns);
+        return;
+    }
+    int64_t start = shmq_now_ns();
+    for (int k = 0;; k++) {
+        for (Py_ssize_t i = 0; i < n; i++)
+            if (shmq_log_ready(parts[i].h, parts[i].cur))
+                return;
+        if ((k & 15) == 0 && shmq_now_ns() - start >= spin_ns)
+            break;
+#if defined(__x86_64__) || defined(__i386__)
+        __builtin_ia32_pause();
+#endif
+    }
+#ifdef __linux__
+    if (self->doorbell) {
+        struct waitv_entry w[MAX_WAITV];
+        Py_ssize_t m = n < MAX_WAITV ? n : MAX_WAITV;
+        if (n > m)
+            timeout_ns = min64(timeout_ns, 1000000);   /* the others are checked after a short slice */
+        for (Py_ssize_t i = 0; i < m; i++) {
+            shmq_ctl_header *hdr = shmq_log_header(parts[i].h);
+            w[i].val = __atomic_load_n(&hdr->commit_seq, __ATOMIC_SEQ_CST);
+            w[i].uaddr = (uint64_t)(uintptr_t)&hdr->commit_seq;
+            w[i].flags = FUTEX2_SIZE_U32;
+            w[i].reserved = 0;
+        }
+        for (Py_ssize_t i = 0; i < m; i++)
+            __atomic_fetch_add(&shmq_log_header(parts[i].h)->waiters, 1, __ATOMIC_SEQ_CST);
+        int ready = 0;
+        for (Py_ssize_t i = 0; i < n && !ready; i++)
+            ready = shmq_log_ready(parts[i].h, parts[i].cur);
+        if (!ready) {
+            struct timespec abs;
+            clock_gettime(CLOCK_MONOTONIC, &abs);
+            int64_t t = (int64_t)abs.tv_nsec + timeout_ns;
+            abs.tv_sec += t / 1000000000LL;
+            abs.tv_nsec = t % 1000000000LL;
+            long rc = syscall(SYS_futex_waitv, w, (unsigned)m, 0, &abs, CLOCK_MONOTONIC);
+            if (rc < 0 && errno == ENOSYS)
+                self->doorbell = 0;
+        }
+        for (Py_ssize_t i = 0; i < m; i++)
+            __atomic_fetch_sub(&shmq_log_header(parts[i].h)->waiters, 1, __ATOMIC_SEQ_CST);
+        if (self->doorbell)
+            return;
+    }
+#endif
+    /* No doorbell: a short slice on each log in turn. */
+    Part *p = &parts[self->rr % n];
+    shmq_log_wait(p->h, p->cur, 0, min64(timeout_ns, 1000000));
+}
+
+/* Parse poll(timeout=1.0) / consume(num_messages=1, timeout=-1) arguments;
+ * returns 0, or -1: leave the call to Python. */
+static int parse_timeout(PyObject *o, double *out)
+{
+    if (PyFloat_CheckExact(o))
+        *out = PyFloat_AS_DOUBLE(o);
+    else if (PyLong_CheckExact(o))
+        *out = PyLong_AsDouble(o);
+    else
+        return -1;
+    if (*out == -1.0 && PyErr_Occurred()) {
+        PyErr_Clear();
+        return -1;
+    }
+    return *out != *out ? -1 : 0;   /* NaN */
+}
+
+static PyObject *call_fallback(PyObject *fn, double timeout)
+{
+    PyObject *t = PyFloat_FromDouble(timeout);
+    if (t == NULL)
+        return NULL;
+    PyObject *r = PyObject_CallOneArg(fn, t);
+    Py_DECREF(t);
+    return r;
+}
+
+/* Read from the next partition (round-robin) that has records, waiting up
+ * to timeout. Returns 1 with *got_part/n/used set, 0 on timeout, 2: leave
+ * the call to Python (an error to report, or the arm function said so), -1
+ * on an exception. */
+static int fetch(FastConsumer *self, int64_t max, double timeout, Part **got, int64_t *got_n, int64_t *got_used)
+{
+    int64_t now = shmq_now_ns();
+    int64_t deadline = timeout <= 0 ? now : now + (timeout > 1e9 ? (int64_t)1e18 : (int64_t)(timeout * 1e9));
+    int waited = 0;
+    for (;;) {
+        Py_ssize_t n = self->nparts;
+        for (Py_ssize_t k = 0; k < n; k++) {
+            Py_ssize_t idx = (self->rr + k) % n;
+            Part *p = &self->parts[idx];
+            if (p->lazy && part_setup(self, p) < 0)
+                return -1;
+            int64_t used = 0;
+            int64_t r = part_read(p, max, &used);
+            if (r < 0)
+                return 2;   /* the Python path reads again and reports (or resets) */
+            if (r > 0) {
+                self->rr = (idx + 1) % n;
+                *got = p;
+                *got_n = r;
+                *got_used = used;
+                return 1;
+            }
+        }
+        /* Every part is set up now (the pass above visited each). */
+        if (waited) {
+            /* Nothing after a wait: pad over a claim whose producer died. */
+            for (Py_ssize_t k = 0; k < n; k++) {
+                Part *p = &self->parts[k];
+                if (shmq_log_unblock_cursor(p->h, p->cur, p->unblock) < 0)
+                    return 2;
+            }
+        }
+        now = shmq_now_ns();
+        if (now >= deadline)
+            return 0;
+        if (now >= self->lease_until) {
+            int rc = arm(self);
+            if (rc <= 0)
+                return rc < 0 ? -1 : 2;
+            continue;
+        }
+        int64_t slice = min64(deadline, self->lease_until) - now;
+        int64_t spin = 0;
+        for (Py_ssize_t k = 0; k < n; k++) {
+            slice = min64(slice, self->parts[k].slice_ns);
+            if (!waited && self->parts[k].spin_ns > spin)
+                spin = self->parts[k].spin_ns;
+        }
+        Part *parts = self->parts;
+        Py_BEGIN_ALLOW_THREADS
+        wait_parts(self, parts, n, spin, slice);
+        Py_END_ALLOW_THREADS
+        waited = 1;
+    }
+}
+
+/* poll(timeout=1.0) */
+static PyObject *FastConsumer_poll(FastConsumer *self, PyObject *const *args, size_t nargsf, PyObject *kwnames)
+{
+    Py_ssize_t nargs = PyVectorcall_NARGS(nargsf);
+    PyObject *t = nargs ? args[0] : NULL;
+    double timeout = 1.0;
+    if (nargs > 1)
+        goto slow;
+    if (kwnames != NULL) {
+        if (PyTuple_GET_SIZE(kwnames) != 1 || PyTuple_GET_ITEM(kwnames, 0) != s_timeout || nargs)
+            goto slow;
+        t = args[0];
+    }
+    if (t != NULL && parse_timeout(t, &timeout) < 0)
+        goto slow;
+    if (!self->armed || shmq_now_ns() >= self->lease_until) {
+        int rc = arm(self);
+        if (rc < 0)
+            return NULL;
+        if (rc == 0)
+            goto slow;
+    }
+    if (self->pend_i < self->pend_n)
+        return next_pending(self);
+    Part *p;
+    int64_t n, used;
+    int64_t start = shmq_now_ns();
+    switch (fetch(self, self->max_records, timeout, &p, &n, &used)) {
+    case 1:
+        return first_of_read(self, p, n, used);
+    case 0:
+        Py_RETURN_NONE;
+    case 2:
+        self->armed = 0;
+        return call_fallback(self->fallback, timeout - (double)(shmq_now_ns() - start) / 1e9);
+    default:
+        return NULL;
+    }
+slow:
+    self->armed = 0;
+    return PyObject_Vectorcall(self->fallback, args, nargsf, kwnames);
+}
+
+/* Append messages of views [from, to) of part p to list; the position of
+ * the partition moves past the last. */
+static int append_range(FastConsumer *self, PyObject *list, Part *p, int64_t from, int64_t to, int64_t used)
+{
+    for (int64_t i = from; i < to; i++) {
+        PyObject *msg = message_at(self, p, i, used);
+        if (msg == NULL)
+            return -1;
+        int rc = PyList_Append(list, msg);
+        Py_DECREF(msg);
+        if (rc < 0)
+            return -1;
+    }
+    return to > from ? set_position(p->st, p->views[to - 1].offset + 1) : 0;
+}
+
+/* consume(num_messages=1, timeout=-1): up to num_messages records, waiting
+ * up to timeout for the first, then topping up from the other partitions
+ * without waiting (as the Python consume). */
+static PyObject *FastConsumer_consume(FastConsumer *self, PyObject *const *args, size_t nargsf, PyObject *kwnames)
+{
+    Py_ssize_t nargs = PyVectorcall_NARGS(nargsf);
+    PyObject *num = nargs > 0 ? args[0] : NULL, *t = nargs > 1 ? args[1] : NULL;
+    double timeout = -1;
+    if (nargs > 2)
+        goto slow;
+    if (kwnames != NULL) {
+        for (Py_ssize_t i = 0; i < PyTuple_GET_SIZE(kwnames); i++) {
+            PyObject *name = PyTuple_GET_ITEM(kwnames, i);
+            if (name == s_num_messages && num == NULL)
+                num = args[nargs + i];
+            else if (name == s_timeout && t == NULL)
+                t = args[nargs + i];
+            else
+                goto slow;
+        }
+    }
+    long long want = 1;
+    if (num != NULL) {
+        if (!PyLong_CheckExact(num))
+            goto slow;
+        int overflow;
+        want = PyLong_AsLongLongAndOverflow(num, &overflow);
+        if (overflow || want <= 0)
+            goto slow;   /* InvalidConfig from Python */
+    }
+    if (t != NULL && t != Py_None && parse_timeout(t, &timeout) < 0)
+        goto slow;
+    if (t == Py_None || timeout < 0)
+        timeout = 1e9;
+    if (!self->armed || shmq_now_ns() >= self->lease_until) {
+        int rc = arm(self);
+        if (rc < 0)
+            return NULL;
+        if (rc == 0)
+            goto slow;
+    }
+    PyObject *out = PyList_New(0);
+    if (out == NULL)
+        return NULL;
+    if (self->pend_i < self->pend_n) {
+        int64_t to = min64(self->pend_n, self->pend_i + want);
+        if (append_range(self, out, &self->pend, self->pend_i, to, self->pend_used) < 0)
+            goto fail;
+        self->pend_i = to;
+        if (self->pend_i >= self->pend_n) {
+            pend_clear(self);
+            if (PyObject_SetAttr(self->consumer, s_buffer_tp, Py_None) < 0)
+                goto fail;
+        }
+        return out;
+    }
+    int64_t start = shmq_now_ns();
+    for (Py_ssize_t round = 0; PyList_GET_SIZE(out) < want; round++) {
+        Part *p;
+        int64_t n, used;
+        if (round > 0 && round >= self->nparts)
+            break;
+        int rc = fetch(self, want - PyList_GET_SIZE(out), round ? 0 : timeout, &p, &n, &used);
+        if (rc == 0)
+            break;
+        if (rc < 0)
+            goto fail;
+        if (rc == 2) {
+            self->armed = 0;
+            if (PyList_GET_SIZE(out))
+                break;   /* what was read is returned; the next call reports */
+            Py_DECREF(out);
+            return call_fallback(self->fallback_consume, timeout - (double)(shmq_now_ns() - start) / 1e9);
+        }
+        if (append_range(self, out, p, 0, n, used) < 0)
+            goto fail;
+    }
+    return out;
+fail:
+    Py_DECREF(out);
+    return NULL;
+slow:
+    self->armed = 0;
+    return PyObject_Vectorcall(self->fallback_consume, args, nargsf, kwnames);
+}
+
+/* The pending records as Messages (for the Python path's buffer); none stay. */
+static PyObject *FastConsumer_take(FastConsumer *self, PyObject *unused)
+{
+    PyObject *out = PyList_New(0);
+    if (out == NULL)
+        return NULL;
+    for (; self->pend_i < self->pend_n; self->pend_i++) {
+        PyObject *msg = message_at(self, &self->pend, self->pend_i, self->pend_used);
+        if (msg == NULL || PyList_Append(out, msg) < 0) {
+            Py_XDECREF(msg);
+            Py_DECREF(out);
+            return NULL;
+        }
+        Py_DECREF(msg);
+    }
+    pend_clear(self);
+    return out;
+}
+
+static PyObject *FastConsumer_drop(FastConsumer *self, PyObject *unused)
+{
+    pend_clear(self);
+    self->armed = 0;
+    Py_RETURN_NONE;
+}
+
+static PyObject *FastConsumer_disarm(FastConsumer *self, PyObject *unused)
+{
+    self->armed = 0;
+    Py_RETURN_NONE;
+}
+
+static PyObject *FastConsumer_close(FastConsumer *self, PyObject *unused)
+{
+    pend_clear(self);
+    parts_free(self);
+    self->armed = 0;
+    Py_RETURN_NONE;
+}
+
+static int FastConsumer_init(FastConsumer *self, PyObject *args, PyObject *kw)
+{
+    static char *names[] = { "consumer", "poll", "consume", "arm", "part", "message_type", "lease_ns", NULL };
+    PyObject *consumer, *poll, *consume, *arm_fn, *part_fn, *mt;
+    long long lease;
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "OOOOOO!L", names, &consumer, &poll, &consume, &arm_fn, &part_fn,
+                                     &PyType_Type, &mt, &lease))
+        return -1;
+    if (!PyType_IsSubtype((PyTypeObject *)mt, &PyTuple_Type) || lease <= 0) {
+        PyErr_SetString(PyExc_TypeError, "message_type must be a tuple subclass, lease_ns positive");
+        return -1;
+    }
+    Py_XSETREF(self->consumer, Py_NewRef(consumer));
+    Py_XSETREF(self->fallback, Py_NewRef(poll));
+    Py_XSETREF(self->fallback_consume, Py_NewRef(consume));
+    Py_XSETREF(self->arm_fn, Py_NewRef(arm_fn));
+    Py_XSETREF(self->part_fn, Py_NewRef(part_fn));
+    Py_XSETREF(self->msg_type, (PyTypeObject *)Py_NewRef(mt));
+    self->lease_ns = lease;
+    self->doorbell = 1;
+    return 0;
+}
+
+static int FastConsumer_traverse(FastConsumer *self, visitproc visit, void *arg)
+{
+    Py_VISIT(self->consumer);
+    Py_VISIT(self->fallback);
+    Py_VISIT(self->fallback_consume);
+    Py_VISIT(self->arm_fn);
+    Py_VISIT(self->part_fn);
+    Py_VISIT(self->msg_type);
+    for (Py_ssize_t i = 0; i < self->nparts; i++) {
+        Py_VISIT(self->parts[i].st);
+        Py_VISIT(self->parts[i].reader);
+    }
+    Py_VISIT(self->pend.st);
+    Py_VISIT(self->pend.reader);
+    return 0;
+}
+
+static int FastConsumer_clear(FastConsumer *self)
+{
+    pend_clear(self);
+    parts_free(self);
+    Py_CLEAR(self->consumer);
+    Py_CLEAR(self->fallback);
+    Py_CLEAR(self->fallback_consume);
+    Py_CLEAR(self->arm_fn);
+    Py_CLEAR(self->part_fn);
+    Py_CLEAR(self->msg_type);
+    return 0;
+}
+
+static void FastConsumer_dealloc(FastConsumer *self)
+{
+    PyObject_GC_UnTrack(self);
+    FastConsumer_clear(self);
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+static PyMethodDef FastConsumer_methods[] = {
+    { "poll", (PyCFunction)(void (*)(void))FastConsumer_poll, METH_FASTCALL | METH_KEYWORDS, "poll(timeout=1.0)" },
+    { "consume", (PyCFunction)(void (*)(void))FastConsumer_consume, METH_FASTCALL | METH_KEYWORDS,
+      "consume(num_messages=1, timeout=-1)" },
+    { "take", (PyCFunction)FastConsumer_take, METH_NOARGS, "The pending records as a list; none stay pending." },
+    { "drop", (PyCFunction)FastConsumer_drop, METH_NOARGS, "Forget the pending records and disarm." },
+    { "disarm", (PyCFunction)FastConsumer_disarm, METH_NOARGS, "The next call re-runs the Python arm function." },
+    { "close", (PyCFunction)FastConsumer_close, METH_NOARGS, "Forget every partition." },
+    { NULL }
+};
+
+static PyMemberDef FastConsumer_members[] = {
+    { "pending", T_LONGLONG, offsetof(FastConsumer, pend_n), READONLY, "records of the last read (see pending_at)" },
+    { "pending_at", T_LONGLONG, offsetof(FastConsumer, pend_i), READONLY, "records of it already returned" },
+    { NULL }
+};
+
+static PyTypeObject FastConsumerType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "shmq.native._fastpath.FastConsumer",
+    .tp_doc = "FastConsumer(consumer, poll, consume, arm, part, message_type, lease_ns)",
+    .tp_basicsize = sizeof(FastConsumer),
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC,
+    .tp_new = PyType_GenericNew,
+    .tp_init = (initproc)FastConsumer_init,
+    .tp_traverse = (traverseproc)FastConsumer_traverse,
+    .tp_clear = (inquiry)FastConsumer_clear,
+    .tp_dealloc = (destructor)FastConsumer_dealloc,
+    .tp_methods = FastConsumer_methods,
+    .tp_members = FastConsumer_members,
+};
+
 /* -------------------------------------------------------------- module */
 
 static struct PyModuleDef module = {
@@ -607,9 +1407,13 @@ PyMODINIT_FUNC PyInit__fastpath(void)
     if (!(s_partition = PyUnicode_InternFromString("partition")) ||
         !(s_headers = PyUnicode_InternFromString("headers")) ||
         !(s_timestamp_ms = PyUnicode_InternFromString("timestamp_ms")) ||
-        !(s_value = PyUnicode_InternFromString("value")) || !(s_key = PyUnicode_InternFromString("key")))
+        !(s_value = PyUnicode_InternFromString("value")) || !(s_key = PyUnicode_InternFromString("key")) ||
+        !(s_position = PyUnicode_InternFromString("position")) ||
+        !(s_buffer_tp = PyUnicode_InternFromString("_buffer_tp")) ||
+        !(s_timeout = PyUnicode_InternFromString("timeout")) ||
+        !(s_num_messages = PyUnicode_InternFromString("num_messages")))
         return NULL;
-    PyTypeObject *types[] = { &PartitionerType, &RouteType, &FastProducerType };
+    PyTypeObject *types[] = { &PartitionerType, &RouteType, &FastProducerType, &FastConsumerType };
     for (size_t i = 0; i < sizeof types / sizeof *types; i++)
         if (PyType_Ready(types[i]) < 0)
             return NULL;
@@ -617,7 +1421,8 @@ PyMODINIT_FUNC PyInit__fastpath(void)
     if (m == NULL)
         return NULL;
     if (PyModule_AddObjectRef(m, "Partitioner", (PyObject *)&PartitionerType) < 0 ||
-        PyModule_AddObjectRef(m, "FastProducer", (PyObject *)&FastProducerType) < 0) {
+        PyModule_AddObjectRef(m, "FastProducer", (PyObject *)&FastProducerType) < 0 ||
+        PyModule_AddObjectRef(m, "FastConsumer", (PyObject *)&FastConsumerType) < 0) {
         Py_DECREF(m);
         return NULL;
     }

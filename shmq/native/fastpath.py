@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import os
 import random
-from typing import Any, Optional, Tuple
+from typing import Any, List, Optional, Tuple
 
 import xxhash
 
@@ -27,6 +27,7 @@ except ImportError:            # not built on this platform: the Python path onl
 
 PARTITIONER_KINDS = ("murmur2_random", "murmur2", "xxhash", "roundrobin")
 METADATA_RECHECK_MS = 100      # a fast-path producer re-reads routes (metadata) this often
+CONSUMER_LEASE_NS = 5_000_000  # a fast-path consumer re-runs the Python poll prelude this often
 
 
 def enabled() -> bool:
@@ -67,6 +68,50 @@ def attach_producer(producer: Any) -> None:
                              producer._timeout_ns, METADATA_RECHECK_MS)
     producer._fast = fast
     producer.send = fast.send
+
+
+def attach_consumer(consumer: Any) -> None:
+    """Make ``consumer.poll`` / ``consume`` the C ones when the consumer can use them."""
+    if not enabled() or consumer._value_de is not None or consumer._key_de is not None:
+        return
+    from ..message import Message
+
+    def part(st: Any) -> Tuple[Any, ...]:
+        """What the C poll reads of one partition: its reader's cursor,
+        buffer and views (as ``_fetch_from`` does, the position is set up
+        when the partition is first read)."""
+        if st.position is None:
+            consumer._init_position(st)
+        if st.out_of_range:
+            consumer._check_range(st)
+        r = st.reader
+        if r._buf is None:
+            r._buf = ffi.new("uint8_t[]", r._buf_len)
+        return (st, r, st.tp.topic, st.tp.partition, handle(r._h), handle(r._cur), handle(r._buf), r._buf_len,
+                r._read_len, handle(r._views), r._max, handle(r._unblock), r.check_crc, r.spin_ns,
+                r.log.config.unblock_timeout_ms * 1_000_000 // 2 + 1)
+
+    def arm() -> Optional[Tuple[List[Tuple[Any, ...]], int]]:
+        """The Python poll prelude, then the active partitions for the C poll:
+        ``part(st)`` of each, or ``(st,)`` for one whose position is not set
+        up yet (the C poll calls ``part`` when it first reads it). None: the
+        Python poll serves (its record buffer)."""
+        c = consumer
+        if c._buffer:
+            return None
+        c._begin_poll(spill=False)
+        if c._buffer:
+            return None
+        if c._leaders_version != c._cluster.version():
+            c._follow_leaders()
+        return [part(st) if st.position is not None and not st.out_of_range else (st,)
+                for st in c._order if not st.paused], c.max_poll_records
+
+    fast = _ext.FastConsumer(consumer, consumer.poll, consumer.consume, arm, part, Message,  # type: ignore[union-attr]
+                             CONSUMER_LEASE_NS)
+    consumer._fast = fast
+    consumer.poll = fast.poll
+    consumer.consume = fast.consume
 
 
 def detach(client: Any) -> None:
