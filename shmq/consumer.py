@@ -706,6 +706,8 @@ class Consumer:
         if offsets is not None:
             todo = {tp if type(tp) is TopicPartition else TopicPartition(*tp): o for tp, o in offsets.items()}
         elif message is not None:
+            if not isinstance(message, Message) or type(message.offset) is not int:
+                raise InvalidConfig(f"commit(message=...) takes a Message, got {type(message).__name__}")
             todo = {TopicPartition(message.topic, message.partition): message.offset + 1}
         else:
             todo = {st.tp: st.position for st in self._order if st.position is not None}

@@ -31,7 +31,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from kafka.record.default_records import DefaultRecordBatch
 
-from shmq import (Admin, Consumer, IllegalState, InvalidConfig, InvalidRecord, InvalidTopic, Message,
+from shmq import (Admin, CommitFailed, Consumer, IllegalState, InvalidConfig, InvalidRecord, InvalidTopic, Message,
                   MessageSizeTooLarge, Producer, ShmqError, TopicPartition, UnknownTopicOrPartition)
 from shmq.cluster import Cluster
 from shmq.native import fastpath
@@ -246,7 +246,7 @@ def consumer(root: str, topic: str, partitions: int, fast: bool, **kw: Any) -> C
     ctx = contextlib.nullcontext() if fast else fastpath_off()
     with ctx:
         c = Consumer(root=root, auto_offset_reset="earliest", **kw)
-    assert (c._fast is not None) == fast
+    assert (c._fast is not None) == (fast and fastpath.enabled())
     c.assign([TopicPartition(topic, p) for p in range(partitions)])
     return c
 
@@ -409,6 +409,73 @@ def test_a_million_polls_leave_rss_and_refcounts_flat(root: str, admin: Admin,
     assert [sys.getrefcount(o) for o in shared] == refs
     grown = psutil.Process().memory_info().rss - rss
     assert grown < 8 << 20, f"RSS grew by {grown} bytes over a million polls"
+    c.close()
+
+
+# ----------------------------------------------------------------- commits
+
+def test_hot_path_commits_store_and_fence_as_the_python_commit(root: str, admin: Admin,
+                                                               producers: Tuple[Producer, Producer]) -> None:
+    fast_p, _ = producers
+    topic = new_topic(admin, 2)
+    for i in range(5):
+        fast_p.send(topic, b"%d" % i, partition=0)
+    tp0, tp1 = TopicPartition(topic, 0), TopicPartition(topic, 1)
+    for fast in (True, False):
+        group = f"g{next(_names)}"
+        c = consumer(root, topic, 2, fast, group_id=group, enable_auto_commit=False)
+        m = c.poll(1.0)
+        assert c.commit(message=m) == {tp0: 1} and c.committed(tp0) == 1
+        assert c.commit(offsets={tp0: 4, tp1: 9}) == {tp0: 4, tp1: 9}
+        assert (c.committed(tp0), c.committed(tp1)) == (4, 9)
+        assert c.commit(offsets={(topic, 1): 3}) == {tp1: 3} and c.committed(tp1) == 3   # a plain tuple key
+        for bad in ({tp0: -1}, {tp0: "5"}, {tp0: 1 << 60}, {tp0: 2, tp1: -5}):
+            with pytest.raises(InvalidConfig):
+                c.commit(offsets=bad)
+        assert (c.committed(tp0), c.committed(tp1)) == (4, 3), "a refused commit stores nothing"
+        for bad_msg in ("x", (topic, 0, 1), m._replace(offset="1")):
+            with pytest.raises(InvalidConfig):
+                c.commit(message=bad_msg)
+        with pytest.raises(UnknownTopicOrPartition):
+            c.commit(offsets={TopicPartition("no-such-topic", 0): 1})
+        assert c.commit(offsets={tp0: 5}, asynchronous=False) == {tp0: 5} and c.committed(tp0) == 5
+        # A member of the group owns the partitions now: this non-member's commits are fenced.
+        member = Consumer(topic, group_id=group, root=root, enable_auto_commit=False)
+        deadline = time.monotonic() + 20
+        while len(member.assignment()) < 2:
+            assert time.monotonic() < deadline, "the member was never assigned the partitions"
+            member.poll(0.05)
+        with pytest.raises(CommitFailed):
+            c.commit(offsets={tp0: 6})
+        with pytest.raises(CommitFailed):
+            c.commit(message=m)
+        assert c.committed(tp0) == 5
+        member.commit(offsets={tp0: 2})          # the owner commits (its generation)
+        assert c.committed(tp0) == 2
+        member.close()
+        c.close()
+        with pytest.raises(IllegalState):
+            c.commit(offsets={tp0: 1})
+
+
+def test_a_million_commits_leave_refcounts_flat(root: str, admin: Admin) -> None:
+    topic = new_topic(admin)
+    tp = TopicPartition(topic, 0)
+    c = consumer(root, topic, 1, fastpath.enabled(), group_id=f"g{next(_names)}", enable_auto_commit=False)
+    commit = c.commit
+    commit(offsets={tp: 0})
+    m = Message(topic, 0, 5, None, b"v", (), TS)
+    gc.collect()
+    shared = (topic, tp, m, c)
+    refs = [sys.getrefcount(o) for o in shared]
+    rss = psutil.Process().memory_info().rss
+    for i in range(500_000):
+        commit(offsets={tp: i})
+        commit(message=m)
+    gc.collect()
+    assert [sys.getrefcount(o) for o in shared] == refs
+    assert psutil.Process().memory_info().rss - rss < 8 << 20
+    assert c.committed(tp) == 6
     c.close()
 
 

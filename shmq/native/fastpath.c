@@ -675,7 +675,23 @@ typedef struct {
     int64_t max_records;
     int armed;
     int doorbell;            /* 0 once futex_waitv was found missing */
+    int closed;
+    /* Hot-path commits (see FastConsumer_commit). */
+    PyObject *commit_fn;     /* the Python commit: every other case */
+    PyObject *entry_fn;      /* entry_fn(tp) -> see commit_entry(), or None */
+    PyObject *entries;       /* dict (topic, partition) -> bytes of a CommitEntry */
+    PyObject *vwords, *twords;   /* memoryviews of the metadata header and the offsets table (kept alive) */
+    const uint64_t *version_word, *moved_word;
+    int64_t *table;
+    int64_t table_words;
+    uint64_t entries_version;
+    PyTypeObject *tp_type;   /* TopicPartition */
+    int64_t gen_shift, offset_mask;
 } FastConsumer;
+
+typedef struct {
+    int64_t offset_word, generation_word, generation;
+} CommitEntry;
 
 static void part_clear(Part *p)
 {
@@ -1292,6 +1308,8 @@ static PyObject *FastConsumer_drop(FastConsumer *self, PyObject *unused)
 static PyObject *FastConsumer_disarm(FastConsumer *self, PyObject *unused)
 {
     self->armed = 0;
+    if (self->entries != NULL)
+        PyDict_Clear(self->entries);   /* generations may have changed */
     Py_RETURN_NONE;
 }
 
@@ -1300,17 +1318,241 @@ static PyObject *FastConsumer_close(FastConsumer *self, PyObject *unused)
     pend_clear(self);
     parts_free(self);
     self->armed = 0;
+    self->closed = 1;
+    if (self->entries != NULL)
+        PyDict_Clear(self->entries);
+    Py_CLEAR(self->vwords);
+    Py_CLEAR(self->twords);
+    self->version_word = self->moved_word = NULL;
+    self->table = NULL;
     Py_RETURN_NONE;
+}
+
+/* ------------------------------------------------------------ commits
+ *
+ * commit(message=None, offsets=None, asynchronous=True) with
+ * asynchronous=True is the store of Cluster.commit_offsets and nothing
+ * else: per partition one dict lookup of its entry (offset word, generation
+ * word, the generation this member owns it in), the fencing check (the
+ * entry's generation word must still read that generation), then one
+ * aligned 8-byte release store of gen << 48 | offset. Every partition is
+ * checked before anything is stored. Entries come from entry_fn (the
+ * Python lookup, one RPC the first time) and are forgotten when the
+ * published metadata version moves, and on every disarm (group changes).
+ * Anything else (sync commits, current positions, a failed check) is the
+ * Python commit's, which raises its errors.
+ */
+static PyObject *buffer_words(PyObject *mv, int64_t *count)
+{
+    if (!PyMemoryView_Check(mv)) {
+        PyErr_SetString(PyExc_TypeError, "expected a memoryview");
+        return NULL;
+    }
+    Py_buffer *b = PyMemoryView_GET_BUFFER(mv);
+    if (b->buf == NULL || b->len % 8 || ((uintptr_t)b->buf & 7)) {
+        PyErr_SetString(PyExc_ValueError, "expected an aligned memoryview of 8-byte words");
+        return NULL;
+    }
+    *count = b->len / 8;
+    return (PyObject *)b->buf;
+}
+
+/* The entry of tp, looked up or fetched. NULL: Python handles it (exception
+ * set only for real errors, which are then returned). */
+static const CommitEntry *commit_entry(FastConsumer *self, PyObject *tp, int *error)
+{
+    *error = 0;
+    if (self->version_word != NULL) {
+        uint64_t moved = __atomic_load_n(self->moved_word, __ATOMIC_ACQUIRE);
+        uint64_t v = __atomic_load_n(self->version_word, __ATOMIC_ACQUIRE);
+        if (moved || v != self->entries_version)
+            PyDict_Clear(self->entries);
+    }
+    PyObject *e = PyDict_GetItemWithError(self->entries, tp);
+    if (e != NULL)
+        return (const CommitEntry *)PyBytes_AS_STRING(e);
+    if (PyErr_Occurred()) {
+        *error = 1;
+        return NULL;
+    }
+    /* entry_fn(tp) -> (version, vwords, w_version, w_moved, twords, offset_word, generation_word, generation) */
+    PyObject *r = PyObject_CallOneArg(self->entry_fn, tp);
+    if (r == NULL || r == Py_None) {
+        *error = r == NULL;
+        Py_XDECREF(r);
+        return NULL;
+    }
+    unsigned long long version;
+    PyObject *vwords, *twords;
+    long long w_version, w_moved;
+    CommitEntry ce;
+    if (!PyArg_ParseTuple(r, "KOLLOLLL", &version, &vwords, &w_version, &w_moved, &twords, &ce.offset_word,
+                          &ce.generation_word, &ce.generation)) {
+        Py_DECREF(r);
+        *error = 1;
+        return NULL;
+    }
+    int64_t nv, nt;
+    uint64_t *vbase = (uint64_t *)buffer_words(vwords, &nv);
+    int64_t *tbase = vbase ? (int64_t *)buffer_words(twords, &nt) : NULL;
+    if (tbase == NULL || w_version < 0 || w_version >= nv || w_moved < 0 || w_moved >= nv ||
+        ce.offset_word < 0 || ce.offset_word >= nt || ce.generation_word < 0 || ce.generation_word >= nt) {
+        if (!PyErr_Occurred())
+            PyErr_SetString(PyExc_ValueError, "commit entry outside its table");
+        Py_DECREF(r);
+        *error = 1;
+        return NULL;
+    }
+    if (vwords != self->vwords || twords != self->twords || version != self->entries_version) {
+        PyDict_Clear(self->entries);
+        Py_XSETREF(self->vwords, Py_NewRef(vwords));
+        Py_XSETREF(self->twords, Py_NewRef(twords));
+        self->version_word = vbase + w_version;
+        self->moved_word = vbase + w_moved;
+        self->table = tbase;
+        self->table_words = nt;
+        self->entries_version = version;
+    }
+    Py_DECREF(r);
+    e = PyBytes_FromStringAndSize((const char *)&ce, sizeof ce);
+    if (e == NULL || PyDict_SetItem(self->entries, tp, e) < 0) {
+        Py_XDECREF(e);
+        *error = 1;
+        return NULL;
+    }
+    Py_DECREF(e);   /* the dict holds it */
+    return (const CommitEntry *)PyBytes_AS_STRING(e);
+}
+
+/* 1: word for entry e and offset o is ready in *word; 0: Python handles it. */
+static int commit_check(FastConsumer *self, const CommitEntry *e, PyObject *offset, int64_t *word)
+{
+    if (!PyLong_CheckExact(offset))
+        return 0;
+    int overflow;
+    long long o = PyLong_AsLongLongAndOverflow(offset, &overflow);
+    if (overflow || o < 0 || o > self->offset_mask)
+        return 0;
+    if (__atomic_load_n(&self->table[e->generation_word], __ATOMIC_ACQUIRE) != e->generation)
+        return 0;   /* fenced: CommitFailed from the Python commit */
+    *word = (e->generation << self->gen_shift) | o;
+    return 1;
+}
+
+static PyObject *FastConsumer_commit(FastConsumer *self, PyObject *const *args, size_t nargsf, PyObject *kwnames)
+{
+    static PyObject *s_message, *s_offsets, *s_asynchronous;
+    if (s_message == NULL && (!(s_message = PyUnicode_InternFromString("message")) ||
+                              !(s_offsets = PyUnicode_InternFromString("offsets")) ||
+                              !(s_asynchronous = PyUnicode_InternFromString("asynchronous"))))
+        return NULL;
+    Py_ssize_t nargs = PyVectorcall_NARGS(nargsf);
+    PyObject *a[3] = { Py_None, Py_None, Py_True };
+    if (nargs > 3 || self->closed)
+        goto slow;
+    for (Py_ssize_t i = 0; i < nargs; i++)
+        a[i] = args[i];
+    if (kwnames != NULL) {
+        for (Py_ssize_t i = 0; i < PyTuple_GET_SIZE(kwnames); i++) {
+            PyObject *name = PyTuple_GET_ITEM(kwnames, i);
+            int k = name == s_message ? 0 : name == s_offsets ? 1 : name == s_asynchronous ? 2 : -1;
+            if (k < nargs)
+                goto slow;
+            a[k] = args[nargs + i];
+        }
+    }
+    if (a[2] != Py_True)
+        goto slow;
+    int error;
+    if (a[1] == Py_None && a[0] != Py_None) {
+        PyObject *m = a[0];
+        if (Py_TYPE(m) != self->msg_type)
+            goto slow;
+        PyObject *topic = PyTuple_GET_ITEM(m, 0), *part = PyTuple_GET_ITEM(m, 1), *off = PyTuple_GET_ITEM(m, 2);
+        if (!PyLong_CheckExact(off))
+            goto slow;
+        int overflow;
+        long long o = PyLong_AsLongLongAndOverflow(off, &overflow);
+        if (overflow || o < 0 || o >= self->offset_mask)
+            goto slow;
+        PyObject *items[2] = { Py_NewRef(topic), Py_NewRef(part) };
+        PyObject *tp = new_named(self->tp_type, 2, items);
+        if (tp == NULL)
+            return NULL;
+        const CommitEntry *e = commit_entry(self, tp, &error);
+        PyObject *next = e != NULL ? PyLong_FromLongLong(o + 1) : NULL;
+        int64_t word;
+        if (e == NULL || next == NULL || !commit_check(self, e, next, &word)) {
+            Py_DECREF(tp);
+            Py_XDECREF(next);
+            if (error || PyErr_Occurred())
+                return NULL;
+            goto slow;
+        }
+        __atomic_store_n(&self->table[e->offset_word], word, __ATOMIC_RELEASE);
+        PyObject *out = PyDict_New();
+        if (out == NULL || PyDict_SetItem(out, tp, next) < 0)
+            Py_CLEAR(out);
+        Py_DECREF(tp);
+        Py_DECREF(next);
+        return out;
+    }
+    if (a[0] == Py_None && PyDict_CheckExact(a[1])) {
+        PyObject *offsets = a[1];
+        Py_ssize_t n = PyDict_GET_SIZE(offsets);
+        if (n == 0 || n > 64)
+            goto slow;
+        const CommitEntry *es[64];
+        int64_t words[64];
+        Py_ssize_t pos = 0, i = 0;
+        PyObject *tp, *off;
+        /* Check every partition first: nothing is stored unless all pass. */
+        while (PyDict_Next(offsets, &pos, &tp, &off)) {
+            if (Py_TYPE(tp) != self->tp_type)
+                goto slow;
+            es[i] = commit_entry(self, tp, &error);
+            if (es[i] == NULL) {
+                if (error)
+                    return NULL;
+                goto slow;
+            }
+            if (!commit_check(self, es[i], off, &words[i]))
+                goto slow;
+            i++;
+        }
+        if (i != n)
+            goto slow;
+        for (i = 0; i < n; i++)
+            __atomic_store_n(&self->table[es[i]->offset_word], words[i], __ATOMIC_RELEASE);
+        return PyDict_Copy(offsets);
+    }
+slow:
+    return PyObject_Vectorcall(self->commit_fn, args, nargsf, kwnames);
 }
 
 static int FastConsumer_init(FastConsumer *self, PyObject *args, PyObject *kw)
 {
-    static char *names[] = { "consumer", "poll", "consume", "arm", "part", "message_type", "lease_ns", NULL };
-    PyObject *consumer, *poll, *consume, *arm_fn, *part_fn, *mt;
+    static char *names[] = { "consumer", "poll", "consume", "arm", "part", "message_type", "lease_ns", "commit",
+                             "commit_entry", "topic_partition_type", "gen_shift", NULL };
+    PyObject *consumer, *poll, *consume, *arm_fn, *part_fn, *mt, *commit_fn, *entry_fn, *tpt;
     long long lease;
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "OOOOOO!L", names, &consumer, &poll, &consume, &arm_fn, &part_fn,
-                                     &PyType_Type, &mt, &lease))
+    int gen_shift;
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "OOOOOO!LOOO!i", names, &consumer, &poll, &consume, &arm_fn, &part_fn,
+                                     &PyType_Type, &mt, &lease, &commit_fn, &entry_fn, &PyType_Type, &tpt,
+                                     &gen_shift))
         return -1;
+    if (!PyType_IsSubtype((PyTypeObject *)tpt, &PyTuple_Type) || gen_shift < 1 || gen_shift > 62) {
+        PyErr_SetString(PyExc_TypeError, "topic_partition_type must be a tuple subclass, gen_shift in 1..62");
+        return -1;
+    }
+    Py_XSETREF(self->entries, PyDict_New());
+    if (self->entries == NULL)
+        return -1;
+    Py_XSETREF(self->commit_fn, Py_NewRef(commit_fn));
+    Py_XSETREF(self->entry_fn, Py_NewRef(entry_fn));
+    Py_XSETREF(self->tp_type, (PyTypeObject *)Py_NewRef(tpt));
+    self->gen_shift = gen_shift;
+    self->offset_mask = ((int64_t)1 << gen_shift) - 1;
     if (!PyType_IsSubtype((PyTypeObject *)mt, &PyTuple_Type) || lease <= 0) {
         PyErr_SetString(PyExc_TypeError, "message_type must be a tuple subclass, lease_ns positive");
         return -1;
@@ -1333,6 +1575,12 @@ static int FastConsumer_traverse(FastConsumer *self, visitproc visit, void *arg)
     Py_VISIT(self->fallback_consume);
     Py_VISIT(self->arm_fn);
     Py_VISIT(self->part_fn);
+    Py_VISIT(self->commit_fn);
+    Py_VISIT(self->entry_fn);
+    Py_VISIT(self->entries);
+    Py_VISIT(self->vwords);
+    Py_VISIT(self->twords);
+    Py_VISIT(self->tp_type);
     Py_VISIT(self->msg_type);
     for (Py_ssize_t i = 0; i < self->nparts; i++) {
         Py_VISIT(self->parts[i].st);
@@ -1352,6 +1600,12 @@ static int FastConsumer_clear(FastConsumer *self)
     Py_CLEAR(self->fallback_consume);
     Py_CLEAR(self->arm_fn);
     Py_CLEAR(self->part_fn);
+    Py_CLEAR(self->commit_fn);
+    Py_CLEAR(self->entry_fn);
+    Py_CLEAR(self->entries);
+    Py_CLEAR(self->vwords);
+    Py_CLEAR(self->twords);
+    Py_CLEAR(self->tp_type);
     Py_CLEAR(self->msg_type);
     return 0;
 }
@@ -1367,6 +1621,8 @@ static PyMethodDef FastConsumer_methods[] = {
     { "poll", (PyCFunction)(void (*)(void))FastConsumer_poll, METH_FASTCALL | METH_KEYWORDS, "poll(timeout=1.0)" },
     { "consume", (PyCFunction)(void (*)(void))FastConsumer_consume, METH_FASTCALL | METH_KEYWORDS,
       "consume(num_messages=1, timeout=-1)" },
+    { "commit", (PyCFunction)(void (*)(void))FastConsumer_commit, METH_FASTCALL | METH_KEYWORDS,
+      "commit(message=None, offsets=None, asynchronous=True)" },
     { "take", (PyCFunction)FastConsumer_take, METH_NOARGS, "The pending records as a list; none stay pending." },
     { "drop", (PyCFunction)FastConsumer_drop, METH_NOARGS, "Forget the pending records and disarm." },
     { "disarm", (PyCFunction)FastConsumer_disarm, METH_NOARGS, "The next call re-runs the Python arm function." },
@@ -1383,7 +1639,8 @@ static PyMemberDef FastConsumer_members[] = {
 static PyTypeObject FastConsumerType = {
     PyVarObject_HEAD_INIT(NULL, 0)
     .tp_name = "shmq.native._fastpath.FastConsumer",
-    .tp_doc = "FastConsumer(consumer, poll, consume, arm, part, message_type, lease_ns)",
+    .tp_doc = "FastConsumer(consumer, poll, consume, arm, part, message_type, lease_ns, commit, commit_entry, "
+              "topic_partition_type, gen_shift)",
     .tp_basicsize = sizeof(FastConsumer),
     .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC,
     .tp_new = PyType_GenericNew,

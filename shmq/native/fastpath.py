@@ -74,7 +74,9 @@ def attach_consumer(consumer: Any) -> None:
     """Make ``consumer.poll`` / ``consume`` the C ones when the consumer can use them."""
     if not enabled() or consumer._value_de is not None or consumer._key_de is not None:
         return
-    from ..message import Message
+    from ..coordinator.metamap import _W_MOVED, _W_VERSION
+    from ..message import Message, TopicPartition
+    from ..offsets_table import F_GENERATION, F_OFFSET, GEN_SHIFT
 
     def part(st: Any) -> Tuple[Any, ...]:
         """What the C poll reads of one partition: its reader's cursor,
@@ -107,11 +109,31 @@ def attach_consumer(consumer: Any) -> None:
         return [part(st) if st.position is not None and not st.out_of_range else (st,)
                 for st in c._order if not st.paused], c.max_poll_records
 
+    def commit_entry(tp: Any) -> Optional[Tuple[Any, ...]]:
+        """Where the C commit stores ``tp``'s offset and checks its fencing:
+        the metadata version the entry is good for, the metadata header words
+        (version, moved), the offsets table words, the entry's offset and
+        generation word indexes, and the generation this consumer commits
+        with. None: the Python commit (no group, not owned, closed)."""
+        c = consumer
+        if c._closed or c.group_id is None:
+            return None
+        view = c._cluster._view
+        version = view.version()                 # reopens a replaced mapping first
+        table = c._cluster.offsets_table()
+        idx = c._cluster.offset_slot(c.group_id, tp[0], tp[1])
+        gen = c._gens.get(tp, -1) if c._group is not None else 0
+        if gen < 0:
+            return None
+        return (version, view._words, _W_VERSION, _W_MOVED, table.words, table.word_index(idx, F_OFFSET),
+                table.word_index(idx, F_GENERATION), gen)
+
     fast = _ext.FastConsumer(consumer, consumer.poll, consumer.consume, arm, part, Message,  # type: ignore[union-attr]
-                             CONSUMER_LEASE_NS)
+                             CONSUMER_LEASE_NS, consumer.commit, commit_entry, TopicPartition, GEN_SHIFT)
     consumer._fast = fast
     consumer.poll = fast.poll
     consumer.consume = fast.consume
+    consumer.commit = fast.commit
 
 
 def detach(client: Any) -> None:
