@@ -22,6 +22,7 @@
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 #include <structmember.h>
+#include <math.h>
 #include <stddef.h>
 #include <stdint.h>
 #include <string.h>
@@ -1168,7 +1169,7 @@ static PyObject *FastConsumer_poll(FastConsumer *self, PyObject *const *args, si
         Py_RETURN_NONE;
     case 2:
         self->armed = 0;
-        return call_fallback(self->fallback, timeout - (double)(shmq_now_ns() - start) / 1e9);
+        return call_fallback(self->fallback, fmax(0.0, timeout - (double)(shmq_now_ns() - start) / 1e9));
     default:
         return NULL;
     }
@@ -1265,7 +1266,8 @@ static PyObject *FastConsumer_consume(FastConsumer *self, PyObject *const *args,
             if (PyList_GET_SIZE(out))
                 break;   /* what was read is returned; the next call reports */
             Py_DECREF(out);
-            return call_fallback(self->fallback_consume, timeout - (double)(shmq_now_ns() - start) / 1e9);
+            double left = timeout - (double)(shmq_now_ns() - start) / 1e9;
+            return PyObject_CallFunction(self->fallback_consume, "Ld", want, left > 0 ? left : 0.0);
         }
         if (append_range(self, out, p, 0, n, used) < 0)
             goto fail;
