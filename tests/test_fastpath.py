@@ -412,6 +412,24 @@ def test_a_million_polls_leave_rss_and_refcounts_flat(root: str, admin: Admin,
     c.close()
 
 
+# -------------------------------------------------------------------- bulk
+
+def test_consume_arrays_takes_a_large_batch_in_one_read(root: str, admin: Admin) -> None:
+    import numpy as np
+    topic = new_topic(admin, segment_bytes=4 << 20)
+    rows = np.arange(3 * 8192 * 16, dtype=np.uint32).view(np.uint8).reshape(3 * 8192, 64)
+    with Producer(root) as p:
+        for k in range(3):
+            p.send_batch(topic, rows[k * 8192:(k + 1) * 8192], partition=0)
+    c = consumer(root, topic, 1, fastpath.enabled())
+    for k in range(3):                    # each read: a whole batch (more than the reader's 1024 views)
+        got = c.consume_arrays(65536, timeout=1.0)
+        assert got is not None and got[1].offsets.tolist() == list(range(k * 8192, (k + 1) * 8192))
+        assert (got[1].values == rows[k * 8192:(k + 1) * 8192]).all()
+    assert c.position(TopicPartition(topic, 0)) == 3 * 8192 and c.consume_arrays(10, timeout=0) is None
+    c.close()
+
+
 # ----------------------------------------------------------------- commits
 
 def test_hot_path_commits_store_and_fence_as_the_python_commit(root: str, admin: Admin,

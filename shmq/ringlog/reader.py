@@ -36,6 +36,7 @@ from .records import LogRecord, decode_headers
 
 _new_tuple = tuple.__new__
 _VIEW_FIELDS = 8  # offset, timestamp, key_pos, key_len, value_pos, value_len, headers_pos, headers_count
+BULK_VIEWS = 65536  # most records one read_arrays decodes (64 bytes of views each)
 
 
 class RecordArrays(NamedTuple):
@@ -69,6 +70,7 @@ class LogReader:
         self._views = ffi.new("shmq_record_view[]", max_records)
         self._view_arr = np.frombuffer(ffi.buffer(self._views), dtype=np.int64).reshape(max_records, _VIEW_FIELDS)
         self._used = ffi.new("int64_t *")
+        self._bulk: Any = None       # (views, capacity, numpy view) of read_arrays, made on first use
         self._cur = ffi.new("shmq_cursor *")
         self._unblock = ffi.new("shmq_unblock_state *")
         self.check_crc = 1 if check_crc else 0
@@ -130,13 +132,14 @@ class LogReader:
         return int(off)
 
     # ------------------------------------------------------------------ read
-    def _fill(self, max_records: int, timeout: float) -> int:
-        """Read up to max_records views into self._views; returns the count."""
+    def _fill(self, max_records: int, timeout: float, views: Any = None) -> int:
+        """Read up to max_records views into self._views (or ``views``, a
+        (cdata, capacity) pair); returns the count."""
         if timeout <= 0 and not self._ready(self._h, self._cur):
             return 0  # a spinning caller's empty poll: one two-argument C call
-        n = self._read_once(max_records)
+        n = self._read_once(max_records, views)
         if n == 0 and timeout > 0:
-            n = self._wait_and_read(max_records, timeout)
+            n = self._wait_and_read(max_records, timeout, views)
         if n < 0:
             if n == lib.SHMQ_ERR_OUT_OF_RANGE:
                 self._overrun()
@@ -156,17 +159,18 @@ class LogReader:
                                f"{start})", topic=self.log.topic, partition=self.log.partition, offset=position,
                                missed=missed)
 
-    def _read_once(self, max_records: int) -> int:
+    def _read_once(self, max_records: int, views: Any = None) -> int:
         if self._buf is None:
             self._buf = ffi.new("uint8_t[]", self._buf_len)
-        n = lib.shmq_log_read(self._h, self._cur, self._buf, self._read_len, self._views,
-                              min(max_records, self._max), self.check_crc, self._used)
+        out, cap = (self._views, self._max) if views is None else views
+        n = lib.shmq_log_read(self._h, self._cur, self._buf, self._read_len, out,
+                              min(max_records, cap), self.check_crc, self._used)
         if n == lib.SHMQ_ERR_TOO_LARGE and self._read_len < self._buf_len:  # one frame bigger than _read_len
-            n = lib.shmq_log_read(self._h, self._cur, self._buf, self._buf_len, self._views,
-                                  min(max_records, self._max), self.check_crc, self._used)
+            n = lib.shmq_log_read(self._h, self._cur, self._buf, self._buf_len, out,
+                                  min(max_records, cap), self.check_crc, self._used)
         return n
 
-    def _wait_and_read(self, max_records: int, timeout: float) -> int:
+    def _wait_and_read(self, max_records: int, timeout: float, views: Any = None) -> int:
         import time
         deadline = time.monotonic() + timeout
         spin = self.spin_ns
@@ -178,7 +182,7 @@ class LogReader:
             slice_ns = min(int(left * 1e9), self.log.config.unblock_timeout_ms * 1_000_000 // 2 + 1)
             lib.shmq_log_wait(self._h, self._cur, spin, slice_ns)
             spin = 0
-            n = self._read_once(max_records)
+            n = self._read_once(max_records, views)
             if n != 0:
                 return n
             rc = lib.shmq_log_unblock_cursor(self._h, self._cur, self._unblock)
@@ -228,14 +232,23 @@ class LogReader:
     def read_arrays(self, max_records: int = 8192, timeout: float = 0.0) -> Optional[RecordArrays]:
         """Like ``read`` but in bulk: numpy arrays of offsets and timestamps,
         and values/keys as a 2-D uint8 array when they are fixed-width."""
-        n = self._fill(max_records, timeout)
+        # Bulk reads decode into views of their own, as many as asked for (up
+        # to BULK_VIEWS): a read stops when its views are full, and a batch
+        # larger than that would be copied and decoded again by every read.
+        want = min(max(max_records, 1), BULK_VIEWS)
+        if want > self._max and (self._bulk is None or self._bulk[1] < want):
+            views = ffi.new("shmq_record_view[]", want)
+            self._bulk = (views, want, np.frombuffer(ffi.buffer(views), dtype=np.int64).reshape(want, _VIEW_FIELDS))
+        bulk = self._bulk if want > self._max else None
+        views, arr = (self._views, self._view_arr) if bulk is None else (bulk[0], bulk[2])
+        n = self._fill(max_records, timeout, None if bulk is None else bulk[:2])
         if n == 0:
             return None
-        v = self._view_arr[:n]
-        return RecordArrays(v[:, 0].copy(), v[:, 1].copy(), self._gather(n, 0, v[:, 4], v[:, 5]),
-                            self._gather(n, 1, v[:, 2], v[:, 3]))
+        v = arr[:n]
+        return RecordArrays(v[:, 0].copy(), v[:, 1].copy(), self._gather(n, 0, v[:, 4], v[:, 5], views),
+                            self._gather(n, 1, v[:, 2], v[:, 3], views))
 
-    def _gather(self, n: int, field: int, pos: np.ndarray, lens: np.ndarray) -> Any:
+    def _gather(self, n: int, field: int, pos: np.ndarray, lens: np.ndarray, views: Any) -> Any:
         """A field of n records: a 2-D uint8 array when all have one width
         (copied in C), else a list of bytes (None for null)."""
         used = self._used[0]
@@ -244,7 +257,7 @@ class LogReader:
             return None  # no record has a key
         if width >= 0:
             out = np.empty((n, width), dtype=np.uint8)
-            if lib.shmq_gather_fixed(self._buf, used, self._views, n, field, width,
+            if lib.shmq_gather_fixed(self._buf, used, views, n, field, width,
                                      ffi.from_buffer("uint8_t[]", out, require_writable=True)) == 0:
                 return out
         data = ffi.buffer(self._buf, used)[:]
