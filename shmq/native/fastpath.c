@@ -1132,6 +1132,8 @@ static int fetch(FastConsumer *self, int64_t max, double timeout, Part **got, in
         wait_parts(self, parts, n, spin, slice);
         Py_END_ALLOW_THREADS
         waited = 1;
+        if (PyErr_CheckSignals() < 0)   /* Ctrl-C ends a long poll */
+            return -1;
     }
 }
 
