@@ -22,8 +22,7 @@ import threading
 import time
 from typing import TYPE_CHECKING, Any, Dict, List, Optional, Tuple
 
-from ..errors import (KafkaTimeoutError, MessageSizeTooLarge, NotEnoughReplicas, OffsetOutOfRange, ShmqError,
-                      UnknownTopicOrPartition)
+from ..errors import MessageSizeTooLarge, NotEnoughReplicas, OffsetOutOfRange, ShmqError
 from ..native import ffi, lib
 from ..ringlog import PartitionLog
 from ..ringlog.producer_state import ProducerStateTable
@@ -94,12 +93,15 @@ class ConnectionData:
             r.seek(offset)
         return r
 
+    def retain(self, keys: "set[Tuple[str, int, str]]") -> None:
+        """Close the readers of partitions the client no longer fetches: a
+        reader holds its place in the partition's reader table (it keeps
+        producers of a block-mode log from recycling what it has not read)."""
+        for key in [k for k in self.readers if k not in keys]:
+            self.readers.pop(key).close()
+
     def close(self) -> None:
-        for r in self.readers.values():
-            close = getattr(r, "close", None)
-            if close is not None:
-                close()
-        self.readers.clear()
+        self.retain(set())
 
 
 # ------------------------------------------------------------------ Produce
@@ -287,6 +289,7 @@ def fetch(conn: "Connection", req: Any, version: int) -> Dict[str, Any]:
         if total >= min_bytes or total > 0 and min_bytes <= 1 or left <= 0 or any(p.error for p in parts):
             break
         _wait_parts(conn, parts, left)
+    conn.data.retain({(p.topic, p.partition, p.plog.path) for p in parts if p.plog is not None})
     responses: Dict[str, List[Dict[str, Any]]] = {}
     for p in parts:
         responses.setdefault(p.topic, []).append({
@@ -324,7 +327,7 @@ def _offset_for_time(plog: PartitionLog, ts: int) -> Tuple[int, int]:
     """(offset, timestamp) of the first record with timestamp >= ts (-1, -1 if
     none); for MAX_TIMESTAMP, the record with the largest timestamp."""
     hw = plog.high_watermark
-    r = plog.reader(plog.start_offset)
+    r = plog.reader(plog.start_offset, tether=False)
     try:
         if ts == MAX_TIMESTAMP:
             best = (-1, -1)
@@ -344,9 +347,7 @@ def _offset_for_time(plog: PartitionLog, ts: int) -> Tuple[int, int]:
             return -1, -1
         return recs[0][0], recs[0][1]
     finally:
-        close = getattr(r, "close", None)
-        if close is not None:
-            close()
+        r.close()
 
 
 def list_offsets(conn: "Connection", req: Any, version: int) -> Dict[str, Any]:
@@ -359,4 +360,4 @@ def list_offsets(conn: "Connection", req: Any, version: int) -> Dict[str, Any]:
 
 HANDLERS = {0: produce, 1: fetch, 2: list_offsets}
 
-__all__ = ["HANDLERS", "ProducerStates", "ConnectionData", "KafkaTimeoutError", "UnknownTopicOrPartition"]
+__all__ = ["HANDLERS", "ProducerStates", "ConnectionData"]
