@@ -79,3 +79,15 @@ def test_replication_benchmark_smoke() -> None:
     assert send["rate"] > 0 and send["p99_us"] >= send["p50_us"] > 0
     fo = br.bench_failover(1)
     assert fo["kills"] == 1 and len(fo["all_ms"]) == 1
+
+
+@pytest.mark.timeout(120)
+def test_kafka_benchmark_smoke() -> None:
+    pytest.importorskip("confluent_kafka")
+    pytest.importorskip("kio")
+    from perf import bench_kafka as bk
+    with bk.ShmqListener() as bootstrap:
+        prod = bk.bench_produce(bootstrap, 2000, 64)
+        cons = bk.bench_consume(bootstrap, 2000, 64)
+    assert prod["rate"] > 0 and prod["p99_us"] >= prod["p50_us"] > 0
+    assert 0 < cons["records"] <= 2000 and cons["rate"] > 0

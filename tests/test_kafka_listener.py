@@ -277,9 +277,13 @@ def test_malformed_frames_close_only_that_connection(kafka: Listener) -> None:
     bad = [struct.pack(">i", -5), struct.pack(">i", 2_000_000_000), struct.pack(">i", 3) + b"abc",
            struct.pack(">i", 100) + b"\x00\x03\x00\x01",                       # truncated, then EOF
            frame(3, 1, 9)[:-1], struct.pack(">i", 12) + struct.pack(">hhi", 0, 7, 1) + b"\x7f\xff"]
-    bad += [bytes(rnd.getrandbits(8) for _ in range(rnd.randint(1, 64))) for _ in range(200)]
-    bad += [struct.pack(">i", n) + bytes(rnd.getrandbits(8) for _ in range(n))
-            for n in (rnd.randint(8, 200) for _ in range(200))]
+    # 1,000 frames in all: random bytes, and well-sized frames of random content, some cut short.
+    bad += [bytes(rnd.getrandbits(8) for _ in range(rnd.randint(1, 64))) for _ in range(400)]
+    for _ in range(1000 - len(bad)):
+        n = rnd.randint(8, 200)
+        body = struct.pack(">hhi", rnd.choice([0, 1, 2, 3, 8, 9, 11, 18, rnd.randint(-5, 100)]), rnd.randint(-1, 15),
+                           rnd.getrandbits(31)) + bytes(rnd.getrandbits(8) for _ in range(n - 8))
+        bad.append(struct.pack(">i", n) + body[:rnd.randint(0, n)] if rnd.random() < 0.3 else struct.pack(">i", n) + body)
     for data in bad:
         with socket.create_connection((kafka.host, kafka.port), timeout=10) as s:
             try:

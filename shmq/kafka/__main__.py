@@ -4,6 +4,7 @@ in the foreground until SIGTERM/SIGINT. Prints ``listening on HOST:PORT``
 from __future__ import annotations
 
 import argparse
+import faulthandler
 import logging
 import signal
 import sys
@@ -53,6 +54,7 @@ def main(argv: Optional[List[str]] = None) -> int:
 
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
+    faulthandler.register(signal.SIGUSR1, all_threads=True)    # kill -USR1: every thread's stack on stderr
     print(f"listening on {listener.host}:{listener.port}" + (" (SASL/PLAIN)" if listener.users else ""), flush=True)
     listener.serve_forever()
     return 0
