@@ -86,6 +86,40 @@ def test_kafka_python_two_member_group_rebalances_when_one_leaves(kafka: Listene
         a.close()
 
 
+def test_aiokafka_two_member_group_rebalances_when_one_leaves(kafka: Listener, root: Root) -> None:
+    aiokafka = pytest.importorskip("aiokafka")
+    import asyncio
+    with Admin(root.path) as admin:
+        admin.create_topic("tasks", partitions=4)
+
+    async def run() -> None:
+        opts = dict(bootstrap_servers=kafka.bootstrap, group_id="aio", auto_offset_reset="earliest",
+                    heartbeat_interval_ms=200, session_timeout_ms=6000)
+        a, b = aiokafka.AIOKafkaConsumer("tasks", **opts), aiokafka.AIOKafkaConsumer("tasks", **opts)
+        await a.start()
+        await b.start()
+
+        def parts(c) -> Set[int]:  # type: ignore[no-untyped-def]
+            return {tp.partition for tp in c.assignment()}
+        try:
+            deadline = time.monotonic() + TIMEOUT
+            while time.monotonic() < deadline:
+                await a.getmany(timeout_ms=50)
+                await b.getmany(timeout_ms=50)
+                if parts(a) | parts(b) == {0, 1, 2, 3} and not parts(a) & parts(b) and parts(a) and parts(b):
+                    break
+            assert parts(a) | parts(b) == {0, 1, 2, 3} and not parts(a) & parts(b), (parts(a), parts(b))
+            await b.stop()
+            deadline = time.monotonic() + TIMEOUT
+            while time.monotonic() < deadline and parts(a) != {0, 1, 2, 3}:
+                await a.getmany(timeout_ms=100)
+            assert parts(a) == {0, 1, 2, 3}
+        finally:
+            await a.stop()
+            await b.stop()
+    asyncio.run(asyncio.wait_for(run(), 3 * TIMEOUT))
+
+
 def test_a_dead_kafka_consumers_partitions_move_after_its_session(kafka: Listener, root: Root) -> None:
     """A Kafka member that stops heartbeating (its process is gone) loses its
     partitions after session.timeout.ms; a native member of the group gets them."""

@@ -228,6 +228,34 @@ def test_native_and_kafka_clients_see_the_same_records(kafka: Listener, root: Ro
     assert seen == kmeta
 
 
+def test_confluent_kafka_reads_native_records_and_acks_0_produce(kafka: Listener, root: Root) -> None:
+    ck = pytest.importorskip("confluent_kafka")
+    with Admin(root.path) as admin:
+        admin.create_topic("native", partitions=1)
+    with Producer(root.path) as prod:
+        sent = [prod.send("native", value=b"v%d" % i, key=b"k%d" % i, headers=[("i", b"%d" % i)],
+                          timestamp_ms=1_600_000_000_000 + i) for i in range(200)]
+    c = ck.Consumer({"bootstrap.servers": kafka.bootstrap, "group.id": "reader", "auto.offset.reset": "earliest"})
+    c.assign([ck.TopicPartition("native", 0, ck.OFFSET_BEGINNING)])
+    got = []
+    deadline = time.monotonic() + TIMEOUT
+    while len(got) < 200 and time.monotonic() < deadline:
+        got += [m for m in c.consume(200, timeout=1.0) if m.error() is None]
+    assert [(m.offset(), m.key(), m.value(), m.headers(), m.timestamp()[1]) for m in got] == \
+        [(md.offset, b"k%d" % i, b"v%d" % i, [("i", b"%d" % i)], md.timestamp_ms) for i, md in enumerate(sent)]
+    # acks=0: no answer is awaited, the records arrive all the same.
+    p = ck.Producer({"bootstrap.servers": kafka.bootstrap, "acks": 0})
+    for i in range(100):
+        p.produce("native", key=b"z%d" % i, value=b"0")
+    assert p.flush(TIMEOUT) == 0
+    more = []
+    deadline = time.monotonic() + TIMEOUT
+    while len(more) < 100 and time.monotonic() < deadline:
+        more += [m for m in c.consume(100, timeout=1.0) if m.error() is None]
+    c.close()
+    assert sorted(m.key() for m in more) == sorted(b"z%d" % i for i in range(100))
+
+
 def test_native_and_kafka_consumers_share_a_group(kafka: Listener, root: Root) -> None:
     ck = pytest.importorskip("confluent_kafka")
     with Admin(root.path) as admin:
