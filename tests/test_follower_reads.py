@@ -12,7 +12,7 @@ import pytest
 from shmq import Admin, Consumer, Producer, TopicPartition
 from shmq.cluster import Cluster
 from shmq.errors import InvalidConfig
-from tests.test_replication import replica_dirs, replica_pid, wait_isr, wait_until
+from tests.test_replication import replica_dirs, replica_pid, wait_isr
 
 CONFIG = {"replication_factor": 3, "min_insync_replicas": 2, "segment_bytes": 1 << 20, "segment_count": 4}
 
