@@ -19,6 +19,7 @@ import pytest
 from kafka.partitioner.default import murmur2
 
 from shmq.coordinator import coordinator_alive
+from shmq.coordinator.lifecycle import root_processes
 from shmq.root import Root
 
 SHMQ = [sys.executable, "-m", "shmq"]
@@ -252,5 +253,7 @@ def test_demo_runs_to_its_verified_summary(root: Root) -> None:
     assert re.search(r"p50 [\d.]+ us\s+p99 [\d.]+ us", out)
     assert "Verified:" in out and "FAILED" not in out
     assert took < 60, f"demo took {took:.1f}s"
-    # It cleaned up after itself: its topic is gone from the root it used.
+    # It cleaned up after itself: the coordinator (and replicas) it started are stopped ...
+    assert root_processes(root) == {}
+    # ... and its topic is gone from the root it used.
     assert shmq(root, "topics", "list").stdout.split() == []

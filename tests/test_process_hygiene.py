@@ -1,5 +1,6 @@
 """The broker's own processes: started the same from anywhere, failures
-reported with their cause, quiet when idle."""
+reported with their cause, quiet when idle, stopped by `shmq stop` or after
+idle_exit_ms without clients, with their data left in place."""
 from __future__ import annotations
 
 import os
@@ -13,7 +14,7 @@ import pytest
 
 from shmq import errors
 from shmq.admin import Admin
-from shmq.coordinator import CoordinatorClient
+from shmq.coordinator import CoordinatorClient, coordinator_alive
 from shmq.coordinator.lifecycle import root_processes
 from shmq.producer import Producer
 from shmq.root import Root
@@ -90,3 +91,78 @@ def test_idle_coordinator_and_replica_processes_use_almost_no_cpu(root: Root) ->
     share = (cpu() - c0) / (time.monotonic() - t0)
     print(f"idle CPU of the coordinator and 2 replica processes over 10 s: {share * 100:.3f}% of a core")
     assert share < 0.01
+
+
+def _wait_gone(root: Root, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while root_processes(root):
+        assert time.monotonic() < deadline, f"still running after {timeout} s: {root_processes(root)}"
+        time.sleep(0.1)
+
+
+def _records(root: Root, topic: str) -> list:
+    from shmq.consumer import Consumer
+    from shmq.message import TopicPartition
+    c = Consumer(root=root.path, auto_offset_reset="earliest", enable_auto_commit=False)
+    try:
+        c.assign([TopicPartition(topic, 0)])
+        return [m.value for m in c.consume(10, timeout=5.0)]
+    finally:
+        c.close()
+
+
+def test_shmq_stop_leaves_no_process_of_the_root_and_keeps_its_data(root: Root, reaper) -> None:  # type: ignore[no-untyped-def]
+    with Admin(root.path) as admin:
+        admin.create_topic("kept", partitions=1, config={"replication_factor": 2})
+    with Producer(root.path, acks="all") as producer:
+        producer.send("kept", b"survives", partition=0)
+    deadline = time.monotonic() + 30
+    while not _settled(root, "kept"):
+        assert time.monotonic() < deadline, "replicas did not settle within 30 s"
+        time.sleep(0.2)
+    standby = subprocess.Popen([sys.executable, "-m", "shmq.coordinator", "--root", root.path, "--standby"],
+                               stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    reaper.track(standby.pid)
+    while sorted(root_processes(root).values()) != ["coordinator", "coordinator", "replica", "replica"]:
+        assert time.monotonic() < deadline, root_processes(root)
+        time.sleep(0.05)
+    active = root.coordinator_pid()
+    out = subprocess.run([sys.executable, "-m", "shmq", "--root", root.path, "stop"], capture_output=True,
+                         text=True, timeout=60)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert f"Stopped coordinator pid {active}." in out.stdout and "Killed" not in out.stderr
+    assert out.stdout.count("Stopped replica pid") == 2
+    assert root_processes(root) == {}                  # no standby took over, no replica left
+    assert standby.wait(timeout=5) == 0
+    assert not coordinator_alive(root)
+    with open(root.log_path) as f:
+        assert "stopped replica process(es) [0, 1]" in f.read()
+    # Nothing to stop now; the data is in place for the next coordinator.
+    again = subprocess.run([sys.executable, "-m", "shmq", "--root", root.path, "stop"], capture_output=True,
+                           text=True, timeout=60)
+    assert again.returncode == 0 and "No shmq process runs" in again.stdout
+    assert _records(root, "kept") == [b"survives"]
+
+
+def test_embedded_coordinator_exits_when_idle_and_the_next_client_restarts_it(
+        root: Root, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("SHMQ_IDLE_EXIT_MS", "1000")
+    with Admin(root.path) as admin:
+        admin.create_topic("idle", partitions=1)
+        with Producer(root.path) as producer:
+            producer.send("idle", b"still here", partition=0)
+            first = root.coordinator_pid()
+            time.sleep(2.5)                              # clients connected: it stays
+            assert root.coordinator_pid() == first
+    _wait_gone(root, 15)                                 # no client for 1 s: it exits
+    with open(root.log_path) as f:
+        assert "no client connected for 1.0 s (idle_exit_ms=1000)" in f.read()
+    monkeypatch.delenv("SHMQ_IDLE_EXIT_MS")
+    assert _records(root, "idle") == [b"still here"]    # a new coordinator, the same data
+    assert root.coordinator_pid() not in (None, first)
+
+
+def test_bad_idle_exit_setting_is_refused_by_name(root: Root, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("SHMQ_IDLE_EXIT_MS", "ten minutes")
+    with pytest.raises(errors.InvalidConfig, match="SHMQ_IDLE_EXIT_MS"):
+        Admin(root.path).list_topics()

@@ -32,6 +32,8 @@ def serve(args: argparse.Namespace) -> int:
     argv = ["--root", args.root] if args.root else []
     if args.standby:
         argv.append("--standby")
+    if args.idle_exit_ms:
+        argv += ["--idle-exit-ms", str(args.idle_exit_ms)]
     procs: List[Any] = []
     if getattr(args, "kafka", None):
         import threading
@@ -78,6 +80,25 @@ def _start_kafka_listener(args: argparse.Namespace, procs: List[Any]) -> None:
         print(f"shmq serve: the Kafka listener did not start (see {root.kafka_log_path})", file=sys.stderr)
         return
     print(f"shmq serve: Kafka listener {line.strip()}", file=sys.stderr, flush=True)
+
+
+def stop(args: argparse.Namespace) -> int:
+    from ..coordinator.lifecycle import stop_root
+    from ..root import Root, default_root_path
+    path = os.path.abspath(args.root) if args.root else default_root_path()
+    if not os.path.isdir(path):
+        print(f"No shmq root at {path}: nothing to stop.")
+        return 0
+    stopped, killed = stop_root(Root(path, create=False), timeout=args.timeout)
+    if not stopped and not killed:
+        print(f"No shmq process runs on {path}.")
+        return 0
+    for pid, kind in sorted(stopped.items()):
+        print(f"Stopped {kind} pid {pid}.")
+    for pid, kind in sorted(killed.items()):
+        print(f"Killed {kind} pid {pid}: it did not stop within {args.timeout:.0f} s.", file=sys.stderr)
+    print(f"Nothing of {path} runs now; its data stays in place.")
+    return 1 if killed else 0
 
 
 def topics(args: argparse.Namespace) -> int:
@@ -323,7 +344,13 @@ def add_parsers(sub: Any) -> None:
     s.add_argument("--kafka", metavar="HOST:PORT", default=None,
                    help="also run a Kafka protocol listener there (e.g. 127.0.0.1:9092; off unless given)")
     s.add_argument("--kafka-advertise", metavar="HOST", default=None, help="host name the listener gives clients")
+    s.add_argument("--idle-exit-ms", type=int, default=0, metavar="MS",
+                   help="exit once no client has been connected for this long (default 0: never)")
     s.set_defaults(func=serve)
+
+    sp = sub.add_parser("stop", help="stop the coordinator, standbys and replica processes of the root")
+    sp.add_argument("--timeout", type=float, default=15.0, help="seconds each may take to exit before SIGKILL")
+    sp.set_defaults(func=stop)
 
     t = sub.add_parser("topics", help="create, list, describe, delete or alter topics")
     t.add_argument("action", choices=["create", "list", "describe", "delete", "alter"])

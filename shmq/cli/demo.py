@@ -7,7 +7,8 @@ send time), and consumer processes that each own some partitions, check that
 every producer's records arrive complete and in order per partition, commit
 their offsets, and measure one-way latency. The summary says what was sent,
 received and lost (0), with throughput and latency percentiles. The topic is
-deleted at the end.
+deleted at the end, and a coordinator the demo had to start is stopped (with
+its replica processes): it leaves running only what ran before.
 """
 from __future__ import annotations
 
@@ -83,8 +84,12 @@ def run_demo(producers: int = 2, consumers: int = 2, count: int = 200_000, value
     topic = f"shmq-demo-{os.getpid()}"
     ctx = mp.get_context("fork")
     procs: List[Any] = []
+    from ..coordinator.client import coordinator_alive
+    from ..coordinator.lifecycle import stop_root
+    root_obj = Root(root)
+    started_here = not coordinator_alive(root_obj)
     admin = Admin(root)
-    root_path = Root(root).path
+    root_path = root_obj.path
     try:
         admin.create_topic(topic, partitions=partitions, config={"segment_bytes": 32 << 20, "segment_count": 4})
         total = producers * count
@@ -159,3 +164,5 @@ def run_demo(producers: int = 2, consumers: int = 2, count: int = 200_000, value
         except Exception:
             pass
         admin.close()
+        if started_here:
+            stop_root(root_obj)

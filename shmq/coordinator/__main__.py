@@ -69,14 +69,18 @@ def main(argv: Optional[List[str]] = None) -> int:
     ap.add_argument("--root", default=None, help="root directory (default: $SHMQ_ROOT or /dev/shm/shmq-<user>)")
     ap.add_argument("--standby", action="store_true", help="wait to take over when the active coordinator dies")
     ap.add_argument("--daemon", action="store_true", help="detach and log to <root>/coordinator.log")
+    ap.add_argument("--idle-exit-ms", type=int, default=0, metavar="MS",
+                    help="exit once no client has been connected for this long (default 0: never)")
     ap.add_argument("--log-level", default="INFO")
     args = ap.parse_args(argv)
+    if args.idle_exit_ms < 0:
+        ap.error(f"--idle-exit-ms must be >= 0, got {args.idle_exit_ms}")
     os.umask(0o077)
     root = Root(args.root)
     report = _daemonize(root) if args.daemon else -1
     logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
                         format=f"%(asctime)s %(levelname)s [pid {os.getpid()}] %(name)s: %(message)s")
-    coord = Coordinator(root)
+    coord = Coordinator(root, idle_exit_ms=args.idle_exit_ms)
     install_signal_handlers(coord)
     if report < 0:
         return 0 if coord.run(standby=args.standby) else 3

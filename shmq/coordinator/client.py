@@ -8,7 +8,9 @@ Contract:
   detached, from ``/`` with a safe ``sys.path``, logging to
   ``<root>/coordinator.log``) and retries until ``connect_timeout``; while
   the lock is held (a coordinator is starting or a standby is taking over) it
-  just retries. Then ``NotCoordinator``. A started coordinator that dies
+  just retries. Then ``NotCoordinator``. The embedded coordinator exits once
+  no client has been connected for ``$SHMQ_IDLE_EXIT_MS`` (default 10
+  minutes, 0: never); the next client starts another on the same data. A started coordinator that dies
   before it serves raises ``CoordinatorStartFailed`` (a ``NotCoordinator``)
   at once, with the last lines of its log.
 * ``call(op, **args)`` sends one request and waits up to ``timeout`` for the
@@ -39,7 +41,7 @@ import threading
 import time
 from typing import Any, Dict, Iterable, List, Mapping, Optional, Tuple, Union
 
-from ..errors import NotCoordinator
+from ..errors import InvalidConfig, NotCoordinator
 from ..offsets_table import OffsetsTable
 from ..root import Root
 from ..spawn import CHILD_CWD, child_env, log_tail, python_argv
@@ -79,6 +81,24 @@ class CoordinatorStartFailed(NotCoordinator):
     message carries the last lines of its log)."""
 
 
+IDLE_EXIT_MS = 600_000       # the embedded coordinator's default idle_exit_ms (10 minutes)
+
+
+def idle_exit_ms() -> int:
+    """The embedded coordinator's ``idle_exit_ms``: ``$SHMQ_IDLE_EXIT_MS`` or
+    10 minutes; 0 keeps it running until ``shmq stop``."""
+    raw = os.environ.get("SHMQ_IDLE_EXIT_MS")
+    if raw is None or raw == "":
+        return IDLE_EXIT_MS
+    try:
+        value = int(raw)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise InvalidConfig(f"SHMQ_IDLE_EXIT_MS={raw!r}: must be a non-negative number of milliseconds")
+    return value
+
+
 def start_embedded(root: Root, timeout: float = 30.0) -> None:
     """Start a detached coordinator for ``root`` and wait until it serves, or
     finds another one active, or ``timeout`` passes (then it may still come
@@ -87,7 +107,8 @@ def start_embedded(root: Root, timeout: float = 30.0) -> None:
     Raises ``CoordinatorStartFailed`` naming the cause if it died."""
     fd = os.open(root.log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
     try:
-        rc = subprocess.run(python_argv("shmq.coordinator", "--root", root.path, "--daemon"),
+        rc = subprocess.run(python_argv("shmq.coordinator", "--root", root.path, "--daemon",
+                                        "--idle-exit-ms", str(idle_exit_ms())),
                             stdin=subprocess.DEVNULL, stdout=fd, stderr=fd, close_fds=True, cwd=CHILD_CWD,
                             env=child_env(), timeout=timeout, check=False).returncode
     except subprocess.TimeoutExpired:

@@ -20,6 +20,7 @@ from __future__ import annotations
 import fnmatch
 import os
 import signal
+import time
 from typing import Dict, List, Tuple
 
 import psutil
@@ -52,16 +53,19 @@ def root_processes(root: Root) -> Dict[int, str]:
 
 
 def _terminate(pids: List[int], timeout: float) -> Tuple[List[int], List[int]]:
-    """SIGTERM ``pids`` and wait; SIGKILL those left after ``timeout`` s. Returns (stopped, killed)."""
+    """SIGTERM ``pids`` and wait; SIGKILL those left after ``timeout`` s. Returns (stopped, killed) pids."""
     procs = []
+    gone = []                       # exited meanwhile (a replica its coordinator stopped)
     for pid in pids:
         try:
             p = psutil.Process(pid)
             p.send_signal(signal.SIGTERM)
             procs.append(p)
+        except psutil.NoSuchProcess:
+            gone.append(pid)
         except psutil.Error:
             continue
-    _gone, alive = psutil.wait_procs(procs, timeout=timeout)
+    alive = _wait_exit(procs, timeout)
     killed = []
     for p in alive:
         try:
@@ -69,15 +73,33 @@ def _terminate(pids: List[int], timeout: float) -> Tuple[List[int], List[int]]:
             killed.append(p.pid)
         except psutil.Error:
             pass
-    psutil.wait_procs(alive, timeout=2.0)
-    return [p.pid for p in procs if p.pid not in killed], killed
+    _wait_exit(alive, 2.0)
+    return gone + [p.pid for p in procs if p.pid not in killed], killed
 
 
-def stop_root(root: Root, timeout: float = 15.0) -> Tuple[List[int], List[int]]:
+def _running(p: psutil.Process) -> bool:
+    """Alive and not a zombie (an exited child of some other process, not yet reaped)."""
+    try:
+        return p.is_running() and p.status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return False
+
+
+def _wait_exit(procs: List[psutil.Process], timeout: float) -> List[psutil.Process]:
+    """Wait up to ``timeout`` s for ``procs`` to exit; returns those still running."""
+    deadline = time.monotonic() + timeout
+    alive = [p for p in procs if _running(p)]
+    while alive and time.monotonic() < deadline:
+        time.sleep(0.02)
+        alive = [p for p in alive if _running(p)]
+    return alive
+
+
+def stop_root(root: Root, timeout: float = 15.0) -> Tuple[Dict[int, str], Dict[int, str]]:
     """Stop every broker process of ``root`` (see the module doc); returns
-    (pids that exited on SIGTERM, pids that had to be killed)."""
-    stopped: List[int] = []
-    killed: List[int] = []
+    ({pid: kind} that exited on SIGTERM, {pid: kind} that had to be killed)."""
+    stopped: Dict[int, str] = {}
+    killed: Dict[int, str] = {}
     active = root.coordinator_pid()
     for _ in range(3):            # a process may start meanwhile (a client's embedded coordinator)
         found = root_processes(root)
@@ -89,7 +111,7 @@ def stop_root(root: Root, timeout: float = 15.0) -> Tuple[List[int], List[int]]:
         for group in (standbys, coordinators, replicas):
             if group:
                 s, k = _terminate(group, timeout)
-                stopped += s
-                killed += k
+                stopped.update((pid, found[pid]) for pid in s)
+                killed.update((pid, found[pid]) for pid in k)
         active = root.coordinator_pid()
     return stopped, killed

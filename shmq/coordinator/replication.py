@@ -43,6 +43,7 @@ import json
 import logging
 import os
 import shutil
+import signal
 import subprocess
 import threading
 import time
@@ -268,6 +269,40 @@ class ReplicationManager:
                 log.info("started replica process %d (pid %d)", rid, h.proc.pid)
             except OSError as e:
                 log.error("cannot start replica process %d: %s", rid, e)
+
+    def replica_cids(self) -> Set[int]:
+        """Connections of registered replica processes (they are not clients)."""
+        return {h.cid for h in self.replicas.values() if h.registered and h.cid is not None}
+
+    def stop_processes(self, timeout: float = 5.0) -> None:
+        """A clean stop of the coordinator: SIGTERM every replica process it
+        knows of and wait up to ``timeout`` s until each released its lock
+        (call with ``stop`` set, so that none is restarted)."""
+        pids: Dict[int, int] = {}
+        for rid, h in self.replicas.items():
+            if h.registered and h.pid:
+                pids[rid] = h.pid
+            elif h.proc is not None and h.proc.poll() is None:
+                pids[rid] = h.proc.pid
+        for pid in pids.values():
+            try:
+                os.kill(pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+        deadline = time.monotonic() + timeout
+        while any(self._lock_held(rid) for rid in pids) and time.monotonic() < deadline:
+            time.sleep(0.02)
+        for h in self.replicas.values():
+            if h.proc is not None and h.proc.poll() is None:
+                try:
+                    h.proc.wait(timeout=max(0.0, deadline - time.monotonic()))
+                except subprocess.TimeoutExpired:
+                    pass
+        left = sorted(rid for rid in pids if self._lock_held(rid))
+        if left:
+            log.warning("replica process(es) %s did not stop within %.0f s", left, timeout)
+        elif pids:
+            log.info("stopped replica process(es) %s", sorted(pids))
 
     def _lock_held(self, rid: int) -> bool:
         from .client import lock_held

@@ -23,7 +23,11 @@ Theory of operation:
    it at once. Every supervision loop (housekeeping, offsets, groups,
    replication) backs off to ``IDLE_S`` while it finds nothing to do, so an
    idle coordinator wakes only a few times a second.
-6. It exits on SIGTERM/SIGINT, or when its root directory disappears.
+6. It exits on SIGTERM/SIGINT (``shmq stop``), when its root directory
+   disappears, or (``idle_exit_ms``, set for the embedded coordinator) once
+   no client has been connected for that long. On the way out it stops its
+   replica processes (SIGTERM) and journals what is pending; the data stays
+   for the next coordinator.
 
 Operations (``op_<name>``, arguments by keyword): ping, create_topic,
 delete_topic, list_topics, describe_topic, create_partitions, alter_config,
@@ -88,9 +92,13 @@ def acquire_lock(root: Root, *, wait: bool) -> Optional[int]:
 class Coordinator:
     """The coordinator of one root (see the module doc)."""
 
-    def __init__(self, root: Root, *, housekeeping_interval: float = 0.002) -> None:
+    def __init__(self, root: Root, *, housekeeping_interval: float = 0.002,
+                 idle_exit_ms: Optional[int] = None) -> None:
         self.root = root
         self.housekeeping_interval = housekeeping_interval
+        self.idle_exit_ms = idle_exit_ms or None     # None/0: run until stopped
+        self.active = False                          # holds the root's lock (a standby waits for it)
+        self._last_client = time.monotonic()
         self.started = time.time()
         self._lock = threading.Lock()
         self._stop = threading.Event()
@@ -112,6 +120,7 @@ class Coordinator:
             log.info("another coordinator is active on %s (pid %s); exiting",
                      self.root.path, self.root.coordinator_pid())
             return False
+        self.active = True
         try:
             self._write_pid()
             log.info("coordinator pid %d active on %s", os.getpid(), self.root.path)
@@ -180,12 +189,17 @@ class Coordinator:
                     if not self._root_alive():
                         log.warning("root %s was removed; coordinator exits", self.root.path)
                         break
+                    if self._idle_exit_due():
+                        log.info("no client connected for %.1f s (idle_exit_ms=%d); coordinator exits, "
+                                 "its data stays for the next one", self.idle_exit_ms / 1000, self.idle_exit_ms)
+                        break
                     continue
                 except OSError as e:          # e.g. EMFILE: keep serving the others
                     log.error("accept on %s failed: %s", self.root.socket_path, e)
                     time.sleep(0.05)
                     continue
                 conn.settimeout(None)
+                self._last_client = time.monotonic()
                 threading.Thread(target=self._connection, args=(conn,), daemon=True,
                                  name="shmq-conn").start()
         finally:
@@ -199,6 +213,7 @@ class Coordinator:
             except OSError:
                 pass
             self.housekeeper.join(timeout=1)
+            self.replication.stop_processes()
             with self._lock:
                 self._sync_offsets()
                 self.offsets.close()
@@ -206,6 +221,18 @@ class Coordinator:
                 self.publisher.close()
                 self.registry.close_all()
                 self.replication.close()
+
+    def _idle_exit_due(self) -> bool:
+        """True once no client (replica processes do not count) has been
+        connected for ``idle_exit_ms``."""
+        if not self.idle_exit_ms:
+            return False
+        now = time.monotonic()
+        with self._lock:
+            replicas = self.replication.replica_cids()
+            if any(cid not in replicas for cid in self._clients):
+                self._last_client = now
+        return now - self._last_client >= self.idle_exit_ms / 1000
 
     def _offsets_loop(self, interval: float = 0.01, idle: float = IDLE_S) -> None:
         """Journal hot-path commits from the offsets table every ``interval``
@@ -777,8 +804,11 @@ class Coordinator:
 
 
 def install_signal_handlers(coord: Coordinator) -> None:
-    """SIGTERM/SIGINT stop the coordinator cleanly (main thread only)."""
+    """SIGTERM/SIGINT stop the coordinator cleanly (main thread only); a
+    standby still waiting for the lock just exits."""
     def handler(signum: int, frame: Any) -> None:
+        if not coord.active:
+            raise SystemExit(0)
         coord.stop()
     signal.signal(signal.SIGTERM, handler)
     signal.signal(signal.SIGINT, handler)

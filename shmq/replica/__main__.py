@@ -1,11 +1,14 @@
-"""``python -m shmq.replica --root R --id N``: one replica process (started by the coordinator)."""
+"""``python -m shmq.replica --root R --id N``: one replica process (started by the coordinator;
+SIGTERM or SIGINT stop it cleanly)."""
 from __future__ import annotations
 
 import argparse
 import logging
 import os
+import signal
 import sys
-from typing import List, Optional
+import threading
+from typing import Any, List, Optional
 
 from ..root import Root
 from .process import ReplicaProcess
@@ -20,7 +23,15 @@ def main(argv: Optional[List[str]] = None) -> int:
     os.umask(0o077)
     logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
                         format=f"%(asctime)s %(levelname)s [replica {args.id} pid {os.getpid()}] %(name)s: %(message)s")
-    return ReplicaProcess(Root(args.root, create=False), args.id).run()
+    proc = ReplicaProcess(Root(args.root, create=False), args.id)
+
+    def stop(signum: int, frame: Any) -> None:
+        # Not proc.stop() here: the handler may interrupt the main thread inside
+        # an Event's lock; a thread sets the events instead.
+        threading.Thread(target=proc.stop, name="shmq-replica-stop", daemon=True).start()
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    return proc.run()
 
 
 if __name__ == "__main__":
