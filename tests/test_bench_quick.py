@@ -91,3 +91,13 @@ def test_kafka_benchmark_smoke() -> None:
         cons = bk.bench_consume(bootstrap, 2000, 64)
     assert prod["rate"] > 0 and prod["p99_us"] >= prod["p50_us"] > 0
     assert 0 < cons["records"] <= 2000 and cons["rate"] > 0
+
+
+@pytest.mark.timeout(120)
+def test_safety_benchmark_runs_both_modes_and_the_safe_one_delivers_everything() -> None:
+    from perf import bench_safety
+    for batch, size, n in ((False, 64, 20_000), (True, 64, 100_000)):
+        rate, delivered = bench_safety.run_once("safe", n, size, batch)
+        assert delivered == n and rate > 0
+        rate, delivered = bench_safety.run_once("unsafe", n, size, batch)
+        assert 0 < delivered <= n and rate > 0
