@@ -563,8 +563,13 @@ int64_t shmq_log_seek_time(shmq_log *log, shmq_cursor *cur, int64_t ts)
                         int64_t found = -1;
                         int64_t blen = shmq_batch_check(copy + 8, len - 8, 0);
                         int64_t n = blen > 0 ? frame_records(log, i, pos) : -1;
-                        if (n > 0 && (views = malloc(sizeof *views * (size_t)n))) {
-                            int64_t got = shmq_batch_decode(copy + 8, blen, 0, views, n);
+                        /* Views for the records the private copy holds: its
+                         * recordCount, which the check bounds by the batch's
+                         * size; never lastOffsetDelta, which may claim 2^30
+                         * records (a 64 GiB allocation) in a scribbled frame. */
+                        int64_t cnt = blen > 0 ? be32(copy + 8 + SHMQ_BATCH_OFF_RECORD_COUNT) : 0;
+                        if (n > 0 && cnt > 0 && (views = malloc(sizeof *views * (size_t)cnt))) {
+                            int64_t got = shmq_batch_decode(copy + 8, blen, 0, views, cnt);
                             for (int64_t r = 0; r < got; r++)
                                 if (views[r].timestamp >= ts) {
                                     found = views[r].offset;

@@ -1,0 +1,199 @@
+/* Helpers shared by the harnesses: private directories, logs filled with
+ * varied records, file mappings, a PRNG. */
+#define _GNU_SOURCE
+#include <dirent.h>
+#include <fcntl.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sched.h>
+#include <sys/mman.h>
+#include <sys/stat.h>
+#include <sys/syscall.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "fuzz.h"
+
+#define MAX_DIRS 8
+static char dirs[MAX_DIRS][256];
+static int ndirs;
+static pid_t owner;
+
+static void remove_dirs(void)
+{
+    if (getpid() != owner)
+        return;
+    for (int d = 0; d < ndirs; d++) {
+        DIR *dp = opendir(dirs[d]);
+        if (dp) {
+            struct dirent *e;
+            while ((e = readdir(dp)))
+                if (strcmp(e->d_name, ".") && strcmp(e->d_name, ".."))
+                    unlinkat(dirfd(dp), e->d_name, 0);
+            closedir(dp);
+        }
+        rmdir(dirs[d]);
+    }
+}
+
+void fuzz_die(const char *what, int64_t rc)
+{
+    fprintf(stderr, "fuzz harness setup failed: %s (rc %lld)\n", what, (long long)rc);
+    exit(2);
+}
+
+const char *fuzz_dir(const char *tag)
+{
+    if (ndirs == MAX_DIRS)
+        fuzz_die("too many directories", ndirs);
+    const char *base = access("/dev/shm", W_OK) == 0 ? "/dev/shm" : (getenv("TMPDIR") ? getenv("TMPDIR") : "/tmp");
+    char *d = dirs[ndirs];
+    snprintf(d, sizeof dirs[0], "%s/shmq-fuzz-%s-XXXXXX", base, tag);
+    if (!mkdtemp(d))
+        fuzz_die("mkdtemp", -1);
+    if (ndirs++ == 0) {
+        owner = getpid();
+        atexit(remove_dirs);
+    }
+    return d;
+}
+
+shmq_log *fuzz_new_log(const char *dir, uint32_t slots, uint64_t seg, uint32_t interval, uint32_t flags)
+{
+    shmq_log_config cfg = { .slot_count = slots, .segment_bytes = seg, .index_interval = interval,
+                            .flags = flags, .unblock_timeout_ns = 1000000 };
+    int rc = shmq_log_create(dir, &cfg);
+    if (rc != SHMQ_OK)
+        fuzz_die("shmq_log_create", rc);
+    shmq_log *log;
+    if ((rc = shmq_log_open(dir, &log)) != SHMQ_OK)
+        fuzz_die("shmq_log_open", rc);
+    return log;
+}
+
+uint64_t fuzz_rand(uint64_t *s)
+{
+    uint64_t z = (*s += 0x9E3779B97F4A7C15ULL);
+    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ULL;
+    z = (z ^ (z >> 27)) * 0x94D049BB133111EBULL;
+    return z ^ (z >> 31);
+}
+
+void fuzz_fill_log(shmq_log *log, shmq_pstate *ps, uint32_t seed, int n)
+{
+    uint64_t r = seed;
+    static const uint8_t hdrs[] = { 2, 4, 'h', '1', 4, 'v', 'v' };   /* one header h1=vv (zig-zag varints) */
+    uint8_t key[32], val[200];
+    int64_t ts = 1700000000000LL + seed;
+    int32_t seqs[3] = { 0, 0, 0 };
+    for (int i = 0; i < n; i++) {
+        int64_t klen = (int64_t)(fuzz_rand(&r) % 12) - 1, vlen = (int64_t)(fuzz_rand(&r) % sizeof val) - 1;
+        memset(key, 'a' + i % 26, sizeof key);
+        memset(val, 'A' + i % 26, sizeof val);
+        ts += (int64_t)(fuzz_rand(&r) % 50) - 10;            /* sometimes backwards */
+        int64_t rc, kind = (int64_t)(fuzz_rand(&r) % 4);
+        if (kind == 0) {
+            rc = shmq_log_append1(log, klen < 0 ? NULL : (const char *)key, klen, vlen < 0 ? NULL : (const char *)val,
+                                  vlen, (i & 1) ? (const char *)hdrs : NULL, (i & 1) ? (int64_t)sizeof hdrs : 0, ts, NULL, 0);
+        } else {
+            uint32_t count = 1 + (uint32_t)(fuzz_rand(&r) % 5);
+            int64_t tss[5];
+            for (uint32_t k = 0; k < count; k++)
+                tss[k] = ts + (int64_t)k * 3 - 4;
+            shmq_records recs = { .count = count, .values = val, .value_width = 17, .keys = key,
+                                  .key_width = kind == 2 ? 4 : 0, .base_timestamp = ts, .timestamps = tss };
+            if (kind != 2)
+                recs.keys = NULL;
+            if (kind == 3 && ps) {
+                int dup = 0;
+                rc = shmq_pstate_append(ps, log, &recs, 1000 + (int64_t)(i % 3), (int16_t)(i % 2), seqs[i % 3], 0,
+                                        &dup);
+                if (rc >= 0)
+                    seqs[i % 3] += (int32_t)count;
+                if (rc == SHMQ_ERR_PRODUCER_FENCED || rc == SHMQ_ERR_OUT_OF_ORDER_SEQ ||
+                    rc == SHMQ_ERR_DUPLICATE_SEQ)
+                    continue;                                 /* epochs alternate on purpose */
+            } else {
+                shmq_batch_meta meta = { -1, -1, -1, 0, (int32_t)(i / 7) };
+                rc = shmq_log_append(log, &recs, &meta, 0);
+            }
+        }
+        if (rc == SHMQ_ERR_TIMEOUT)
+            return;                                           /* the ring is full */
+        if (rc < 0)
+            fuzz_die("append while filling a log", rc);
+    }
+}
+
+uint8_t *fuzz_map(const char *dir, const char *name, size_t *len)
+{
+    char path[512];
+    snprintf(path, sizeof path, "%s/%s", dir, name);
+    int fd = open(path, O_RDWR | O_CLOEXEC);
+    struct stat st;
+    if (fd < 0 || fstat(fd, &st) != 0)
+        fuzz_die(path, -1);
+    void *m = mmap(NULL, (size_t)st.st_size, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
+    close(fd);
+    if (m == MAP_FAILED)
+        fuzz_die(path, -1);
+    *len = (size_t)st.st_size;
+    return m;
+}
+
+size_t fuzz_log_frames(shmq_log *log, uint8_t **out)
+{
+    size_t cap = 1 << 20, len = 0;
+    uint8_t *buf = malloc(cap);
+    shmq_cursor cur;
+    if (shmq_log_seek(log, &cur, shmq_log_start_offset(log)) != SHMQ_OK)
+        fuzz_die("seek to the log start", -1);
+    for (;;) {
+        int64_t n = shmq_log_read_frames(log, &cur, buf + len, (int64_t)(cap - len), 1);
+        if (n < 0)
+            fuzz_die("shmq_log_read_frames of a valid log", n);
+        if (n == 0)
+            break;
+        len += (size_t)n;
+    }
+    *out = buf;
+    return len;
+}
+
+/* Time runs fast in a harness: the core's bounded retry loops (a control
+ * block whose words never settle, an entry lock held by a live process)
+ * back off with nanosleep and give up after a number of rounds; sleeping
+ * would make each such input cost a quarter of a second and starve the
+ * fuzzer. This definition takes the place of libc's for the whole binary.
+ * Deadline-based waits still wait (busily) as long as they should. */
+int nanosleep(const struct timespec *req, struct timespec *rem)
+{
+    (void)req;
+    (void)rem;
+    return 0;
+}
+
+int sched_yield(void) { return 0; }
+
+/* And clocks run fast: every reading is 1 ms later than the one before, so
+ * a deadline (1 s for an entry lock a live process seems to hold) passes
+ * after a thousand rounds instead of a second. The driver measures its
+ * budget with fuzz_real_ns. */
+int clock_gettime(clockid_t id, struct timespec *ts)
+{
+    static int64_t skew;
+    if (syscall(SYS_clock_gettime, id, ts) != 0)
+        return -1;
+    int64_t ns = (int64_t)ts->tv_nsec + (skew += 1000000);
+    ts->tv_sec += ns / 1000000000;
+    ts->tv_nsec = ns % 1000000000;
+    return 0;
+}
+
+int64_t fuzz_real_ns(void)
+{
+    struct timespec ts;
+    syscall(SYS_clock_gettime, CLOCK_MONOTONIC, &ts);
+    return (int64_t)ts.tv_sec * 1000000000 + ts.tv_nsec;
+}
