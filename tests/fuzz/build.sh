@@ -57,13 +57,13 @@ if command -v "$lf" >/dev/null 2>&1 &&
     lobjs=""
     for f in $core "$here/fuzz_common.c"; do
         o="$objdir/lf-$(basename "$f" .c).o"
-        $lf $flags $san -fsanitize=fuzzer-no-link -c "$f" -o "$o"
+        $lf $flags $san -DSHMQ_LIBFUZZER -fsanitize=fuzzer-no-link -c "$f" -o "$o"
         lobjs="$lobjs $o"
     done
     for h in "$here"/fuzz_*.c; do
         name=$(basename "$h" .c)
         case $name in fuzz_common|fuzz_driver) continue ;; esac
-        $lf $flags $san -fsanitize=fuzzer "$h" $lobjs -o "$out/$name-libfuzzer" -lpthread
+        $lf $flags $san -DSHMQ_LIBFUZZER -fsanitize=fuzzer "$h" $lobjs -o "$out/$name-libfuzzer" -lpthread
         echo "built $out/$name-libfuzzer ($lf, libFuzzer)"
     done
 fi
