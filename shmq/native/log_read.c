@@ -145,8 +145,8 @@ static int index_entry_ok(shmq_log *log, uint32_t i, uint64_t pos, uint32_t rel)
         return frame_len_checked(log, h, pos) > 0 && frame_rel_ok(h, rel);
     if (len == 0 || fh_type(h) == SHMQ_FRAME_PADDING)
         return 0;
-    len = -len;
-    return len >= SHMQ_MIN_FRAME && len % SHMQ_FRAME_ALIGN == 0 && pos + (uint64_t)len <= log->cap &&
+    int64_t claimed = -(int64_t)len; /* in 64 bits: a scribbled INT32_MIN has no 32-bit negation */
+    return claimed >= SHMQ_MIN_FRAME && claimed % SHMQ_FRAME_ALIGN == 0 && pos + (uint64_t)claimed <= log->cap &&
            fh_rel(h) == rel;
 }
 

@@ -62,6 +62,16 @@ static void save_current(void)
     }
 }
 
+/* UBSan reports end in abort() (see __ubsan_default_options): save the input first. */
+static void on_abort(int sig)
+{
+    save_current();
+    signal(sig, SIG_DFL);
+    raise(sig);
+}
+
+const char *__ubsan_default_options(void) { return "print_stacktrace=1:abort_on_error=1"; }
+
 static void on_alarm(int sig)
 {
     (void)sig;
@@ -224,6 +234,7 @@ int main(int argc, char **argv)
     const char *seeds_out = NULL;
     LLVMFuzzerInitialize(&argc, &argv);
     signal(SIGALRM, on_alarm);
+    signal(SIGABRT, on_abort);
     if (__sanitizer_set_death_callback)
         __sanitizer_set_death_callback(save_current);
     npool = fuzz_seeds(pool, POOL_MAX / 2);

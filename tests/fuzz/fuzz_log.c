@@ -2,11 +2,13 @@
  * Harness: everything a reader does with a log another process wrote:
  * control-block validation at open (shmq_log_open), start/end offsets,
  * index lookups (shmq_log_seek), time-index lookups (shmq_log_seek_time),
- * frame scan and read (shmq_log_read, shmq_log_read_frames, shmq_log_ready).
+ * frame scan and read (shmq_log_read, shmq_log_read_frames, shmq_log_ready),
+ * the reader table (register, sweep, retention floor) and one append that
+ * must not wait (claim, seal, slot preparation over the scribbled words).
  *
  * Input: an image of a whole log of SLOTS slots, the meaningful bytes of each
  * file in a row (the rest of every file is zero):
- *   partition.ctl  header + slot table   (CTL_BYTES)
+ *   partition.ctl  header + slot table + reader table   (CTL_BYTES)
  *   per slot i:    i.log (SEG), i.index (IDX_BYTES), i.timeindex (TIDX_BYTES)
  * Each input is written into the files, then a fresh handle opens them.
  */
@@ -19,7 +21,7 @@
 #define SLOTS 3
 #define SEG 4096
 #define INTERVAL 256
-#define CTL_BYTES (SHMQ_CTL_HEADER_SIZE + SLOTS * SHMQ_CTL_SLOT_SIZE)
+#define CTL_BYTES (SHMQ_CTL_HEADER_SIZE + SLOTS * SHMQ_CTL_SLOT_SIZE + SHMQ_MAX_READERS * SHMQ_READER_SLOT_SIZE)
 #define IDX_BYTES ((SEG / INTERVAL + 1) * 8)
 #define TIDX_BYTES ((SEG / INTERVAL + 1) * 16)
 #define IMAGE_BYTES (CTL_BYTES + SLOTS * (SEG + IDX_BYTES + TIDX_BYTES))
@@ -127,6 +129,17 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
         if (shmq_log_seek_time(log, &cur, times[t]) >= 0)
             drain(log, &cur);
     }
+    shmq_cursor rc;
+    memset(&rc, 0, sizeof rc);
+    if (shmq_log_reader_register(log, &rc, start, SHMQ_READER_TETHERED, SHMQ_READER_KIND_LOG, "fuzz") >= 0) {
+        if (shmq_log_seek(log, &rc, start) == SHMQ_OK)
+            drain(log, &rc);
+        shmq_log_reader_release(log, &rc);
+    }
+    shmq_log_readers_sweep(log);
+    int32_t holder;
+    shmq_log_retention_floor(log, &holder);
+    shmq_log_append1(log, "k", 1, "fuzz", 4, NULL, 0, 1700000000000LL, NULL, 0);
     shmq_log_close(log);
     return 0;
 }
