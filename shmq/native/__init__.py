@@ -28,6 +28,7 @@ ERROR_NAMES = {
     lib.SHMQ_ERR_DUPLICATE_SEQ: "duplicate sequence number",
     lib.SHMQ_ERR_OUT_OF_ORDER_SEQ: "out-of-order sequence number",
     lib.SHMQ_ERR_READERS_FULL: f"every one of the {lib.SHMQ_MAX_READERS} reader slots is held by a live reader",
+    lib.SHMQ_ERR_STORAGE: "a file of the log was truncated, shrunk, removed or replaced under this process",
 }
 
 _CLASSES = {
@@ -38,6 +39,7 @@ _CLASSES = {
     lib.SHMQ_ERR_OUT_OF_RANGE: errors.OffsetOutOfRange,
     lib.SHMQ_ERR_TIMEOUT: errors.KafkaTimeoutError,
     lib.SHMQ_ERR_IO: errors.KafkaStorageError,
+    lib.SHMQ_ERR_STORAGE: errors.KafkaStorageError,
     lib.SHMQ_ERR_NOSPACE: errors.KafkaStorageError,
     lib.SHMQ_ERR_BAD_LAYOUT: errors.KafkaStorageError,
     lib.SHMQ_ERR_FENCED: errors.FencedClaim,

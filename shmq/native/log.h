@@ -160,6 +160,7 @@
 #define SHMQ_ERR_DUPLICATE_SEQ -21  /* an older batch of this producer, already stored */
 #define SHMQ_ERR_OUT_OF_ORDER_SEQ -22 /* a sequence gap: a batch of this producer is missing */
 #define SHMQ_ERR_READERS_FULL -23   /* every slot of the reader table is held by a live reader */
+#define SHMQ_ERR_STORAGE -24        /* a file of the log shrank, vanished or was replaced under this process */
 
 typedef struct shmq_ctl_header {
     uint64_t magic;
@@ -424,6 +425,32 @@ int32_t shmq_frames_epochs(const uint8_t *buf, int64_t len, int32_t last_epoch, 
  * (segments up to their claim position, their indexes, the control block).
  * Returns 0 or SHMQ_ERR_IO. */
 int shmq_log_flush(shmq_log *log);
+
+/* ------------------------------------------------- files under our feet
+ *
+ * A file of the log truncated, shrunk, unlinked or replaced while this
+ * process has it mapped makes every call on this handle that meets it fail
+ * with SHMQ_ERR_STORAGE (a SIGBUS inside the C core is caught and turned
+ * into that error; log_guard.c), and the handle stays failed. The name of
+ * the first such file ("3.log", "partition.ctl"), or NULL: */
+const char *shmq_log_fault_file(shmq_log *log);
+/* Compare every file of the log with what was mapped (inode, size) now:
+ * SHMQ_OK or SHMQ_ERR_STORAGE. (Guarded calls do it at most once a second.) */
+int shmq_log_check_files(shmq_log *log);
+/* Read one control-block word under the guard: *out = its value. Returns
+ * SHMQ_OK, SHMQ_ERR_ARG for an unknown word, or SHMQ_ERR_STORAGE. */
+#define SHMQ_WORD_APPEND_STATE 0
+#define SHMQ_WORD_REPLICATED 1
+#define SHMQ_WORD_LEADER_EPOCH 2
+#define SHMQ_WORD_LEADER_INDEX 3
+#define SHMQ_WORD_ISR_MASK 4
+#define SHMQ_WORD_EPOCH_START_OFFSET 5
+#define SHMQ_WORD_SLOWEST_OFFSET 6
+#define SHMQ_WORD_BLOCKED_COUNT 7
+#define SHMQ_WORD_BLOCKED_NS 8
+#define SHMQ_WORD_REPLICA_LEO 16
+#define SHMQ_WORD_CAUGHT_UP_NS 24
+int shmq_log_control_word(shmq_log *log, int which, int64_t *out);
 
 /* ------------------------------------------------------- reader table */
 

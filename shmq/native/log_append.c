@@ -321,7 +321,7 @@ static int check_frame_len(int64_t batch_len)
     return 0;
 }
 
-int64_t shmq_log_append1(shmq_log *log, const char *key_, int64_t key_len,
+static int64_t append1_body(shmq_log *log, const char *key_, int64_t key_len,
                          const char *value_, int64_t value_len,
                          const char *headers_, int64_t headers_len,
                          int64_t timestamp, int64_t *timestamp_out, int64_t timeout_ns)
@@ -364,7 +364,7 @@ int64_t shmq_log_append_kv(shmq_log *log, const char *key, int64_t key_len, cons
     return shmq_log_append1(log, key, key_len, value, value_len, NULL, 0, timestamp, NULL, timeout_ns);
 }
 
-int64_t shmq_log_append(shmq_log *log, const shmq_records *r, const shmq_batch_meta *meta, int64_t timeout_ns)
+static int64_t append_body(shmq_log *log, const shmq_records *r, const shmq_batch_meta *meta, int64_t timeout_ns)
 {
     static const shmq_batch_meta plain = { -1, -1, -1, 0, -1 };
     if (!r || r->count == 0)
@@ -393,7 +393,7 @@ int64_t shmq_log_append(shmq_log *log, const shmq_records *r, const shmq_batch_m
     }
 }
 
-int64_t shmq_log_append_raw(shmq_log *log, const uint8_t *batch, int64_t len, int64_t timeout_ns)
+static int64_t append_raw_body(shmq_log *log, const uint8_t *batch, int64_t len, int64_t timeout_ns)
 {
     int64_t blen = shmq_batch_check(batch, len, 1);
     if (blen < 0)
@@ -419,4 +419,25 @@ int64_t shmq_log_append_raw(shmq_log *log, const uint8_t *batch, int64_t len, in
         if (commit_frame(log, &c, max_ts) == SHMQ_OK)
             return c.base_offset;
     }
+}
+
+/* ------------------------------------------- public entry points, guarded
+ * (log_guard.c: a file shrunk or gone under us is SHMQ_ERR_STORAGE) */
+
+int64_t shmq_log_append1(shmq_log *log, const char *key_, int64_t key_len,
+                         const char *value_, int64_t value_len,
+                         const char *headers_, int64_t headers_len,
+                         int64_t timestamp, int64_t *timestamp_out, int64_t timeout_ns)
+{
+    SHMQ_GUARDED_RETURN(int64_t, log, append1_body(log, key_, key_len, value_, value_len, headers_, headers_len, timestamp, timestamp_out, timeout_ns), 0);
+}
+
+int64_t shmq_log_append(shmq_log *log, const shmq_records *r, const shmq_batch_meta *meta, int64_t timeout_ns)
+{
+    SHMQ_GUARDED_RETURN(int64_t, log, append_body(log, r, meta, timeout_ns), 0);
+}
+
+int64_t shmq_log_append_raw(shmq_log *log, const uint8_t *batch, int64_t len, int64_t timeout_ns)
+{
+    SHMQ_GUARDED_RETURN(int64_t, log, append_raw_body(log, batch, len, timeout_ns), 0);
 }

@@ -138,7 +138,7 @@ int shmq_log_create(const char *dir, const shmq_log_config *cfg)
     return SHMQ_OK;
 }
 
-static void *map_file(const char *path, size_t expect, int *rc)
+static void *map_file(const char *path, size_t expect, int *rc, uint64_t *ino)
 {
     int fd = open(path, O_RDWR | O_NOFOLLOW | O_CLOEXEC);
     if (fd < 0) {
@@ -159,6 +159,7 @@ static void *map_file(const char *path, size_t expect, int *rc)
         *rc = SHMQ_ERR_IO;
         return NULL;
     }
+    *ino = (uint64_t)st.st_ino;
     return m;
 }
 
@@ -209,7 +210,16 @@ int shmq_log_open(const char *dir, shmq_log **out)
     log->flags = first.flags;
     log->unblock_timeout_ns = first.unblock_timeout_ns;
     log->ctl_len = ctl_bytes(log->n);
-    log->ctl = map_file(path, log->ctl_len, &rc);
+    log->fault_file = -2;
+    log->dirfd = open(dir, O_PATH | O_DIRECTORY | O_CLOEXEC);
+    log->ino = calloc(1 + 3 * (size_t)log->n, sizeof *log->ino);
+    if (log->dirfd < 0 || !log->ino) {
+        rc = SHMQ_ERR_IO;
+        goto fail;
+    }
+    log->checked_ns = shmq_now_ns();
+    shmq__guard_install();
+    log->ctl = map_file(path, log->ctl_len, &rc, &log->ino[0]);
     if (!log->ctl)
         goto fail;
     log->hdr = (shmq_ctl_header *)log->ctl;
@@ -217,13 +227,13 @@ int shmq_log_open(const char *dir, shmq_log **out)
     log->readers = (shmq_reader_slot *)(log->ctl + SHMQ_CTL_HEADER_SIZE + (size_t)log->n * SHMQ_CTL_SLOT_SIZE);
     for (uint32_t i = 0; i < log->n; i++) {
         file_name(path, sizeof path, dir, i, "log");
-        if (!(log->seg[i] = map_file(path, log->cap, &rc)))
+        if (!(log->seg[i] = map_file(path, log->cap, &rc, &log->ino[1 + 3 * i])))
             goto fail;
         file_name(path, sizeof path, dir, i, "index");
-        if (!(log->idx[i] = map_file(path, index_bytes(log->cap, log->interval), &rc)))
+        if (!(log->idx[i] = map_file(path, index_bytes(log->cap, log->interval), &rc, &log->ino[2 + 3 * i])))
             goto fail;
         file_name(path, sizeof path, dir, i, "timeindex");
-        if (!(log->tidx[i] = map_file(path, tindex_bytes(log->cap, log->interval), &rc)))
+        if (!(log->tidx[i] = map_file(path, tindex_bytes(log->cap, log->interval), &rc, &log->ino[3 + 3 * i])))
             goto fail;
     }
     read_fault_config(log);
@@ -248,6 +258,9 @@ void shmq_log_close(shmq_log *log)
     }
     if (log->ctl)
         munmap(log->ctl, log->ctl_len);
+    if (log->dirfd > 0)  /* 0 only before open set it (calloc) */
+        close(log->dirfd);
+    free(log->ino);
     free(log);
 }
 

@@ -38,6 +38,7 @@
 #include <errno.h>
 #include <limits.h>
 #include <sched.h>
+#include <setjmp.h>
 #include <signal.h>
 #include <string.h>
 #include <time.h>
@@ -81,6 +82,18 @@ struct shmq_log {
     uint64_t flushed_seq, flushed_pos;
     /* The reader table, after the slots in the control block (log_readers.c). */
     shmq_reader_slot *readers;
+    /* Files under our feet (log_guard.c): the directory, each file's inode
+     * as mapped (control block, then 3 per slot), the first file found
+     * shrunk or gone (-2 none, -1 partition.ctl, 3 * slot + 0/1/2 for
+     * .log/.index/.timeindex), broken once one was, a call counter and
+     * when the files were last compared. */
+    int dirfd;
+    uint64_t *ino;
+    int32_t fault_file;
+    uint32_t broken;
+    uint32_t guard_calls;
+    int64_t checked_ns;
+    char fault_name[32];
 };
 
 enum { FAULT_NONE, FAULT_KILL_AFTER_CLAIM, FAULT_STOP_AFTER_CLAIM, FAULT_KILL_BEFORE_HEADER };
@@ -259,6 +272,82 @@ SHMQ_INTERNAL int shmq__find_segment(shmq_log *log, int64_t offset, uint64_t *se
 SHMQ_INTERNAL void shmq__reader_publish(shmq_log *log, const shmq_cursor *cur);
 SHMQ_INTERNAL int shmq__wait_for_space(shmq_log *log, int (*still_full)(shmq_log *, uint64_t), uint64_t seq,
                                        int64_t deadline);
+
+/* ------------------------------------------------- guard (log_guard.c)
+ *
+ * SHMQ_GUARD(log, out, call) evaluates call with a SIGBUS from a mapping of
+ * log turned into out = SHMQ_ERR_STORAGE (and the handle marked broken), by
+ * pushing a sigjmp_buf on a thread-local chain the SIGBUS handler jumps to.
+ * A broken handle fails at once. The body must hold nothing across the
+ * call that a jump would leak for good (locks, other handles' state). Public
+ * entry points that touch the mappings are thin wrappers around a static
+ * body: SHMQ_GUARDED_RETURN(type, log, body(...), idle) (idle: an
+ * expression over the result rv_ saying the call found nothing to do) or
+ * SHMQ_GUARDED_VOID(log, body(...)).
+ */
+typedef struct shmq_guard {
+    sigjmp_buf env;
+    shmq_log *log;
+    struct shmq_guard *prev;
+} shmq_guard;
+
+extern __thread shmq_guard *shmq__guard_top __attribute__((tls_model("initial-exec"), visibility("hidden")));
+SHMQ_INTERNAL void shmq__guard_install(void);
+SHMQ_INTERNAL void shmq__guard_failed(shmq_log *log);
+SHMQ_INTERNAL int shmq__check_files(shmq_log *log);
+
+#define SHMQ_GUARD(log_, out_, call_)                                   \
+    do {                                                                \
+        shmq_guard g_;                                                  \
+        g_.log = (log_);                                                \
+        g_.prev = shmq__guard_top;                                      \
+        if (__atomic_load_n(&g_.log->broken, __ATOMIC_RELAXED)) {       \
+            (out_) = SHMQ_ERR_STORAGE;                                  \
+            break;                                                      \
+        }                                                               \
+        if (sigsetjmp(g_.env, 0) == 0) {                                \
+            shmq__guard_top = &g_;                                      \
+            (out_) = (call_);                                           \
+        } else {                                                        \
+            shmq__guard_failed(g_.log);                                 \
+            (out_) = SHMQ_ERR_STORAGE;                                  \
+        }                                                               \
+        shmq__guard_top = g_.prev;                                      \
+    } while (0)
+
+#define SHMQ_GUARDED_RETURN(type_, log_, call_, idle_)                  \
+    do {                                                                \
+        type_ rv_;                                                      \
+        SHMQ_GUARD(log_, rv_, call_);                                   \
+        return (type_)shmq__after(log_, rv_, idle_);                    \
+    } while (0)
+
+#define SHMQ_GUARDED_VOID(log_, call_)                                  \
+    do {                                                                \
+        int rv_;                                                        \
+        SHMQ_GUARD(log_, rv_, ((call_), 0));                            \
+        (void)rv_;                                                      \
+    } while (0)
+
+/* After a guarded call: compare the files with what was mapped at most once
+ * a second, on an idle call (nothing to read) or every 1024th call. Racy
+ * counter on purpose (relaxed load + store: a lost increment only delays a
+ * check). Returns r, or SHMQ_ERR_STORAGE. */
+static inline int64_t shmq__after(shmq_log *log, int64_t r, int idle)
+{
+    if (r == SHMQ_ERR_STORAGE)
+        return r;
+    uint32_t c = __atomic_load_n(&log->guard_calls, __ATOMIC_RELAXED) + 1;
+    __atomic_store_n(&log->guard_calls, c, __ATOMIC_RELAXED);
+    if (!idle && (c & 1023))
+        return r;
+    int64_t now = shmq_now_ns();
+    if (now - __atomic_load_n(&log->checked_ns, __ATOMIC_RELAXED) < 1000000000)
+        return r;
+    __atomic_store_n(&log->checked_ns, now, __ATOMIC_RELAXED);
+    int rc = shmq__check_files(log);
+    return rc < 0 ? rc : r;
+}
 
 /* Bytes of the control block of a log with n slots: header, slots, reader table. */
 static inline size_t ctl_bytes(uint32_t n)

@@ -44,7 +44,7 @@ static int slot_base(shmq_ctl_slot *slot, uint64_t seq, int64_t *base)
     return ld_rlx(&slot->state_seq) == ss;
 }
 
-int64_t shmq_log_start_offset(shmq_log *log)
+static int64_t start_offset_body(shmq_log *log)
 {
     uint64_t s = ld_acq(&log->hdr->active_seq);
     int64_t start = -1;
@@ -63,7 +63,7 @@ int64_t shmq_log_start_offset(shmq_log *log)
     return start < 0 ? 0 : start;
 }
 
-int64_t shmq_log_end_offset(shmq_log *log)
+static int64_t end_offset_body(shmq_log *log)
 {
     for (int round = 0;; round++) {
         uint64_t s = ld_acq(&log->hdr->active_seq);
@@ -172,12 +172,12 @@ int shmq__find_segment(shmq_log *log, int64_t offset, uint64_t *seq_out)
     return SHMQ_ERR_OUT_OF_RANGE;
 }
 
-int shmq_log_seek(shmq_log *log, shmq_cursor *cur, int64_t offset)
+static int seek_body(shmq_log *log, shmq_cursor *cur, int64_t offset)
 {
     if (offset < 0)
         return SHMQ_ERR_ARG;
     for (int round = 0;; round++) {
-        int64_t end = shmq_log_end_offset(log);
+        int64_t end = end_offset_body(log);
         if (end < 0)
             return (int)end;
         if (offset > end)
@@ -240,7 +240,7 @@ int shmq_log_seek(shmq_log *log, shmq_cursor *cur, int64_t offset)
 static int reseek_recycled(shmq_log *log, shmq_cursor *cur, uint64_t seq)
 {
     shmq_cursor c = { 0 };
-    if (shmq_log_seek(log, &c, cur->next_offset) != SHMQ_OK || c.seq <= seq)
+    if (seek_body(log, &c, cur->next_offset) != SHMQ_OK || c.seq <= seq)
         return set_error(log, SHMQ_ERR_OUT_OF_RANGE, seq, cur->pos, cur->next_offset);
     c.reader_id = cur->reader_id;
     *cur = c;
@@ -454,7 +454,7 @@ static int64_t read_frames_at(shmq_log *log, shmq_cursor *cur, uint8_t *dst, int
 
 /* Every read ends by publishing the reader's new position (one compare on
  * the reader's own slot when it did not move). */
-int64_t shmq_log_read(shmq_log *log, shmq_cursor *cur, uint8_t *dst, int64_t dst_len,
+static int64_t read_body(shmq_log *log, shmq_cursor *cur, uint8_t *dst, int64_t dst_len,
                       shmq_record_view *views, int64_t max_records, int check_crc, int64_t *dst_used)
 {
     int64_t n = read_frames_at(log, cur, dst, dst_len, views, max_records, check_crc, dst_used);
@@ -494,7 +494,7 @@ static int tindex_above(shmq_log *log, uint32_t i, int64_t mts)
     return 0;
 }
 
-int64_t shmq_log_seek_time(shmq_log *log, shmq_cursor *cur, int64_t ts)
+static int64_t seek_time_body(shmq_log *log, shmq_cursor *cur, int64_t ts)
 {
     for (int round = 0; round < 1000; round++) {
         uint64_t s = ld_acq(&log->hdr->active_seq);
@@ -583,7 +583,7 @@ int64_t shmq_log_seek_time(shmq_log *log, shmq_cursor *cur, int64_t ts)
                         if (blen < 0 || n < 0)
                             return set_error(log, SHMQ_ERR_CORRUPT, seq, pos, base + fh_rel(h));
                         if (found >= 0) {
-                            int rc = shmq_log_seek(log, cur, found);
+                            int rc = seek_body(log, cur, found);
                             return rc < 0 ? rc : found;
                         }
                     }
@@ -592,12 +592,41 @@ int64_t shmq_log_seek_time(shmq_log *log, shmq_cursor *cur, int64_t ts)
             }
         }
         {
-            int64_t end = shmq_log_end_offset(log);
-            int rc = end < 0 ? (int)end : shmq_log_seek(log, cur, end);
+            int64_t end = end_offset_body(log);
+            int rc = end < 0 ? (int)end : seek_body(log, cur, end);
             return rc < 0 ? rc : end;
         }
     again:
         relax(round);
     }
     return SHMQ_ERR_RETRY;
+}
+
+/* ------------------------------------------- public entry points, guarded
+ * (log_guard.c: a file shrunk or gone under us is SHMQ_ERR_STORAGE) */
+
+int64_t shmq_log_start_offset(shmq_log *log)
+{
+    SHMQ_GUARDED_RETURN(int64_t, log, start_offset_body(log), 0);
+}
+
+int64_t shmq_log_end_offset(shmq_log *log)
+{
+    SHMQ_GUARDED_RETURN(int64_t, log, end_offset_body(log), 0);
+}
+
+int shmq_log_seek(shmq_log *log, shmq_cursor *cur, int64_t offset)
+{
+    SHMQ_GUARDED_RETURN(int, log, seek_body(log, cur, offset), 0);
+}
+
+int64_t shmq_log_read(shmq_log *log, shmq_cursor *cur, uint8_t *dst, int64_t dst_len,
+                      shmq_record_view *views, int64_t max_records, int check_crc, int64_t *dst_used)
+{
+    SHMQ_GUARDED_RETURN(int64_t, log, read_body(log, cur, dst, dst_len, views, max_records, check_crc, dst_used), rv_ == 0);
+}
+
+int64_t shmq_log_seek_time(shmq_log *log, shmq_cursor *cur, int64_t ts)
+{
+    SHMQ_GUARDED_RETURN(int64_t, log, seek_time_body(log, cur, ts), 0);
 }

@@ -138,7 +138,7 @@ shmq_reader_slot *shmq_log_reader_slot(shmq_log *log, uint32_t index)
     return index < SHMQ_MAX_READERS ? &log->readers[index] : NULL;
 }
 
-int shmq_log_reader_register(shmq_log *log, shmq_cursor *cur, int64_t position, uint32_t flags, uint32_t kind,
+static int reader_register_body(shmq_log *log, shmq_cursor *cur, int64_t position, uint32_t flags, uint32_t kind,
                              const char *label)
 {
     uint32_t pid = my_pid();
@@ -169,7 +169,7 @@ int shmq_log_reader_register(shmq_log *log, shmq_cursor *cur, int64_t position, 
     return SHMQ_ERR_READERS_FULL;
 }
 
-void shmq_log_reader_release(shmq_log *log, shmq_cursor *cur)
+static void reader_release_body(shmq_log *log, shmq_cursor *cur)
 {
     uint32_t id = cur->reader_id;
     cur->reader_id = 0;
@@ -198,7 +198,7 @@ void shmq__reader_publish(shmq_log *log, const shmq_cursor *cur)
     wake_producers(log);
 }
 
-int shmq_log_readers_sweep(shmq_log *log)
+static int readers_sweep_body(shmq_log *log)
 {
     int freed = 0;
     for (uint32_t i = 0; i < SHMQ_MAX_READERS; i++) {
@@ -214,7 +214,7 @@ int shmq_log_readers_sweep(shmq_log *log)
     return freed;
 }
 
-int64_t shmq_log_retention_floor(shmq_log *log, int32_t *holder)
+static int64_t retention_floor_body(shmq_log *log, int32_t *holder)
 {
     int64_t floor = __atomic_load_n(&log->hdr->slowest_offset, __ATOMIC_SEQ_CST);
     int32_t who = floor == INT64_MAX ? -2 : -1;
@@ -236,7 +236,7 @@ int64_t shmq_log_retention_floor(shmq_log *log, int32_t *holder)
     return floor;
 }
 
-void shmq_log_set_slowest(shmq_log *log, int64_t offset)
+static void set_slowest_body(shmq_log *log, int64_t offset)
 {
     __atomic_store_n(&log->hdr->slowest_offset, offset, __ATOMIC_SEQ_CST);
     wake_producers(log);
@@ -260,4 +260,33 @@ int shmq__wait_for_space(shmq_log *log, int (*still_full)(shmq_log *, uint64_t),
     __atomic_fetch_sub(&log->hdr->space_waiters, 1, __ATOMIC_SEQ_CST);
     __atomic_fetch_add(&log->hdr->blocked_ns, (uint64_t)(shmq_now_ns() - t0), __ATOMIC_RELAXED);
     return SHMQ_OK;
+}
+
+/* ------------------------------------------- public entry points, guarded
+ * (log_guard.c: a file shrunk or gone under us is SHMQ_ERR_STORAGE) */
+
+int shmq_log_reader_register(shmq_log *log, shmq_cursor *cur, int64_t position, uint32_t flags, uint32_t kind,
+                             const char *label)
+{
+    SHMQ_GUARDED_RETURN(int, log, reader_register_body(log, cur, position, flags, kind, label), 0);
+}
+
+void shmq_log_reader_release(shmq_log *log, shmq_cursor *cur)
+{
+    SHMQ_GUARDED_VOID(log, reader_release_body(log, cur));
+}
+
+int shmq_log_readers_sweep(shmq_log *log)
+{
+    SHMQ_GUARDED_RETURN(int, log, readers_sweep_body(log), 0);
+}
+
+int64_t shmq_log_retention_floor(shmq_log *log, int32_t *holder)
+{
+    SHMQ_GUARDED_RETURN(int64_t, log, retention_floor_body(log, holder), 0);
+}
+
+void shmq_log_set_slowest(shmq_log *log, int64_t offset)
+{
+    SHMQ_GUARDED_VOID(log, set_slowest_body(log, offset));
 }

@@ -33,7 +33,7 @@
 
 #define LEO_MASK ((1ULL << 48) - 1)
 
-void shmq_log_set_append_state(shmq_log *log, uint32_t state)
+static void set_append_state_body(shmq_log *log, uint32_t state)
 {
     shmq_ctl_header *h = log->hdr;
     __atomic_store_n(&h->append_state, state, __ATOMIC_RELEASE);
@@ -43,7 +43,7 @@ void shmq_log_set_append_state(shmq_log *log, uint32_t state)
     shmq_futex_wake(&h->hw_seq, INT_MAX);
 }
 
-void shmq_log_set_replication(shmq_log *log, uint32_t replicated, uint32_t leader_epoch, uint32_t leader_index,
+static void set_replication_body(shmq_log *log, uint32_t replicated, uint32_t leader_epoch, uint32_t leader_index,
                               uint32_t isr_mask, int64_t epoch_start_offset)
 {
     shmq_ctl_header *h = log->hdr;
@@ -96,7 +96,7 @@ static int64_t isr_min_leo(shmq_log *log)
     return end >= 0 && hw > end ? end : hw;
 }
 
-int64_t shmq_log_recompute_hw(shmq_log *log)
+static int64_t recompute_hw_body(shmq_log *log)
 {
     int64_t hw = isr_min_leo(log);
     if (hw < 0)
@@ -104,7 +104,7 @@ int64_t shmq_log_recompute_hw(shmq_log *log)
     return hw_max(log, hw);
 }
 
-int64_t shmq_log_publish_leo(shmq_log *log, uint32_t replica_index, uint32_t epoch, int64_t leo, int caught_up)
+static int64_t publish_leo_body(shmq_log *log, uint32_t replica_index, uint32_t epoch, int64_t leo, int caught_up)
 {
     if (replica_index >= SHMQ_MAX_REPLICAS || leo < 0 || (uint64_t)leo > LEO_MASK)
         return SHMQ_ERR_ARG;
@@ -116,19 +116,19 @@ int64_t shmq_log_publish_leo(shmq_log *log, uint32_t replica_index, uint32_t epo
     return shmq_log_recompute_hw(log);
 }
 
-int64_t shmq_log_advance_hw(shmq_log *log, int64_t hw)
+static int64_t advance_hw_body(shmq_log *log, int64_t hw)
 {
     return hw_max(log, hw);
 }
 
-int64_t shmq_log_high_watermark(shmq_log *log)
+static int64_t high_watermark_body(shmq_log *log)
 {
     if (__atomic_load_n(&log->hdr->replicated, __ATOMIC_ACQUIRE))
         return __atomic_load_n(&log->hdr->high_watermark, __ATOMIC_ACQUIRE);
     return shmq_log_end_offset(log);
 }
 
-void shmq_log_mark_deleted(shmq_log *log)
+static void mark_deleted_body(shmq_log *log)
 {
     shmq_log_set_append_state(log, SHMQ_APPEND_DELETED);
 }
@@ -163,7 +163,7 @@ static int64_t stream_frame(const uint8_t *buf, int64_t len, int64_t pos, uint64
     return flen;
 }
 
-int64_t shmq_log_append_frames(shmq_log *log, const uint8_t *buf, int64_t len)
+static int64_t append_frames_body(shmq_log *log, const uint8_t *buf, int64_t len)
 {
     if (!buf || len < 0)
         return SHMQ_ERR_ARG;
@@ -239,7 +239,7 @@ int32_t shmq_frames_epochs(const uint8_t *buf, int64_t len, int32_t last_epoch, 
 
 /* ------------------------------------------------------ truncate / reset */
 
-int64_t shmq_log_reset(shmq_log *log, int64_t offset)
+static int64_t reset_body(shmq_log *log, int64_t offset)
 {
     if (offset < 0 || (uint64_t)offset > LEO_MASK)
         return SHMQ_ERR_ARG;
@@ -269,7 +269,7 @@ int64_t shmq_log_reset(shmq_log *log, int64_t offset)
     return offset;
 }
 
-int64_t shmq_log_truncate(shmq_log *log, int64_t offset)
+static int64_t truncate_body(shmq_log *log, int64_t offset)
 {
     if (offset < 0)
         return SHMQ_ERR_ARG;
@@ -395,4 +395,58 @@ int shmq_log_flush(shmq_log *log)
     log->flushed_seq = s;
     log->flushed_pos = upto;
     return SHMQ_OK;
+}
+
+/* ------------------------------------------- public entry points, guarded
+ * (log_guard.c: a file shrunk or gone under us is SHMQ_ERR_STORAGE) */
+
+int64_t shmq_log_append_frames(shmq_log *log, const uint8_t *buf, int64_t len)
+{
+    SHMQ_GUARDED_RETURN(int64_t, log, append_frames_body(log, buf, len), 0);
+}
+
+int64_t shmq_log_high_watermark(shmq_log *log)
+{
+    SHMQ_GUARDED_RETURN(int64_t, log, high_watermark_body(log), 0);
+}
+
+int64_t shmq_log_publish_leo(shmq_log *log, uint32_t replica_index, uint32_t epoch, int64_t leo, int caught_up)
+{
+    SHMQ_GUARDED_RETURN(int64_t, log, publish_leo_body(log, replica_index, epoch, leo, caught_up), 0);
+}
+
+int64_t shmq_log_truncate(shmq_log *log, int64_t offset)
+{
+    SHMQ_GUARDED_RETURN(int64_t, log, truncate_body(log, offset), 0);
+}
+
+int64_t shmq_log_reset(shmq_log *log, int64_t offset)
+{
+    SHMQ_GUARDED_RETURN(int64_t, log, reset_body(log, offset), 0);
+}
+
+void shmq_log_set_append_state(shmq_log *log, uint32_t state)
+{
+    SHMQ_GUARDED_VOID(log, set_append_state_body(log, state));
+}
+
+void shmq_log_set_replication(shmq_log *log, uint32_t replicated, uint32_t leader_epoch, uint32_t leader_index,
+                              uint32_t isr_mask, int64_t epoch_start_offset)
+{
+    SHMQ_GUARDED_VOID(log, set_replication_body(log, replicated, leader_epoch, leader_index, isr_mask, epoch_start_offset));
+}
+
+int64_t shmq_log_advance_hw(shmq_log *log, int64_t hw)
+{
+    SHMQ_GUARDED_RETURN(int64_t, log, advance_hw_body(log, hw), 0);
+}
+
+int64_t shmq_log_recompute_hw(shmq_log *log)
+{
+    SHMQ_GUARDED_RETURN(int64_t, log, recompute_hw_body(log), 0);
+}
+
+void shmq_log_mark_deleted(shmq_log *log)
+{
+    SHMQ_GUARDED_VOID(log, mark_deleted_body(log));
 }

@@ -186,7 +186,7 @@ static int64_t walk_and_unblock(shmq_log *log, uint64_t seq, uint64_t pos, int64
     return 0;
 }
 
-int64_t shmq_log_housekeep(shmq_log *log, shmq_unblock_state *st)
+static int64_t housekeep_body(shmq_log *log, shmq_unblock_state *st)
 {
     uint64_t s = ld_acq(&log->hdr->active_seq);
     shmq__advance(log, s);
@@ -205,7 +205,20 @@ int64_t shmq_log_housekeep(shmq_log *log, shmq_unblock_state *st)
     return walk_and_unblock(log, seq, pos, rel, st);
 }
 
-int64_t shmq_log_unblock_cursor(shmq_log *log, const shmq_cursor *cur, shmq_unblock_state *st)
+static int64_t unblock_cursor_body(shmq_log *log, const shmq_cursor *cur, shmq_unblock_state *st)
 {
     return walk_and_unblock(log, cur->seq, cur->pos, cur->rel, st);
+}
+
+/* ------------------------------------------- public entry points, guarded
+ * (log_guard.c: a file shrunk or gone under us is SHMQ_ERR_STORAGE) */
+
+int64_t shmq_log_housekeep(shmq_log *log, shmq_unblock_state *st)
+{
+    SHMQ_GUARDED_RETURN(int64_t, log, housekeep_body(log, st), 0);
+}
+
+int64_t shmq_log_unblock_cursor(shmq_log *log, const shmq_cursor *cur, shmq_unblock_state *st)
+{
+    SHMQ_GUARDED_RETURN(int64_t, log, unblock_cursor_body(log, cur, st), 0);
 }

@@ -45,7 +45,7 @@ static int cursor_ready_at(shmq_log *log, const shmq_cursor *cur, int use_hw)
 
 static int cursor_ready(shmq_log *log, const shmq_cursor *cur) { return cursor_ready_at(log, cur, 1); }
 
-int shmq_log_ready(shmq_log *log, const shmq_cursor *cur)
+static int ready_body(shmq_log *log, const shmq_cursor *cur)
 {
     return cursor_ready(log, cur);
 }
@@ -85,7 +85,7 @@ static int spin_then_sleep(shmq_log *log, int (*ready)(shmq_log *, const void *)
 
 static int cursor_ready_cb(shmq_log *log, const void *cur) { return cursor_ready(log, (const shmq_cursor *)cur); }
 
-int shmq_log_wait(shmq_log *log, const shmq_cursor *cur, int64_t spin_ns, int64_t timeout_ns)
+static int wait_body(shmq_log *log, const shmq_cursor *cur, int64_t spin_ns, int64_t timeout_ns)
 {
     return spin_then_sleep(log, cursor_ready_cb, cur, &log->hdr->commit_seq, &log->hdr->waiters, spin_ns,
                            timeout_ns < 0 ? 0 : timeout_ns);
@@ -93,7 +93,7 @@ int shmq_log_wait(shmq_log *log, const shmq_cursor *cur, int64_t spin_ns, int64_
 
 static int frame_ready_cb(shmq_log *log, const void *cur) { return cursor_ready_at(log, (const shmq_cursor *)cur, 0); }
 
-int shmq_log_wait_frames(shmq_log *log, const shmq_cursor *cur, int64_t spin_ns, int64_t timeout_ns)
+static int wait_frames_body(shmq_log *log, const shmq_cursor *cur, int64_t spin_ns, int64_t timeout_ns)
 {
     return spin_then_sleep(log, frame_ready_cb, cur, &log->hdr->commit_seq, &log->hdr->waiters, spin_ns,
                            timeout_ns < 0 ? 0 : timeout_ns);
@@ -113,7 +113,30 @@ static int hw_reached(shmq_log *log, const void *offset)
     return hw > *(const int64_t *)offset;
 }
 
-int shmq_log_wait_hw(shmq_log *log, int64_t offset, int64_t spin_ns, int64_t timeout_ns)
+static int wait_hw_body(shmq_log *log, int64_t offset, int64_t spin_ns, int64_t timeout_ns)
 {
     return spin_then_sleep(log, hw_reached, &offset, &log->hdr->hw_seq, &log->hdr->hw_waiters, spin_ns, timeout_ns);
+}
+
+/* ------------------------------------------- public entry points, guarded
+ * (log_guard.c: a file shrunk or gone under us is SHMQ_ERR_STORAGE) */
+
+int shmq_log_ready(shmq_log *log, const shmq_cursor *cur)
+{
+    SHMQ_GUARDED_RETURN(int, log, ready_body(log, cur), rv_ == 0);
+}
+
+int shmq_log_wait(shmq_log *log, const shmq_cursor *cur, int64_t spin_ns, int64_t timeout_ns)
+{
+    SHMQ_GUARDED_RETURN(int, log, wait_body(log, cur, spin_ns, timeout_ns), rv_ == 0);
+}
+
+int shmq_log_wait_frames(shmq_log *log, const shmq_cursor *cur, int64_t spin_ns, int64_t timeout_ns)
+{
+    SHMQ_GUARDED_RETURN(int, log, wait_frames_body(log, cur, spin_ns, timeout_ns), rv_ == 0);
+}
+
+int shmq_log_wait_hw(shmq_log *log, int64_t offset, int64_t spin_ns, int64_t timeout_ns)
+{
+    SHMQ_GUARDED_RETURN(int, log, wait_hw_body(log, offset, spin_ns, timeout_ns), rv_ == 0);
 }

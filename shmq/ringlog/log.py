@@ -89,6 +89,7 @@ class PartitionLog:
                       topic=self.topic, partition=self.partition)
         self._h = handle[0]
         self._ts_out = ffi.new("int64_t *")
+        self._word_out = ffi.new("int64_t *")
         self._append_value = lib.shmq_log_append_value
         self._append_kv = lib.shmq_log_append_kv
         hdr = self._hdr = lib.shmq_log_header(self._h)
@@ -154,7 +155,20 @@ class PartitionLog:
             pass
 
     # ----------------------------------------------------------------- errors
+    def _word(self, which: int) -> int:
+        """One control-block word, read in C under the guard that turns a
+        truncated or vanished partition.ctl into KafkaStorageError."""
+        rc = lib.shmq_log_control_word(self._h, which, self._word_out)
+        if rc < 0:
+            self._fail(rc, "read the control block")
+        return int(self._word_out[0])
+
     def _fail(self, rc: int, what: str, offset: Optional[int] = None) -> None:
+        if rc == lib.SHMQ_ERR_STORAGE:
+            f = lib.shmq_log_fault_file(self._h)
+            name = ffi.string(f).decode() if f != ffi.NULL else "a file"
+            raise_for(rc, f"{what} on {self.name}", topic=self.topic, partition=self.partition,
+                      detail=f"file {os.path.join(self.path, name)}; reopen the log or recreate the partition")
         if rc == lib.SHMQ_ERR_TOO_LARGE:
             raise MessageSizeTooLarge(
                 f"{what} on {self.name}: the record needs more than one segment "
@@ -318,28 +332,28 @@ class PartitionLog:
     @property
     def append_state(self) -> int:
         """``lib.SHMQ_APPEND_OPEN`` (0), ``DELETED`` (1) or ``NOT_LEADER`` (2)."""
-        return int(self._hdr.append_state)
+        return self._word(lib.SHMQ_WORD_APPEND_STATE)
 
     @property
     def replicated(self) -> bool:
         """True for a partition with replication factor > 1 (readers stop at the high watermark)."""
-        return bool(self._hdr.replicated)
+        return bool(self._word(lib.SHMQ_WORD_REPLICATED))
 
     @property
     def leader_epoch(self) -> int:
-        return int(self._hdr.leader_epoch)
+        return self._word(lib.SHMQ_WORD_LEADER_EPOCH)
 
     @property
     def leader_index(self) -> int:
-        return int(self._hdr.leader_index)
+        return self._word(lib.SHMQ_WORD_LEADER_INDEX)
 
     @property
     def isr_mask(self) -> int:
-        return int(self._hdr.isr_mask)
+        return self._word(lib.SHMQ_WORD_ISR_MASK)
 
     @property
     def epoch_start_offset(self) -> int:
-        return int(self._hdr.epoch_start_offset)
+        return self._word(lib.SHMQ_WORD_EPOCH_START_OFFSET)
 
     @property
     def high_watermark(self) -> int:
@@ -362,9 +376,8 @@ class PartitionLog:
 
     def replica_leos(self) -> List[Tuple[int, int, int]]:
         """Per replica index: (epoch tag, log end offset, caught-up monotonic ns)."""
-        hdr = self._hdr
-        return [(int(hdr.replica_leo[r]) >> 48, int(hdr.replica_leo[r]) & _LEO_MASK, int(hdr.caught_up_ns[r]))
-                for r in range(lib.SHMQ_MAX_REPLICAS)]
+        leos = [self._word(lib.SHMQ_WORD_REPLICA_LEO + r) for r in range(lib.SHMQ_MAX_REPLICAS)]
+        return [(leo >> 48, leo & _LEO_MASK, self._word(lib.SHMQ_WORD_CAUGHT_UP_NS + r)) for r, leo in enumerate(leos)]
 
     def publish_leo(self, index: int, epoch: int, leo: int, caught_up: bool) -> int:
         """Follower ``index`` reports its log end offset; returns the high watermark."""
@@ -426,7 +439,7 @@ class PartitionLog:
     @property
     def slowest_position(self) -> int:
         """Block mode: the consumer groups' committed floor (as last set; ``NO_FLOOR`` for none)."""
-        return int(self._hdr.slowest_offset)
+        return self._word(lib.SHMQ_WORD_SLOWEST_OFFSET)
 
     def set_slowest_position(self, offset: int) -> None:
         """Block mode: the lowest offset any consumer group still needs (its
@@ -437,12 +450,12 @@ class PartitionLog:
     @property
     def blocked_count(self) -> int:
         """How many appends waited for room in this full block-mode ring (all processes)."""
-        return int(self._hdr.blocked_count)
+        return self._word(lib.SHMQ_WORD_BLOCKED_COUNT)
 
     @property
     def blocked_seconds(self) -> float:
         """How long appends waited for room in all, in seconds (all processes)."""
-        return int(self._hdr.blocked_ns) / 1e9
+        return self._word(lib.SHMQ_WORD_BLOCKED_NS) / 1e9
 
     # ------------------------------------------------------------ reader table
     def readers(self) -> List[ReaderInfo]:
