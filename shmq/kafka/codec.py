@@ -100,7 +100,45 @@ def decode_request(frame: bytes, key: int, version: int) -> Tuple[Any, Any]:
     except Exception as e:   # kio raises its own errors (and ValueError) for bad bytes
         raise ProtocolError(f"{API_NAMES.get(key, key)} v{version} request does not parse: "
                             f"{type(e).__name__}: {e}") from None
+    missing = _null_required(body)
+    if missing:
+        raise ProtocolError(f"{API_NAMES.get(key, key)} v{version} request has a null {missing}, "
+                            f"which the schema does not allow")
     return header, body
+
+
+@lru_cache(maxsize=None)
+def _required_plan(cls: type) -> Tuple[Tuple[str, bool, Optional[type]], ...]:
+    """Per field of ``cls``: name, whether the schema allows null, and the
+    entity type of its elements (for the nested check)."""
+    hints = typing.get_type_hints(cls)
+    out = []
+    for f in dataclasses.fields(cls):
+        tp = hints.get(f.name, f.type)
+        nullable = type(None) in typing.get_args(tp)
+        inner = [a for a in typing.get_args(tp) if a is not type(None)]
+        elem = inner[0] if nullable and len(inner) == 1 else tp
+        out.append((f.name, nullable, _entity_arg(elem)))
+    return tuple(out)
+
+
+def _null_required(obj: Any) -> Optional[str]:
+    """The name of the first field of a decoded request that is null where
+    its schema does not allow null (kio reads a length of -1 as None even
+    for non-nullable arrays, strings and bytes, as Kafka's parser does not),
+    else None."""
+    for name, nullable, entity in _required_plan(type(obj)):
+        v = getattr(obj, name)
+        if v is None:
+            if not nullable:
+                return name
+            continue
+        if entity is not None:
+            for item in (v if isinstance(v, tuple) else (v,)):
+                inner = _null_required(item)
+                if inner:
+                    return f"{name}.{inner}"
+    return None
 
 
 def encode_response(key: int, version: int, correlation_id: int, body: Dict[str, Any]) -> bytes:
