@@ -31,6 +31,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_parsers(sub)
     from .bench import add_parser as add_bench  # shmq bench: the suite in perf/
     add_bench(sub)
+    from .mirror import add_parser as add_mirror  # shmq mirror: to and from a Kafka cluster
+    add_mirror(sub)
     dl = sub.add_parser("dump-log", help="frames and batches of a partition log, like kafka-dump-log")
     dl.add_argument("path", help="partition directory (<root>/data/<replica>/<topic>-<partition>)")
     dl.add_argument("--slot", type=int, default=None, help="only this ring slot")
