@@ -100,6 +100,7 @@ import numpy as np
 from .errors import (InvalidConfig, KafkaTimeoutError, LeaderNotAvailable, NotLeaderForPartition, ShmqError,
                      UnknownTopicOrPartition)
 from .native import ffi, lib
+from .ringlog.log import fill_header_blocks
 from .root import Root, validate_group
 
 SEQ_MOD = 1 << 31                 # Kafka's sequence numbers are int32, wrapping to 0
@@ -114,6 +115,10 @@ _INTERNAL = re.compile(r"^(__.*|_schemas|.*\.mirror-offsets)$")
 
 class MirrorError(ShmqError):
     """The mirror cannot go on (bad arguments, a cluster that refuses, a topic too small)."""
+
+
+class SessionFailed(MirrorError):
+    """A delivery or commit failed mid-copy: the mirror starts again from its anchors."""
 
 
 # ------------------------------------------------------------------ helpers
@@ -145,6 +150,7 @@ def topic_matcher(patterns: str) -> Callable[[str], bool]:
 def _ck() -> Any:
     try:
         import confluent_kafka
+        import confluent_kafka.admin  # noqa: F401
     except ImportError:  # pragma: no cover - a dependency of the test extra
         raise MirrorError("shmq mirror needs confluent-kafka (pip install confluent-kafka)") from None
     return confluent_kafka
@@ -208,7 +214,9 @@ class _Mirror:
                  kafka_config: Optional[Dict[str, Any]] = None, progress_interval: float = 5.0,
                  out: Any = None) -> None:
         validate_group(f"shmq-mirror-{name}")
-        self.bootstrap = bootstrap
+        self.bootstrap, self.topics = bootstrap, topics
+        self.options: Dict[str, Any] = {"name": name, "kafka_config": kafka_config,
+                                        "progress_interval": progress_interval, "out": out}
         self.match = topic_matcher(topics)
         self.root = Root(root)
         self.name = name
@@ -359,6 +367,44 @@ def last_sequence(log: Any, pid: int, from_offset: int, base_seq: int, timeout: 
     return best
 
 
+_SMALL = [bytes([i << 1]) for i in range(64)]        # zig-zag varints of 0..63: one byte
+_HKEYS: Dict[str, bytes] = {}
+
+
+def _varint(n: int) -> bytes:
+    if 0 <= n < 64:
+        return _SMALL[n]
+    z = (n << 1) ^ (n >> 63)
+    out = bytearray()
+    while z > 0x7F:
+        out.append((z & 0x7F) | 0x80)
+        z >>= 7
+    out.append(z)
+    return bytes(out)
+
+
+def _header_block(headers: Optional[List[Tuple[str, Optional[bytes]]]]) -> bytes:
+    """One record's header block as ``encode_headers`` writes it, from
+    confluent-kafka's header list (keys are few: their encoding is cached)."""
+    if not headers:
+        return b"\x00"
+    parts = [_varint(len(headers))]
+    for k, v in headers:
+        kb = _HKEYS.get(k)
+        if kb is None:
+            raw = k.encode()
+            kb = _varint(len(raw)) + raw
+            if len(_HKEYS) < 4096:
+                _HKEYS[k] = kb
+        parts.append(kb)
+        if v is None:
+            parts.append(b"\x01")                         # zig-zag -1: a null value
+        else:
+            parts.append(_varint(len(v)))
+            parts.append(v)
+    return b"".join(parts)
+
+
 class KafkaToShmq(_Mirror):
     """Mirror Kafka topics matching ``topics`` into the shmq root ``root``."""
 
@@ -490,9 +536,10 @@ class KafkaToShmq(_Mirror):
         ts = np.fromiter((m.timestamp()[1] for m in msgs), dtype=np.int64, count=len(msgs))
         if (ts < 0).any():                      # TIMESTAMP_NOT_AVAILABLE: stored as now
             ts[ts < 0] = time.time_ns() // 1_000_000
-        has_headers = any(hs)
         recs, keep, n = st.log.build_records(values, keys if any(k is not None for k in keys) else None,
-                                             [h or () for h in hs] if has_headers else None, int(ts[0]))
+                                             None, int(ts[0]))
+        if any(hs):
+            fill_header_blocks(recs, list(map(_header_block, hs)), n, keep)
         recs.timestamps = ffi.cast("int64_t *", ts.ctypes.data)
         meta = self._meta
         meta.producer_id, meta.producer_epoch = st.pid, st.epoch
@@ -644,6 +691,7 @@ class ShmqToKafka(_Mirror):
     def __init__(self, bootstrap: str, topics: str, root: Any = None, *, transactional: Optional[bool] = None,
                  **kw: Any) -> None:
         super().__init__(bootstrap, topics, root, **kw)
+        self.options["transactional"] = transactional
         self.want_txn = transactional
         self.transactional = False
 
@@ -745,6 +793,8 @@ class ShmqToKafka(_Mirror):
         t = md.topics.get(name)
         if t is None or t.error is not None:
             try:
+                if md.controller_id not in md.brokers:    # no controller to send CreateTopics to (the mock)
+                    raise MirrorError("the cluster names no controller")
                 fut = self.admin.create_topics([ck.admin.NewTopic(name, count, -1)], request_timeout=5.0)[name]
                 fut.result(timeout=10)
             except Exception as e:        # no CreateTopics, or it exists now: auto-creation decides
@@ -811,11 +861,11 @@ class ShmqToKafka(_Mirror):
         the transaction, and again plainly after it)."""
         ck = _ck()
         if self.producer.flush(KAFKA_TIMEOUT) > 0:
-            raise MirrorError("the Kafka producer did not deliver within the timeout")
+            raise SessionFailed("the Kafka producer did not deliver within the timeout")
         out = []
         for st in self.parts.values():
             if st.error is not None:
-                raise MirrorError(f"delivery to {st.topic}-{st.partition} failed: {st.error}")
+                raise SessionFailed(f"delivery to {st.topic}-{st.partition} failed: {st.error}")
             if st.pending:
                 st.pending = False
                 st.dest_next = st.last_delivered + 1
@@ -888,11 +938,25 @@ def run_mirror(from_url: Optional[str], to_url: Optional[str], topics: str, root
         m = ShmqToKafka(parse_kafka_url(to_url or ""), topics, root, name=name, kafka_config=kafka_config,
                         progress_interval=progress_interval, transactional=transactional)
 
+    stopped = threading.Event()
+
     def on_signal(signum: int, frame: Any) -> None:
+        stopped.set()
         m.stop()
     old = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
     try:
-        return m.run()
+        while True:
+            try:
+                return m.run()
+            except (_ck().KafkaException, SessionFailed, NotLeaderForPartition, LeaderNotAvailable,
+                    KafkaTimeoutError) as e:
+                # A Kafka or shmq error mid-copy: start over from the committed
+                # anchors, exactly as a restarted process would.
+                print(f"mirror: {type(e).__name__}: {e}; starting again from the committed positions",
+                      file=sys.stderr, flush=True)
+                if stopped.wait(1.0):
+                    return 0
+                m = type(m)(m.bootstrap, m.topics, m.root, **m.options)
     finally:
         for s, h in old.items():
             signal.signal(s, h)

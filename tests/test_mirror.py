@@ -15,7 +15,7 @@ from typing import Dict, Iterator, List, Optional, Tuple
 import pytest
 
 from kafka_support import stop_process
-from shmq import Admin
+from shmq import Admin, Producer
 from shmq.cluster import Cluster
 from shmq.root import Root
 
@@ -156,3 +156,101 @@ def test_from_kafka_survives_kill9(root: Root, mock_kafka: str) -> None:
         got = _read_shmq(root, "orders.all", q)
         assert len(got) == len(sent[q]), f"partition {q}: {len(got)} records, the source has {len(sent[q])}"
         assert got == sent[q]
+
+
+# ------------------------------------------------------------ shmq -> Kafka
+def _produce_shmq(root: Root, topic: str, n: int, headers_every: int = 10) -> Dict[int, List[Rec]]:
+    Admin(root).create_topic(topic, PARTITIONS)
+    sent: Dict[int, List[Rec]] = {q: [] for q in range(PARTITIONS)}
+    with Producer(root) as p:
+        for i in range(n):
+            q = i % PARTITIONS
+            hs = (("i", str(i).encode()), ("nil", None)) if i % headers_every == 0 else ()
+            key = None if i % 7 == 0 else b"k%d" % i
+            ts = 1_700_000_000_000 + i
+            p.send(topic, b"v%d" % i, key=key, partition=q, headers=list(hs) or None, timestamp_ms=ts)
+            sent[q].append((key, b"v%d" % i, hs, ts))
+    return sent
+
+
+def _read_kafka(bs: str, topic: str, expect: int, timeout: float = TIMEOUT) -> Dict[int, List[Rec]]:
+    """Every record a read_committed consumer sees in partitions 0..PARTITIONS-1
+    (waits until ``expect`` are there and every partition reached its end)."""
+    c = ck.Consumer({"bootstrap.servers": bs, "group.id": "verify", "isolation.level": "read_committed",
+                     "enable.partition.eof": True, "logger": _quiet})
+    got: Dict[int, List[Rec]] = {q: [] for q in range(PARTITIONS)}
+    try:
+        c.assign([ck.TopicPartition(topic, q, 0) for q in range(PARTITIONS)])
+        eof: set = set()
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline and (sum(map(len, got.values())) < expect or len(eof) < PARTITIONS):
+            for m in c.consume(10_000, 0.2):
+                if m.error() is not None:
+                    eof.add(m.partition())
+                    continue
+                eof.discard(m.partition())
+                hs = tuple((k, v) for k, v in (m.headers() or ()))
+                got[m.partition()].append((m.key(), m.value(), hs, m.timestamp()[1]))
+    finally:
+        c.close()
+    return got
+
+
+class KafkaCount:
+    """Offsets used in a topic's partitions (records plus transaction markers), from one client."""
+
+    def __init__(self, bs: str, topic: str) -> None:
+        self.topic = topic
+        self.c = ck.Consumer({"bootstrap.servers": bs, "group.id": "probe", "logger": _quiet})
+
+    def __call__(self) -> int:
+        try:
+            return sum(self.c.get_watermark_offsets(ck.TopicPartition(self.topic, q), timeout=5)[1]
+                       for q in range(PARTITIONS))
+        except ck.KafkaException:
+            return 0
+
+    def close(self) -> None:
+        self.c.close()
+
+
+def test_to_kafka_keeps_keys_headers_timestamps(root: Root, mock_kafka: str) -> None:
+    sent = _produce_shmq(root, "orders.us", 300, headers_every=2)
+    m = Mirror(root, "--to", f"kafka://{mock_kafka}", "--topics", "orders.*", "--name", "t2")
+    try:
+        got = _read_kafka(mock_kafka, "orders.us", 300)
+        assert m.stop() == 0
+    finally:
+        m.kill()
+    for q in range(PARTITIONS):
+        assert got[q] == sent[q]
+    assert "records copied" in m.output()
+
+
+def test_to_kafka_survives_kill9(root: Root, mock_kafka: str) -> None:
+    sent = _produce_shmq(root, "orders.all", RECORDS)
+    args = ("--to", f"kafka://{mock_kafka}", "--topics", "orders.*", "--name", "chaos")
+    total = KafkaCount(mock_kafka, "orders.all")
+    try:
+        for k in range(KILLS):
+            m = Mirror(root, *args)
+            try:
+                target = (k + 1) * RECORDS // (KILLS + 2)
+                _wait(lambda: total() >= target, TIMEOUT, f"{target} records", m)
+            finally:
+                m.kill()                 # SIGKILL mid-run
+            assert total() < RECORDS, "the mirror finished before it was killed"
+    finally:
+        total.close()
+    m = Mirror(root, *args)
+    try:
+        got = _read_kafka(mock_kafka, "orders.all", RECORDS)
+        time.sleep(0.5)
+        assert m.stop() == 0
+        got2 = _read_kafka(mock_kafka, "orders.all", RECORDS)   # anything extra would show now
+    finally:
+        m.kill()
+    for q in range(PARTITIONS):
+        assert len(got[q]) == len(sent[q]), f"partition {q}: {len(got[q])} records, the source has {len(sent[q])}"
+        assert got[q] == sent[q]
+        assert got2[q] == sent[q]

@@ -516,7 +516,12 @@ def _fill_headers(recs: Any, headers: Sequence[Optional[Iterable[Header]]], n: i
     iterable of (key, value) pairs, or None, per record)."""
     if len(headers) != n:
         raise InvalidRecord(f"{len(headers)} header lists for {n} records")
-    blocks = [encode_headers(h or ()) for h in headers]
+    fill_header_blocks(recs, [encode_headers(h or ()) for h in headers], n, keep)
+
+
+def fill_header_blocks(recs: Any, blocks: List[bytes], n: int, keep: List[Any]) -> None:
+    """Point recs.headers at ``n`` encoded header blocks (``encode_headers``'s
+    format, one per record; ``keep`` holds what the pointers borrow from)."""
     joined = b"".join(blocks)
     offs = np.zeros(n + 1, dtype=np.int64)
     np.cumsum(np.fromiter(map(len, blocks), dtype=np.int64, count=n), out=offs[1:])
