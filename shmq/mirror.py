@@ -227,6 +227,7 @@ class _Mirror:
                                  progress_interval, out)
         self._stop = threading.Event()
         self.parts: Dict[Tuple[str, int], Any] = {}
+        self._checked = False          # commit metadata read back once (warn_if_metadata_dropped)
 
     def stop(self) -> None:
         self._stop.set()
@@ -320,6 +321,18 @@ def parse_anchor(metadata: Optional[str]) -> Optional[Tuple[int, int, int, int]]
     except (ValueError, TypeError, KeyError):
         return None
     return vals if all(v >= 0 for v in vals) else None
+
+
+def warn_if_metadata_dropped(consumer: Any, committed: List[Any]) -> None:
+    """Read commits back: a cluster that drops offset commit metadata (shmq's
+    own listener does) loses the anchors, and then a restart resumes at the
+    committed offsets without them (at least once): say so."""
+    got = consumer.committed([_ck().TopicPartition(tp.topic, tp.partition) for tp in committed],
+                             timeout=KAFKA_TIMEOUT)
+    if [g.metadata for g in got] != [tp.metadata for tp in committed]:
+        print("mirror: WARNING: the cluster does not keep offset commit metadata; after a crash the mirror "
+              "resumes at the committed offsets and records copied since then may be copied twice",
+              file=sys.stderr, flush=True)
 
 
 def last_sequence(log: Any, pid: int, from_offset: int, base_seq: int, timeout: float = 30.0) -> Optional[int]:
@@ -493,8 +506,11 @@ class KafkaToShmq(_Mirror):
                 self.consumer.get_watermark_offsets(tp, timeout=KAFKA_TIMEOUT)[0]
             hint = log.end_offset
             # I2: the first anchor is durable before the first append.
-            self.consumer.commit(offsets=[ck.TopicPartition(topic, partition, start, metadata=anchor_metadata(
-                st.pid, st.epoch, 0, hint))], asynchronous=False)
+            first = [ck.TopicPartition(topic, partition, start, metadata=anchor_metadata(st.pid, st.epoch, 0, hint))]
+            self.consumer.commit(offsets=first, asynchronous=False)
+            if not self._checked:
+                self._checked = True
+                warn_if_metadata_dropped(self.consumer, first)
             st.acked = (start, 0, hint)
         st.src_next = start
         st.dest_next = hint
@@ -774,6 +790,9 @@ class ShmqToKafka(_Mirror):
                 st.dest_next = hi
         if first:
             self.kconsumer.commit(offsets=first, asynchronous=False)
+            if not self._checked:
+                self._checked = True
+                warn_if_metadata_dropped(self.kconsumer, first)
         counted = count_records(self.kconsumer, {k: d for k, d in count_from.items() if d >= 0})
         for k, (n, end) in counted.items():
             self.parts[k] = st = _OutPart(*k)

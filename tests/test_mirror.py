@@ -254,3 +254,31 @@ def test_to_kafka_survives_kill9(root: Root, mock_kafka: str) -> None:
         assert len(got[q]) == len(sent[q]), f"partition {q}: {len(got[q])} records, the source has {len(sent[q])}"
         assert got[q] == sent[q]
         assert got2[q] == sent[q]
+
+
+# ------------------------------------------------ shmq's own listener as the source
+def test_from_shmq_kafka_listener(root: Root, shm_dir: str) -> None:
+    """Another shmq root served by `shmq serve --kafka`'s listener is a Kafka
+    cluster like any other: native records there are copied here intact. The
+    listener keeps no offset commit metadata, and the mirror says what that
+    costs (at least once after a crash)."""
+    pytest.importorskip("kio", reason="the Kafka listener needs kio (pip install shmq[kafka])")
+    from kafka_support import Listener
+    from conftest import kill_coordinator
+    src = Root(os.path.join(shm_dir, "src"))
+    listener = Listener(src.path)
+    try:
+        sent = _produce_shmq(src, "orders.x", 3000, headers_every=3)
+        m = Mirror(root, "--from", f"kafka://{listener.bootstrap}", "--topics", "orders.*", "--name", "l")
+        try:
+            _wait(lambda: _shmq_total(root, "orders.x") >= 3000, TIMEOUT, "3000 records", m)
+            assert m.stop() == 0
+        finally:
+            m.kill()
+        assert Admin(root).describe_topic("orders.x").partition_count == PARTITIONS
+        for q in range(PARTITIONS):
+            assert _read_shmq(root, "orders.x", q) == sent[q]
+        assert "does not keep offset commit metadata" in m.output()
+    finally:
+        listener.stop()
+        kill_coordinator(src)
