@@ -312,6 +312,7 @@ static PyTypeObject RouteType = {
 typedef struct {
     PyObject_HEAD
     PyObject *routes;        /* dict: topic -> Route, or None (the topic takes the Python path) */
+    PyObject *last_topic, *last_route;   /* the last lookup (a producer usually sends to one topic) */
     PyObject *fallback;      /* the Python send: every case not handled here */
     PyObject *route_fn;      /* route_fn(topic) -> (handles, logs, max_bytes) or None */
     Partitioner *partitioner;
@@ -322,6 +323,8 @@ typedef struct {
     long long fallbacks;     /* sends handed to the Python path (tests look) */
     int closed;
 } FastProducer;
+
+static void routes_clear(FastProducer *self);
 
 static int FastProducer_init(FastProducer *self, PyObject *args, PyObject *kw)
 {
@@ -337,6 +340,7 @@ static int FastProducer_init(FastProducer *self, PyObject *args, PyObject *kw)
         PyErr_SetString(PyExc_TypeError, "metadata_type must be a tuple subclass");
         return -1;
     }
+    routes_clear(self);
     Py_XSETREF(self->routes, PyDict_New());
     if (self->routes == NULL)
         return -1;
@@ -351,11 +355,25 @@ static int FastProducer_init(FastProducer *self, PyObject *args, PyObject *kw)
     return 0;
 }
 
+static void routes_clear(FastProducer *self)
+{
+    Py_CLEAR(self->last_topic);
+    Py_CLEAR(self->last_route);
+    if (self->routes != NULL)
+        PyDict_Clear(self->routes);
+}
+
 /* The route of topic: cached, else built from route_fn. Returns a borrowed
  * Route, Py_None (the Python path), or NULL with an exception. */
 static PyObject *route_of(FastProducer *self, PyObject *topic)
 {
+    if (topic == self->last_topic)
+        return self->last_route;
     PyObject *r = PyDict_GetItemWithError(self->routes, topic);
+    if (r != NULL) {
+        Py_XSETREF(self->last_topic, Py_NewRef(topic));
+        Py_XSETREF(self->last_route, Py_NewRef(r));
+    }
     if (r != NULL || PyErr_Occurred())
         return r;
     PyObject *info = PyObject_CallOneArg(self->route_fn, topic);
@@ -453,7 +471,7 @@ static PyObject *FastProducer_send(FastProducer *self, PyObject *const *args, si
         /* Every recheck_every_ms the routes are rebuilt through the Python
          * route function, which re-reads the metadata when its version moved
          * (added partitions, deleted topics, a new leader). */
-        PyDict_Clear(self->routes);
+        routes_clear(self);
         self->recheck_ms = now + self->recheck_every_ms;
     }
     PyObject *r = route_of(self, topic);
@@ -529,21 +547,20 @@ slow:
 static PyObject *FastProducer_close(FastProducer *self, PyObject *unused)
 {
     self->closed = 1;
-    if (self->routes != NULL)
-        PyDict_Clear(self->routes);
+    routes_clear(self);
     Py_RETURN_NONE;
 }
 
 static PyObject *FastProducer_invalidate(FastProducer *self, PyObject *unused)
 {
-    if (self->routes != NULL)
-        PyDict_Clear(self->routes);
+    routes_clear(self);
     Py_RETURN_NONE;
 }
 
 static int FastProducer_traverse(FastProducer *self, visitproc visit, void *arg)
 {
     Py_VISIT(self->routes);
+    Py_VISIT(self->last_route);
     Py_VISIT(self->fallback);
     Py_VISIT(self->route_fn);
     Py_VISIT(self->partitioner);
@@ -553,6 +570,8 @@ static int FastProducer_traverse(FastProducer *self, visitproc visit, void *arg)
 
 static int FastProducer_clear(FastProducer *self)
 {
+    Py_CLEAR(self->last_topic);
+    Py_CLEAR(self->last_route);
     Py_CLEAR(self->routes);
     Py_CLEAR(self->fallback);
     Py_CLEAR(self->route_fn);
@@ -658,6 +677,7 @@ typedef struct {
     int64_t read_len, buf_len, max_views, spin_ns, slice_ns;
     int check_crc;
     int lazy;              /* only st is set: part_fn(st) sets the partition up when it is first read */
+    PyMemberDef *position; /* the "position" slot of st's type, or NULL: set through setattr */
 } Part;
 
 typedef struct {
@@ -753,6 +773,14 @@ static int part_parse(PyObject *t, Part *p)
     }
     p->st = Py_NewRef(st);
     p->reader = Py_NewRef(reader);
+    /* st.position is a __slots__ member: stored through its PyMemberDef,
+     * as setattr would after looking the descriptor up. */
+    PyObject *d = PyObject_GetAttr((PyObject *)Py_TYPE(st), s_position);
+    if (d == NULL)
+        PyErr_Clear();
+    else if (Py_IS_TYPE(d, &PyMemberDescr_Type))
+        p->position = ((PyMemberDescrObject *)d)->d_member;
+    Py_XDECREF(d);
     p->topic = Py_NewRef(topic);
     p->partition = Py_NewRef(partition);
     p->buf_len = buf_len;
@@ -922,12 +950,12 @@ static PyObject *message_at(FastConsumer *self, Part *p, int64_t i, int64_t used
     return new_named(self->msg_type, 7, items);
 }
 
-static int set_position(PyObject *st, int64_t next)
+static int set_position(Part *p, int64_t next)
 {
     PyObject *o = PyLong_FromLongLong(next);
     if (o == NULL)
         return -1;
-    int rc = PyObject_SetAttr(st, s_position, o);
+    int rc = p->position != NULL ? PyMember_SetOne((char *)p->st, p->position, o) : PyObject_SetAttr(p->st, s_position, o);
     Py_DECREF(o);
     return rc;
 }
@@ -941,7 +969,7 @@ static PyObject *next_pending(FastConsumer *self)
         return NULL;
     int64_t off = self->pend.views[self->pend_i].offset;
     self->pend_i++;
-    if (set_position(self->pend.st, off + 1) < 0) {
+    if (set_position(&self->pend, off + 1) < 0) {
         Py_DECREF(msg);
         return NULL;
     }
@@ -961,7 +989,7 @@ static PyObject *first_of_read(FastConsumer *self, Part *p, int64_t n, int64_t u
 {
     if (n == 1) {
         PyObject *msg = message_at(self, p, 0, used);
-        if (msg != NULL && set_position(p->st, p->views[0].offset + 1) < 0)
+        if (msg != NULL && set_position(p, p->views[0].offset + 1) < 0)
             Py_CLEAR(msg);
         return msg;
     }
@@ -1193,7 +1221,7 @@ static int append_range(FastConsumer *self, PyObject *list, Part *p, int64_t fro
         if (rc < 0)
             return -1;
     }
-    return to > from ? set_position(p->st, p->views[to - 1].offset + 1) : 0;
+    return to > from ? set_position(p, p->views[to - 1].offset + 1) : 0;
 }
 
 /* consume(num_messages=1, timeout=-1): up to num_messages records, waiting
