@@ -1108,8 +1108,7 @@ static PyObject *call_fallback(PyObject *fn, double timeout)
  * on an exception. */
 static int fetch(FastConsumer *self, int64_t max, double timeout, Part **got, int64_t *got_n, int64_t *got_used)
 {
-    int64_t now = shmq_now_ns();
-    int64_t deadline = timeout <= 0 ? now : now + (timeout > 1e9 ? (int64_t)1e18 : (int64_t)(timeout * 1e9));
+    int64_t now, deadline = -1;   /* the clock is read once a pass found nothing */
     int waited = 0;
     for (;;) {
         Py_ssize_t n = self->nparts;
@@ -1140,6 +1139,8 @@ static int fetch(FastConsumer *self, int64_t max, double timeout, Part **got, in
             }
         }
         now = shmq_now_ns();
+        if (deadline < 0)
+            deadline = timeout <= 0 ? now : now + (timeout > 1e9 ? (int64_t)1e18 : (int64_t)(timeout * 1e9));
         if (now >= deadline)
             return 0;
         if (now >= self->lease_until) {
