@@ -9,7 +9,10 @@ Then the CPU time (the scheduler's nanosecond counters of every thread)
 and the voluntary context switches (wake-ups) of the coordinator and of each replica process are read
 before and after ``--seconds`` of idleness. Prints one row per process:
 share of one core and wake-ups per second. Target: under 0.2 % of a core
-for the coordinator and its replica processes together.
+for the coordinator and its replica processes together. Then (``topics``)
+how long the first ``acks="all"`` send after the idle period takes: the
+followers must wake for it (event-driven: milliseconds, not a polling
+period).
 """
 from __future__ import annotations
 
@@ -103,6 +106,17 @@ def setup(root_path: str, scenario: str) -> None:
                     producer.send(topic, b"idle", partition=p)
 
 
+def first_send_ms(root_path: str) -> float:
+    """Milliseconds of one acks="all" send to the replicated topic (its producer already connected)."""
+    from shmq.producer import Producer
+    with Producer(root_path, acks="all") as producer:
+        producer.send("replicated", b"warm-up", partition=0)   # maps the log; replicas wake, then idle again
+        time.sleep(3.0)
+        t0 = time.perf_counter()
+        producer.send("replicated", b"after idle", partition=1)
+        return (time.perf_counter() - t0) * 1000
+
+
 def run(seconds: float, scenarios: List[str], workdir: Optional[str] = None) -> List[Dict[str, Any]]:
     from shmq.coordinator.lifecycle import stop_root
     from shmq.root import Root
@@ -116,6 +130,8 @@ def run(seconds: float, scenarios: List[str], workdir: Optional[str] = None) -> 
             time.sleep(2.0)                                   # start-up work settles
             res = measure(root, seconds)
             res["scenario"] = scenario
+            if scenario == "topics":
+                res["first_send_ms"] = first_send_ms(path)
             results.append(res)
         finally:
             stop_root(root)
@@ -136,6 +152,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         for r in res["processes"]:
             print(f"{res['scenario']:<8} {r['kind']:<12} {r['pid']:>8} {r['cpu_pct']:>8.3f}% {r['wakeups_per_s']:>11.1f}")
         print(f"{res['scenario']:<8} {'total':<12} {'':>8} {res['total']:>8.3f}%")
+        if "first_send_ms" in res:
+            print(f"{res['scenario']:<8} first acks=all send after 3 s idle: {res['first_send_ms']:.2f} ms")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=1)

@@ -342,6 +342,11 @@ int shmq_log_wait(shmq_log *log, const shmq_cursor *cur, int64_t spin_ns, int64_
 /* shmq_log_wait for a follower's cursor: waits for a committed frame and
  * ignores the high watermark (followers copy what is not replicated yet). */
 int shmq_log_wait_frames(shmq_log *log, const shmq_cursor *cur, int64_t spin_ns, int64_t timeout_ns);
+/* shmq_log_wait_frames for an idle sleeper (a replica process's waiter
+ * thread): no spin, and one futex sleep of up to timeout_ns instead of
+ * 100 ms slices, so it costs no wake-up while nothing is committed; a waker
+ * that died between its commit and its wake delays it up to timeout_ns. */
+int shmq_log_sleep_frames(shmq_log *log, const shmq_cursor *cur, int64_t timeout_ns);
 
 /* Mark the log deleted (its topic is going away): later appends in any
  * process fail with SHMQ_ERR_DELETED instead of writing into files that are

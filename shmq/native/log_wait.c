@@ -53,9 +53,14 @@ static int ready_body(shmq_log *log, const shmq_cursor *cur)
 /* Spin for spin_ns, then sleep on the futex word seq (registered in
  * waiters), until ready(log, arg) is non-zero or timeout_ns passes (< 0: no
  * limit). Returns ready's last answer. The waker changes what ready reads,
- * then bumps seq and wakes if waiters != 0 (seq_cst on both sides). */
-static int spin_then_sleep(shmq_log *log, int (*ready)(shmq_log *, const void *), const void *arg, uint32_t *seq,
-                           uint32_t *waiters, int64_t spin_ns, int64_t timeout_ns)
+ * then bumps seq and wakes if waiters != 0 (seq_cst on both sides). Each
+ * sleep lasts at most SLEEP_SLICE_NS, a safety net for a waker that died
+ * between its commit and its wake. */
+#define SLEEP_SLICE_NS 100000000LL
+
+static int spin_then_sleep_sliced(shmq_log *log, int (*ready)(shmq_log *, const void *), const void *arg,
+                                  uint32_t *seq, uint32_t *waiters, int64_t spin_ns, int64_t timeout_ns,
+                                  int64_t slice_ns)
 {
     int64_t start = shmq_now_ns();
     int rc;
@@ -69,18 +74,24 @@ static int spin_then_sleep(shmq_log *log, int (*ready)(shmq_log *, const void *)
 #endif
     }
     for (;;) {
-        int64_t left = timeout_ns < 0 ? 100000000 : start + timeout_ns - shmq_now_ns();
+        int64_t left = timeout_ns < 0 ? slice_ns : start + timeout_ns - shmq_now_ns();
         if (left <= 0)
             return ready(log, arg);
         uint32_t v = __atomic_load_n(seq, __ATOMIC_SEQ_CST);
         __atomic_fetch_add(waiters, 1, __ATOMIC_SEQ_CST);
         rc = ready(log, arg);
         if (rc == 0)
-            shmq_futex_wait(seq, v, left < 100000000 ? left : 100000000);
+            shmq_futex_wait(seq, v, left < slice_ns ? left : slice_ns);
         __atomic_fetch_sub(waiters, 1, __ATOMIC_SEQ_CST);
         if (rc != 0 || (rc = ready(log, arg)) != 0)
             return rc;
     }
+}
+
+static int spin_then_sleep(shmq_log *log, int (*ready)(shmq_log *, const void *), const void *arg, uint32_t *seq,
+                           uint32_t *waiters, int64_t spin_ns, int64_t timeout_ns)
+{
+    return spin_then_sleep_sliced(log, ready, arg, seq, waiters, spin_ns, timeout_ns, SLEEP_SLICE_NS);
 }
 
 static int cursor_ready_cb(shmq_log *log, const void *cur) { return cursor_ready(log, (const shmq_cursor *)cur); }
@@ -97,6 +108,14 @@ static int wait_frames_body(shmq_log *log, const shmq_cursor *cur, int64_t spin_
 {
     return spin_then_sleep(log, frame_ready_cb, cur, &log->hdr->commit_seq, &log->hdr->waiters, spin_ns,
                            timeout_ns < 0 ? 0 : timeout_ns);
+}
+
+int shmq_log_sleep_frames(shmq_log *log, const shmq_cursor *cur, int64_t timeout_ns)
+{
+    if (timeout_ns <= 0)
+        return frame_ready_cb(log, cur);
+    return spin_then_sleep_sliced(log, frame_ready_cb, cur, &log->hdr->commit_seq, &log->hdr->waiters, 0,
+                                  timeout_ns, timeout_ns);
 }
 
 /* 1: the HW is above *(int64_t *)offset; 0: not yet; <0: the log refuses appends. */

@@ -187,6 +187,7 @@ class PartitionReplica:
                                    buffer_bytes=64 << 10, tether=False)
         plog.set_append_state(OPEN)
         self.role, self.epoch = "leader", epoch
+        self._changed()
         log.info("replica %d leads %s in epoch %d from offset %d", self.rid, self.name, epoch, end)
 
     def _become_follower(self, epoch: int, leader_path: str) -> None:
@@ -194,6 +195,13 @@ class PartitionReplica:
         self.log.set_append_state(NOT_LEADER)
         self._drop_leader()
         self.role, self.epoch, self.leader_path = "follower", epoch, leader_path
+        self._changed()
+
+    def _changed(self) -> None:
+        """A new role, leader or reader: keep the fast pace for ``ACTIVE_NS``
+        (at least a waiter's ``SLICE_S``, so no waiter still sleeps on what
+        this replica waited for before when the process goes idle again)."""
+        self.busy_until = time.monotonic_ns() + ACTIVE_NS
 
     # ------------------------------------------------------------------ work
     def busy(self, now: int) -> bool:
@@ -305,6 +313,7 @@ class PartitionReplica:
             self.reader = self._follower_reader(ll, start)
         self.ready = True
         self._leader_end = (ll.end_offset, time.monotonic_ns())
+        self._changed()
         return True
 
     def _follower_reader(self, leader_log: PartitionLog, offset: int) -> LogReader:

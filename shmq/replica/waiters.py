@@ -7,7 +7,8 @@ sleeps on a ``threading.Event`` (the bell) that these threads ring:
 * ``LogWaiter``: one per hosted partition that waits for commits (a
   follower: the leader's log past what it copied; a leader alone in its
   ISR: its own log past its high watermark). It sleeps in
-  ``shmq_log_wait_frames`` (GIL released) and rings when frames are there.
+  ``shmq_log_sleep_frames`` (one futex sleep per ``SLICE_S``, GIL released)
+  and rings when frames are there.
 * ``MetadataWaiter``: one per process; sleeps on the metadata map's bell
   word (``MetadataBell``) and rings on every publish, so a new leader or a
   changed ISR is applied at once.
@@ -101,7 +102,7 @@ class LogWaiter(threading.Thread):
                 if rc < 0:
                     self._plog._fail(rc, "seek", offset)
                 self._at = offset
-            return bool(lib.shmq_log_wait_frames(self._plog._h, self._cur, 0, int(SLICE_S * 1e9)))
+            return bool(lib.shmq_log_sleep_frames(self._plog._h, self._cur, int(SLICE_S * 1e9)))
         except Exception as e:           # gone, recreated, out of range: the main loop sorts it out
             log.debug("waiting on %s past %d: %s", path, offset, e)
             self._unmap()
@@ -128,7 +129,7 @@ class MetadataWaiter(threading.Thread):
     def run(self) -> None:
         try:
             while not self._stop_event.is_set():
-                if self._meta.wait(SLICE_S):
+                if self._meta.wait(5 * SLICE_S):
                     self.bell.set()
         finally:
             self._meta.close()
