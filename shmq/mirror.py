@@ -87,6 +87,7 @@ from __future__ import annotations
 
 import fcntl
 import json
+import logging
 import os
 import re
 import signal
@@ -156,8 +157,19 @@ def _ck() -> Any:
     return confluent_kafka
 
 
-def _quiet_log(level: int, msg: str) -> None:
-    pass
+# librdkafka's log lines (connection trouble, ...) go through Python logging:
+# warnings and worse reach stderr unless the application configures logging.
+KAFKA_LOG = logging.getLogger("shmq.mirror.librdkafka")
+
+
+def quiet_kafka_logger() -> logging.Logger:
+    """A logger for confluent-kafka's ``logger`` setting that drops librdkafka's
+    lines (tests and benchmarks: the mock cluster's disconnects are noise)."""
+    log = logging.getLogger("shmq.mirror.librdkafka.quiet")
+    log.propagate = False
+    if not log.handlers:
+        log.addHandler(logging.NullHandler())
+    return log
 
 
 class _Lock:
@@ -435,7 +447,7 @@ class KafkaToShmq(_Mirror):
         from .cluster import Cluster
         conf = {"bootstrap.servers": self.bootstrap, "group.id": self.group, "enable.auto.commit": False,
                 "enable.auto.offset.store": False, "isolation.level": "read_committed",
-                "auto.offset.reset": "earliest", "enable.partition.eof": False, "logger": _quiet_log}
+                "auto.offset.reset": "earliest", "enable.partition.eof": False, "logger": KAFKA_LOG}
         conf.update(self.extra)
         self.consumer = ck.Consumer(conf)
         self.admin = Admin(self.root)
@@ -716,7 +728,7 @@ class ShmqToKafka(_Mirror):
         ck = _ck()
         from .cluster import Cluster
         from .consumer import Consumer
-        base = {"bootstrap.servers": self.bootstrap, "logger": _quiet_log}
+        base = {"bootstrap.servers": self.bootstrap, "logger": KAFKA_LOG}
         self.kconsumer = ck.Consumer({**base, "group.id": self.group, "enable.auto.commit": False,
                                       "isolation.level": "read_committed", "enable.partition.eof": True,
                                       **self.extra})

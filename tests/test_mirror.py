@@ -17,6 +17,7 @@ import pytest
 from kafka_support import stop_process
 from shmq import Admin, Producer
 from shmq.cluster import Cluster
+from shmq.mirror import quiet_kafka_logger
 from shmq.root import Root
 
 ck = pytest.importorskip("confluent_kafka")
@@ -29,8 +30,7 @@ TIMEOUT = 60.0
 Rec = Tuple[Optional[bytes], Optional[bytes], Tuple[Tuple[str, Optional[bytes]], ...], int]
 
 
-def _quiet(*_a: object) -> None:
-    pass
+_quiet = quiet_kafka_logger()
 
 
 @pytest.fixture
