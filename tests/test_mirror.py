@@ -282,3 +282,39 @@ def test_from_shmq_kafka_listener(root: Root, shm_dir: str) -> None:
     finally:
         listener.stop()
         kill_coordinator(src)
+
+
+def test_from_kafka_into_replicated_topic_survives_kill9(root: Root, mock_kafka: str) -> None:
+    """Into a replicated shmq topic the mirror commits only what the high
+    watermark covers, and its restart scan reads the leader's log."""
+    n = 30_000
+    Admin(root).create_topic("orders.r", 4, {"replication_factor": 2, "min_insync_replicas": 1})
+    sent = _produce_kafka(mock_kafka, "orders.r", n)
+    args = ("--from", f"kafka://{mock_kafka}", "--topics", "orders.r", "--name", "repl")
+    for k in range(2):
+        m = Mirror(root, *args)
+        try:
+            target = (k + 1) * n // 4
+            _wait(lambda: _shmq_total(root, "orders.r") >= target, TIMEOUT, f"{target} records", m)
+        finally:
+            m.kill()
+        assert _shmq_total(root, "orders.r") < n, "the mirror finished before it was killed"
+    m = Mirror(root, *args)
+    try:
+        _wait(lambda: _shmq_total(root, "orders.r") >= n, TIMEOUT, "every record", m)
+        time.sleep(0.5)
+        assert m.stop() == 0
+    finally:
+        m.kill()
+    for q in range(PARTITIONS):
+        assert _read_shmq(root, "orders.r", q) == sent[q]
+
+
+def test_mirror_command_rejects_bad_arguments(root: Root, capsys: pytest.CaptureFixture) -> None:
+    from shmq.cli.main import main
+    for argv, says in ((["mirror", "--from", "kafka://nohost", "--topics", "a"], "is not HOST:PORT"),
+                       (["mirror", "--from", "http://h:1", "--topics", "a"], "is not a kafka://HOST:PORT URL"),
+                       (["mirror", "--from", "kafka://h:1", "--topics", "("], "not a valid regular expression"),
+                       (["mirror", "--to", "kafka://h:1", "--to-root", root.path, "--topics", "a"], "--to-root goes")):
+        assert main(["--root", root.path, *argv]) == 1
+        assert says in capsys.readouterr().err

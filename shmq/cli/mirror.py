@@ -17,6 +17,8 @@ def _config(items: Any) -> Dict[str, str]:
 
 def run(args: argparse.Namespace) -> int:
     from ..mirror import run_mirror
+    if (args.to_url and args.to_root) or (args.from_url and args.from_root):
+        raise ValueError("--to-root goes with --from, --from-root with --to (the shmq side of the copy)")
     return run_mirror(args.from_url, args.to_url, args.topics, args.to_root or args.from_root or args.root,
                       name=args.name, progress_interval=args.progress_interval,
                       transactional=False if args.no_transactions else None,
