@@ -148,3 +148,52 @@ def test_a_sigbus_outside_the_logs_still_kills_the_process(shm_dir: str, reaper:
     p = reaper.start(_touch_truncated_mapping, log_dir, os.path.join(shm_dir, "other"))
     p.join(20)
     assert p.exitcode == -signal.SIGBUS
+
+
+def _topic_of_two_partitions(root: str) -> None:
+    from shmq import Admin, Producer
+    with Admin(root) as admin:
+        admin.create_topic("st", 2)
+    with Producer(root) as prod:
+        for i in range(20):
+            prod.send("st", b"v%d" % i, partition=i % 2)
+
+
+def _consume_two_partitions(root: str, q: Any) -> None:
+    from shmq import Consumer, TopicPartition
+    c = Consumer(root=root, enable_auto_commit=False, auto_offset_reset="earliest")
+    c.assign([TopicPartition("st", 0), TopicPartition("st", 1)])
+    got = 0
+    end = time.monotonic() + BUDGET
+    while time.monotonic() < end:
+        try:
+            got += len(c.consume(100, timeout=0.5))    # idle: sleeps on both partitions' doorbells
+        except ShmqError as e:
+            q.put(("error", type(e).__name__, str(e), got))
+            return
+        if got >= 20:
+            q.put(("caught up", "", "", got))
+    q.put(("no error", "", "", got))
+
+
+@pytest.mark.timeout(60)
+def test_a_consumer_waiting_on_two_partitions_gets_a_storage_error_when_a_control_block_vanishes(
+        shm_dir: str, reaper: Any) -> None:
+    from shmq.root import Root
+    root = Root(os.path.join(shm_dir, "r"))
+    setup = reaper.start(_topic_of_two_partitions, root.path)   # no coordinator client in this process
+    setup.join(30)
+    assert setup.exitcode == 0
+    q = CTX.Queue()
+    p = reaper.start(_consume_two_partitions, root.path, q)
+    what = q.get(timeout=30)
+    assert what[0] == "caught up", what
+    time.sleep(0.3)                              # asleep in the wait over both partitions
+    ctl = os.path.join(root.partition_dir("st", 0), "partition.ctl")
+    os.truncate(ctl, 0)
+    while what[0] == "caught up":
+        what = q.get(timeout=30)
+    p.join(10)
+    assert p.exitcode == 0, f"the consumer ended with {p.exitcode} (negative: killed by a signal)"
+    assert what[:2] == ("error", "KafkaStorageError"), what
+    assert ctl in what[2], what

@@ -1042,16 +1042,25 @@ static void wait_parts(FastConsumer *self, Part *parts, Py_ssize_t n, int64_t sp
         Py_ssize_t m = n < MAX_WAITV ? n : MAX_WAITV;
         if (n > m)
             timeout_ns = min64(timeout_ns, 1000000);   /* the others are checked after a short slice */
-        for (Py_ssize_t i = 0; i < m; i++) {
-            shmq_ctl_header *hdr = shmq_log_header(parts[i].h);
-            w[i].val = __atomic_load_n(&hdr->commit_seq, __ATOMIC_SEQ_CST);
-            w[i].uaddr = (uint64_t)(uintptr_t)&hdr->commit_seq;
+        /* Control-block words through shmq_log_doorbell (guarded: a
+         * partition.ctl shrunk under us is an error there, and the next
+         * read reports it, not a SIGBUS here). */
+        Py_ssize_t added = 0;
+        int ready = 0;
+        for (Py_ssize_t i = 0; i < m && !ready; i++) {
+            uint32_t *word = NULL, val = 0;
+            ready = shmq_log_doorbell(parts[i].h, 0, &word, &val) != SHMQ_OK;
+            w[i].val = val;
+            w[i].uaddr = (uint64_t)(uintptr_t)word;
             w[i].flags = FUTEX2_SIZE_U32;
             w[i].reserved = 0;
         }
-        for (Py_ssize_t i = 0; i < m; i++)
-            __atomic_fetch_add(&shmq_log_header(parts[i].h)->waiters, 1, __ATOMIC_SEQ_CST);
-        int ready = 0;
+        while (added < m && !ready) {
+            if (shmq_log_doorbell(parts[added].h, 1, NULL, NULL) != SHMQ_OK)
+                ready = 1;              /* that log failed: the next read reports it */
+            else
+                added++;
+        }
         for (Py_ssize_t i = 0; i < n && !ready; i++)
             ready = shmq_log_ready(parts[i].h, parts[i].cur);
         if (!ready) {
@@ -1064,8 +1073,8 @@ static void wait_parts(FastConsumer *self, Part *parts, Py_ssize_t n, int64_t sp
             if (rc < 0 && errno == ENOSYS)
                 self->doorbell = 0;
         }
-        for (Py_ssize_t i = 0; i < m; i++)
-            __atomic_fetch_sub(&shmq_log_header(parts[i].h)->waiters, 1, __ATOMIC_SEQ_CST);
+        for (Py_ssize_t i = 0; i < added; i++)
+            shmq_log_doorbell(parts[i].h, -1, NULL, NULL);
         if (self->doorbell)
             return;
     }

@@ -456,6 +456,11 @@ int shmq_log_check_files(shmq_log *log);
 #define SHMQ_WORD_REPLICA_LEO 16
 #define SHMQ_WORD_CAUGHT_UP_NS 24
 int shmq_log_control_word(shmq_log *log, int which, int64_t *out);
+/* The doorbell of a wait over several logs (futex_waitv): add delta to the
+ * log's waiters count (the waker reads it after its commit, seq_cst; see
+ * log_wait.c) and give the commit_seq futex word's address and value.
+ * SHMQ_OK or SHMQ_ERR_STORAGE (guarded like every entry point). */
+int shmq_log_doorbell(shmq_log *log, int32_t delta, uint32_t **word, uint32_t *val);
 
 /* ------------------------------------------------------- reader table */
 

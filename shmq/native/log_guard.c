@@ -11,8 +11,9 @@
  *
  *  1. SIGBUS. Public entry points that touch the mappings run their body
  *     under SHMQ_GUARD (log_internal.h): a sigsetjmp whose buffer is pushed
- *     on a thread-local chain. The handler (installed at the first open,
- *     SA_NODEFER so SIGBUS stays unblocked after the jump) acts only when
+ *     on a thread-local chain. The handler (installed by the first guard of
+ *     each shared object that carries the core, SA_NODEFER so SIGBUS stays
+ *     unblocked after the jump) acts only when
  *     the faulting thread is inside a guard AND the fault address lies in a
  *     mapping of the guarded log: it records which file and siglongjmps to
  *     the guard, which returns SHMQ_ERR_STORAGE and marks the handle broken.
@@ -40,6 +41,7 @@
 __thread shmq_guard *shmq__guard_top __attribute__((tls_model("initial-exec")));
 
 static struct sigaction previous;
+int shmq__guard_ready;
 
 /* Which file of log holds addr: -1 the control block, 3 * slot + k (k: 0
  * segment, 1 index, 2 time index), or -2 none. Async-signal-safe. */
@@ -90,6 +92,7 @@ static void install(void)
     sa.sa_flags = SA_SIGINFO | SA_NODEFER | SA_ONSTACK;
     sigemptyset(&sa.sa_mask);
     sigaction(SIGBUS, &sa, &previous);
+    __atomic_store_n(&shmq__guard_ready, 1, __ATOMIC_RELEASE);
 }
 
 void shmq__guard_install(void)
@@ -179,5 +182,24 @@ int shmq_log_control_word(shmq_log *log, int which, int64_t *out)
 {
     int r;
     SHMQ_GUARD(log, r, control_word_body(log, which, out));
+    return r;
+}
+
+static int doorbell_body(shmq_log *log, int32_t delta, uint32_t **word, uint32_t *val)
+{
+    uint32_t *w = &log->hdr->commit_seq;
+    if (val)
+        *val = __atomic_load_n(w, __ATOMIC_SEQ_CST);
+    if (delta)
+        __atomic_fetch_add(&log->hdr->waiters, (uint32_t)delta, __ATOMIC_SEQ_CST);
+    if (word)
+        *word = w;
+    return SHMQ_OK;
+}
+
+int shmq_log_doorbell(shmq_log *log, int32_t delta, uint32_t **word, uint32_t *val)
+{
+    int r;
+    SHMQ_GUARD(log, r, doorbell_body(log, delta, word, val));
     return r;
 }

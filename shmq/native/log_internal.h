@@ -292,6 +292,11 @@ typedef struct shmq_guard {
 } shmq_guard;
 
 extern __thread shmq_guard *shmq__guard_top __attribute__((tls_model("initial-exec"), visibility("hidden")));
+/* The SIGBUS handler is installed by the first guard of each shared object
+ * that carries the core (the cffi module and the CPython extension each have
+ * their own copy and guard chain; each handler passes what is not its own
+ * to the one installed before it). */
+extern int shmq__guard_ready SHMQ_INTERNAL;
 SHMQ_INTERNAL void shmq__guard_install(void);
 SHMQ_INTERNAL void shmq__guard_failed(shmq_log *log);
 SHMQ_INTERNAL int shmq__check_files(shmq_log *log);
@@ -301,6 +306,8 @@ SHMQ_INTERNAL int shmq__check_files(shmq_log *log);
         shmq_guard g_;                                                  \
         g_.log = (log_);                                                \
         g_.prev = shmq__guard_top;                                      \
+        if (__builtin_expect(!__atomic_load_n(&shmq__guard_ready, __ATOMIC_ACQUIRE), 0)) \
+            shmq__guard_install();                                      \
         if (__atomic_load_n(&g_.log->broken, __ATOMIC_RELAXED)) {       \
             (out_) = SHMQ_ERR_STORAGE;                                  \
             break;                                                      \
