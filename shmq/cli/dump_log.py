@@ -4,7 +4,10 @@ Kafka's kafka-dump-log.
 Reads the files directly (no coordinator needed): the control block's slot
 table for each slot's generation and base offset, then every frame of each
 segment from position 0 up to the first incomplete frame, with each frame's
-batch header, its CRC check and, with ``--records``, its records.
+batch header (producer id, epoch, sequence, transactional and control
+bits), its CRC check and, with ``--records``, its records; a control batch
+shows its transaction marker (``endTxnMarker: COMMIT``/``ABORT``) as Kafka's
+tool does.
 """
 from __future__ import annotations
 
@@ -14,7 +17,9 @@ import struct
 import sys
 from typing import Any, Dict, Iterator, List, Optional
 
+from ..errors import CorruptRecord
 from ..native import ffi, lib
+from ..ringlog.txn import MARKER_NAMES, parse_control_record
 
 _BATCH = struct.Struct(">qiibIhiqqqhii")
 _TYPES = {0: "data", 1: "padding", 2: "fenced"}
@@ -80,7 +85,15 @@ def describe_batch(body: bytes, records: bool) -> Dict[str, Any]:
                            "partitionLeaderEpoch": epoch, "isTransactional": bool(attrs & 16),
                            "isControl": bool(attrs & 32), "CreateTime": max_ts, "size": blen + 12,
                            "magic": magic, "crc": crc, "isvalid": size >= 0}
-    if records and size >= 0 and count > 0:
+    if attrs & 32 and size >= 0:
+        try:
+            marker = parse_control_record(body[:size])
+        except CorruptRecord as e:
+            out["isvalid"], out["error"] = False, str(e)
+            marker = None
+        if marker is not None:
+            out["endTxnMarker"], out["coordinatorEpoch"] = MARKER_NAMES[marker[0]], marker[1]
+    elif records and size >= 0 and count > 0:
         views = ffi.new("shmq_record_view[]", count)
         got = lib.shmq_batch_decode(body, size, 0, views, count)
         recs = []

@@ -385,8 +385,10 @@ static int64_t read_frames_at(shmq_log *log, shmq_cursor *cur, uint8_t *dst, int
                 int64_t last = base + fh_rel(h) + lod;
                 if (got > 0)
                     cur->next_offset = views[nrec - 1].offset + 1;
-                if (cur->next_offset <= last) {
-                    /* views ran out inside this batch: stay on this frame */
+                if (got == room && cur->next_offset <= last) {
+                    /* views ran out inside this batch: stay on this frame
+                     * (a batch with nothing to decode, a control batch, is
+                     * passed like padding) */
                     cur->pos = fpos;
                     cur->rel = fh_rel(h);
                     if (dst_used)

@@ -346,17 +346,46 @@ static int64_t store_records(shmq_log *log, const void *batch, int64_t len, int6
     return shmq_log_append(log, (const shmq_records *)batch, &meta, timeout_ns);
 }
 
+/* store_records for a transactional producer: the batch carries isTransactional. */
+static int64_t store_records_txn(shmq_log *log, const void *batch, int64_t len, int64_t producer_id, int16_t epoch,
+                                 int32_t base_seq, int64_t timeout_ns)
+{
+    shmq_batch_meta meta = { producer_id, epoch, base_seq, SHMQ_BATCH_ATTR_TRANSACTIONAL, -1 };
+    return shmq_log_append(log, (const shmq_records *)batch, &meta, timeout_ns);
+}
+
 int64_t shmq_pstate_append(shmq_pstate *ps, shmq_log *log, const shmq_records *r, int64_t producer_id,
                            int16_t epoch, int32_t base_seq, int64_t timeout_ns, int *duplicate_out)
 {
+    return shmq_pstate_append_attr(ps, log, r, producer_id, epoch, base_seq, 0, timeout_ns, duplicate_out);
+}
+
+int64_t shmq_pstate_append_attr(shmq_pstate *ps, shmq_log *log, const shmq_records *r, int64_t producer_id,
+                                int16_t epoch, int32_t base_seq, int16_t attributes, int64_t timeout_ns,
+                                int *duplicate_out)
+{
+    if (attributes != 0 && attributes != SHMQ_BATCH_ATTR_TRANSACTIONAL) {
+        if (duplicate_out)
+            *duplicate_out = 0;
+        return SHMQ_ERR_ARG;
+    }
     return append_checked(ps, log, r, 0, r ? r->count : 0, producer_id, epoch, base_seq, timeout_ns,
-                          duplicate_out, store_records);
+                          duplicate_out, attributes ? store_records_txn : store_records);
 }
 
 int64_t shmq_pstate_append1(shmq_pstate *ps, shmq_log *log, const char *key, int64_t key_len, const char *value,
                             int64_t value_len, const char *headers, int64_t headers_len, int64_t timestamp,
                             int64_t producer_id, int16_t epoch, int32_t base_seq, int64_t timeout_ns,
                             int *duplicate_out)
+{
+    return shmq_pstate_append1_attr(ps, log, key, key_len, value, value_len, headers, headers_len, timestamp,
+                                    producer_id, epoch, base_seq, 0, timeout_ns, duplicate_out);
+}
+
+int64_t shmq_pstate_append1_attr(shmq_pstate *ps, shmq_log *log, const char *key, int64_t key_len,
+                                 const char *value, int64_t value_len, const char *headers, int64_t headers_len,
+                                 int64_t timestamp, int64_t producer_id, int16_t epoch, int32_t base_seq,
+                                 int16_t attributes, int64_t timeout_ns, int *duplicate_out)
 {
     if (key_len < -1 || value_len < -1 || headers_len < 0 || timestamp < 0 ||
         (key_len > 0 && !key) || (value_len > 0 && !value) || (headers_len > 0 && !headers))
@@ -379,7 +408,8 @@ int64_t shmq_pstate_append1(shmq_pstate *ps, shmq_log *log, const char *key, int
         r.header_offs = hoffs;
     }
     r.base_timestamp = timestamp;
-    return shmq_pstate_append(ps, log, &r, producer_id, epoch, base_seq, timeout_ns, duplicate_out);
+    return shmq_pstate_append_attr(ps, log, &r, producer_id, epoch, base_seq, attributes, timeout_ns,
+                                   duplicate_out);
 }
 
 /* Big-endian field of a batch header (the listener's raw batches). */

@@ -134,6 +134,16 @@ int64_t shmq_pstate_append1(shmq_pstate *ps, shmq_log *log, const char *key, int
  * producer id (-1) is SHMQ_ERR_ARG: append it with shmq_log_append_raw. */
 int64_t shmq_pstate_append_raw(shmq_pstate *ps, shmq_log *log, const uint8_t *batch, int64_t len,
                                int64_t timeout_ns, int *duplicate_out);
+/* shmq_pstate_append / append1 writing batch `attributes` (0, or
+ * SHMQ_BATCH_ATTR_TRANSACTIONAL for a transactional producer's batches;
+ * anything else is SHMQ_ERR_ARG). */
+int64_t shmq_pstate_append_attr(shmq_pstate *ps, shmq_log *log, const shmq_records *r, int64_t producer_id,
+                                int16_t epoch, int32_t base_seq, int16_t attributes, int64_t timeout_ns,
+                                int *duplicate_out);
+int64_t shmq_pstate_append1_attr(shmq_pstate *ps, shmq_log *log, const char *key, int64_t key_len,
+                                 const char *value, int64_t value_len, const char *headers, int64_t headers_len,
+                                 int64_t timestamp, int64_t producer_id, int16_t epoch, int32_t base_seq,
+                                 int16_t attributes, int64_t timeout_ns, int *duplicate_out);
 /* Fence: raise the entry's epoch to `epoch` without appending (its next
  * batch must then have sequence 0; older epochs get PRODUCER_FENCED).
  * Returns 0, SHMQ_ERR_PRODUCER_FENCED if the entry already has a higher

@@ -27,6 +27,7 @@
 /* Attribute bits (batch level). */
 #define ATTR_COMPRESSION_MASK 0x07
 #define ATTR_LOG_APPEND_TIME 0x08
+#define ATTR_CONTROL SHMQ_BATCH_ATTR_CONTROL
 
 #define INT32_LIMIT ((int64_t)INT32_MAX)
 
@@ -485,6 +486,10 @@ int64_t shmq_batch_decode(const uint8_t *buf, int64_t len, int64_t min_offset,
     /* Compressed record data is not supported (shmq never writes it). */
     if ((h.attributes & ATTR_COMPRESSION_MASK) != 0 && h.record_count > 0)
         return SHMQ_ERR_CORRUPT;
+    /* A control batch (a transaction marker) holds no user records: no read
+     * path ever returns it as records, as no Kafka consumer does. */
+    if (h.attributes & ATTR_CONTROL)
+        return 0;
     int log_append_time = (h.attributes & ATTR_LOG_APPEND_TIME) != 0;
 
     const uint8_t *p = buf + SHMQ_BATCH_HEADER_SIZE;

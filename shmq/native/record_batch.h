@@ -43,6 +43,10 @@
 #define SHMQ_BATCH_OFF_BASE_SEQUENCE 53
 #define SHMQ_BATCH_OFF_RECORD_COUNT 57
 
+/* Batch attribute bits shmq writes besides the timestamp type. */
+#define SHMQ_BATCH_ATTR_TRANSACTIONAL 16
+#define SHMQ_BATCH_ATTR_CONTROL 32
+
 /* Error codes shared by the whole C core (negative return values):
  *   SHMQ_ERR_CORRUPT   bytes do not parse / out of bounds
  *   SHMQ_ERR_CRC       CRC32C mismatch
@@ -138,7 +142,8 @@ int64_t shmq_batch_encode1(uint8_t *dst, int64_t dst_len, int64_t base_offset, i
  * (batchLength + 12) or <0. With check_crc, also verifies the CRC. */
 int64_t shmq_batch_check(const uint8_t *buf, int64_t len, int check_crc);
 
-/* Decode records of the batch at buf (already checked). Records with
+/* Decode records of the batch at buf (already checked). A control batch
+ * (attributes bit 5: a transaction marker) decodes to 0 records. Records with
  * offset < min_offset are skipped. Writes at most max_out views; returns the
  * number written or <0 (SHMQ_ERR_CORRUPT) if any varint or length runs past
  * the batch. Every length is bounds-checked: never reads outside buf[0..len). */

@@ -74,19 +74,21 @@ class ProducerStateTable:
 
     def append(self, log: PartitionLog, values: Values, keys: Optional[Values] = None, *, producer_id: int,
                epoch: int, base_sequence: int, timestamp_ms: Optional[int] = None,
-               timeout: Optional[float] = None, headers: Optional[Sequence[Any]] = None) -> Tuple[int, bool]:
+               timeout: Optional[float] = None, headers: Optional[Sequence[Any]] = None,
+               attributes: int = 0) -> Tuple[int, bool]:
         """Append ``values`` (and ``keys``) to ``log`` as one batch of producer
         ``producer_id`` / ``epoch`` starting at ``base_sequence``.
 
         Returns ``(base_offset, duplicate)``: a retry of the last batch stored
         for this producer appends nothing and returns that batch's offset with
         ``duplicate`` True. Raises ``ProducerFenced``, ``DuplicateSequenceNumber``,
-        ``OutOfOrderSequenceNumber`` or the log's errors.
+        ``OutOfOrderSequenceNumber`` or the log's errors. ``attributes``:
+        ``SHMQ_BATCH_ATTR_TRANSACTIONAL`` for a transactional producer's batch.
         """
         recs, _keep, n = log.build_records(values, keys, headers, timestamp_ms)
         dup = ffi.new("int *")  # per call: a table may be shared by threads
-        off = lib.shmq_pstate_append(self._h, log._h, recs, producer_id, epoch, base_sequence,
-                                     _timeout_ns(timeout), dup)
+        off = lib.shmq_pstate_append_attr(self._h, log._h, recs, producer_id, epoch, base_sequence, attributes,
+                                          _timeout_ns(timeout), dup)
         if off < 0:
             raise_for(off, f"idempotent append of {n} records to {log.name} (producer {producer_id} "
                       f"epoch {epoch} sequence {base_sequence})", topic=log.topic, partition=log.partition)
@@ -94,14 +96,15 @@ class ProducerStateTable:
 
     def append1(self, log: PartitionLog, value: Optional[bytes], key: Optional[bytes], headers: Optional[bytes],
                 timestamp_ms: int, producer_id: int, epoch: int, base_sequence: int,
-                timeout: Optional[float] = None) -> Tuple[int, bool]:
+                timeout: Optional[float] = None, attributes: int = 0) -> Tuple[int, bool]:
         """``append`` of one record given as bytes (``headers``: its encoded
         header block, or None): one C call, for the producer's send path."""
         dup = self._dup
-        off = lib.shmq_pstate_append1(self._h, log._h, ffi.NULL if key is None else key, -1 if key is None else len(key),
-                                      ffi.NULL if value is None else value, -1 if value is None else len(value),
-                                      ffi.NULL if headers is None else headers, 0 if headers is None else len(headers),
-                                      timestamp_ms, producer_id, epoch, base_sequence, _timeout_ns(timeout), dup)
+        off = lib.shmq_pstate_append1_attr(
+            self._h, log._h, ffi.NULL if key is None else key, -1 if key is None else len(key),
+            ffi.NULL if value is None else value, -1 if value is None else len(value),
+            ffi.NULL if headers is None else headers, 0 if headers is None else len(headers),
+            timestamp_ms, producer_id, epoch, base_sequence, attributes, _timeout_ns(timeout), dup)
         if off < 0:
             raise_for(off, f"idempotent append to {log.name} (producer {producer_id} epoch {epoch} sequence "
                       f"{base_sequence})", topic=log.topic, partition=log.partition)

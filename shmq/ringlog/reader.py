@@ -163,12 +163,17 @@ class LogReader:
         if self._buf is None:
             self._buf = ffi.new("uint8_t[]", self._buf_len)
         out, cap = (self._views, self._max) if views is None else views
-        n = lib.shmq_log_read(self._h, self._cur, self._buf, self._read_len, out,
-                              min(max_records, cap), self.check_crc, self._used)
-        if n == lib.SHMQ_ERR_TOO_LARGE and self._read_len < self._buf_len:  # one frame bigger than _read_len
-            n = lib.shmq_log_read(self._h, self._cur, self._buf, self._buf_len, out,
+        while True:
+            before = self._cur.next_offset
+            n = lib.shmq_log_read(self._h, self._cur, self._buf, self._read_len, out,
                                   min(max_records, cap), self.check_crc, self._used)
-        return n
+            if n == lib.SHMQ_ERR_TOO_LARGE and self._read_len < self._buf_len:  # one frame bigger than _read_len
+                n = lib.shmq_log_read(self._h, self._cur, self._buf, self._buf_len, out,
+                                      min(max_records, cap), self.check_crc, self._used)
+            # Nothing decoded but the cursor moved: it passed control batches
+            # (transaction markers, no records): read on.
+            if n != 0 or self._cur.next_offset == before:
+                return n
 
     def _wait_and_read(self, max_records: int, timeout: float, views: Any = None) -> int:
         import time
