@@ -23,6 +23,14 @@ Commits carry the generation in which this member owns each partition; a
 partition it does not own (any more) raises ``CommitFailed``. Without a
 ``group_id`` ``subscribe`` assigns every partition of the topics here.
 
+Isolation (Kafka's ``isolation_level``): ``read_uncommitted`` (default)
+returns every record but transaction markers; ``read_committed`` returns
+records of committed transactions and non-transactional ones, never past a
+partition's last stable offset (LSO) nor of an aborted transaction, and its
+high watermark (``get_watermark_offsets``, ``lag``, ``seek_to_end``) is the LSO.
+``consumer_group_metadata()`` is what ``Producer.send_offsets_to_transaction``
+takes.
+
 A Consumer is used by one thread at a time.
 """
 from __future__ import annotations
@@ -31,7 +39,7 @@ import logging
 import re
 import time
 from collections import deque
-from typing import Any, Callable, Deque, Dict, Iterable, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Deque, Dict, Iterable, List, NamedTuple, Optional, Sequence, Tuple
 
 from .cluster import Cluster
 from .errors import (CommitFailed, IllegalState, InvalidConfig, LeaderNotAvailable, NoOffsetForPartition,
@@ -39,10 +47,24 @@ from .errors import (CommitFailed, IllegalState, InvalidConfig, LeaderNotAvailab
 from .message import Message, OffsetAndTimestamp, TopicPartition
 from .native import fastpath, lib
 from .ringlog import LogReader, RecordArrays
+from .ringlog.txn import stable_offset
 
 log = logging.getLogger("shmq.consumer")
 
 RESETS = ("earliest", "latest", "none")
+ISOLATION_LEVELS = ("read_uncommitted", "read_committed")
+
+
+class ConsumerGroupMetadata(NamedTuple):
+    """Kafka's ConsumerGroupMetadata; ``generations`` (shmq) is the
+    generation in which the member owns each of its partitions, which the
+    coordinator checks before committing a transaction's offsets."""
+
+    group_id: str
+    generation_id: int
+    member_id: str
+    group_instance_id: Optional[str]
+    generations: Dict[TopicPartition, int]
 
 
 class _Assigned:
@@ -92,9 +114,13 @@ class Consumer:
                  client_id: str = "shmq-consumer", spin_us: int = 50,
                  group_instance_id: Optional[str] = None, session_timeout_ms: int = 10000,
                  max_poll_interval_ms: int = 300000, heartbeat_interval_ms: Optional[int] = None,
-                 partition_assignment_strategy: str = "sticky", **unknown: Any) -> None:
+                 partition_assignment_strategy: str = "sticky", isolation_level: str = "read_uncommitted",
+                 **unknown: Any) -> None:
         if unknown:
             raise InvalidConfig(f"unknown Consumer option(s): {', '.join(sorted(unknown))}")
+        if isolation_level not in ISOLATION_LEVELS:
+            raise InvalidConfig(f"isolation_level={isolation_level!r} must be one of {ISOLATION_LEVELS}")
+        self.isolation_level = isolation_level
         if auto_offset_reset not in RESETS:
             raise InvalidConfig(f"auto_offset_reset={auto_offset_reset!r} must be one of {RESETS}")
         for name, v in (("auto_commit_interval_ms", auto_commit_interval_ms), ("max_poll_records", max_poll_records)):
@@ -350,7 +376,7 @@ class Consumer:
         if self.auto_offset_reset == "none":
             raise NoOffsetForPartition(f"{st.tp.topic}-{st.tp.partition}: {why} and auto_offset_reset='none'",
                                        topic=st.tp.topic, partition=st.tp.partition)
-        off = st.log.start_offset if self.auto_offset_reset == "earliest" else st.log.high_watermark
+        off = st.log.start_offset if self.auto_offset_reset == "earliest" else self._high(st.tp, st.log)
         self._seek_state(st, off)
 
     def _seek_state(self, st: _Assigned, offset: int) -> None:
@@ -360,14 +386,39 @@ class Consumer:
         self._changed()
         try:
             if st.reader is None:
-                st.reader = LogReader(st.log, offset, check_crc=self._check_crcs, spin_us=self._spin_us,
-                                      max_records=max(1024, self.max_poll_records), tether=self._tether,
-                                      kind=lib.SHMQ_READER_KIND_CONSUMER, label=self.group_id or self.client_id)
+                st.reader = self._reader(st.tp, st.log, offset)
             else:
                 st.reader.seek(offset)
         except OffsetOutOfRange:
             st.out_of_range = True
         st.position = offset
+
+    def _reader(self, tp: TopicPartition, plog: Any, offset: int) -> LogReader:
+        reader = LogReader(plog, offset, check_crc=self._check_crcs, spin_us=self._spin_us,
+                           max_records=max(1024, self.max_poll_records), tether=self._tether,
+                           kind=lib.SHMQ_READER_KIND_CONSUMER, label=self.group_id or self.client_id)
+        if self.isolation_level == "read_committed":
+            reader.set_read_committed(self._cluster.client.root.txn_index_path(tp[0], tp[1]))
+        return reader
+
+    def _high(self, tp: TopicPartition, plog: Any) -> int:
+        """The high watermark of this consumer's isolation level (read_committed: the LSO)."""
+        if self.isolation_level != "read_committed":
+            return plog.high_watermark
+        st = self._assigned.get(tp)
+        if st is not None and st.reader is not None and st.log is plog:
+            return st.reader.stable_offsets()[0]
+        return stable_offset(plog, self._cluster.client.root.txn_index_path(tp[0], tp[1]))
+
+    def consumer_group_metadata(self) -> ConsumerGroupMetadata:
+        """This member's group identity, for ``Producer.send_offsets_to_transaction``."""
+        if self.group_id is None:
+            raise IllegalState("consumer_group_metadata() needs a group_id")
+        g = self._group
+        return ConsumerGroupMetadata(self.group_id, -1 if g is None or g.generation is None else g.generation,
+                                     "" if g is None or g.member_id is None else g.member_id,
+                                     None if g is None else getattr(g, "group_instance_id", None),
+                                     dict(self._gens) if g is not None else {})
 
     def _check_range(self, st: _Assigned) -> None:
         """Apply auto_offset_reset to a position the log does not hold."""
@@ -413,7 +464,7 @@ class Consumer:
 
     def seek_to_end(self, *partitions: TopicPartition) -> None:
         for st in self._targets(partitions):
-            self._seek_state(st, st.log.high_watermark)
+            self._seek_state(st, self._high(st.tp, st.log))
 
     def _targets(self, partitions: Sequence[TopicPartition]) -> List[_Assigned]:
         if len(partitions) == 1 and isinstance(partitions[0], list):
@@ -422,9 +473,11 @@ class Consumer:
 
     def get_watermark_offsets(self, tp: TopicPartition) -> Tuple[int, int]:
         """(low, high): the log start offset and the high watermark (the log
-        end offset without replication): the offsets a consumer can read."""
-        plog = self._cluster.log(tp[0], tp[1])
-        return plog.start_offset, plog.high_watermark
+        end offset without replication; read_committed: the last stable
+        offset): the offsets a consumer can read."""
+        tp = TopicPartition(*tp)
+        plog = self._cluster.log(tp.topic, tp.partition)
+        return plog.start_offset, self._high(tp, plog)
 
     def offsets_for_times(self, timestamps: Dict[TopicPartition, int]) -> Dict[TopicPartition, Optional[OffsetAndTimestamp]]:
         """For each partition, the earliest offset whose timestamp is >= the
@@ -727,8 +780,9 @@ class Consumer:
         return self._cluster.fetch_offsets(self.group_id, [tp]).get(tp)
 
     def lag(self, tp: TopicPartition) -> int:
-        """Log end offset minus this consumer's position."""
-        return self._cluster.log(tp[0], tp[1]).high_watermark - self.position(tp)
+        """High watermark (read_committed: the LSO) minus this consumer's position."""
+        tp = TopicPartition(*tp)
+        return self._high(tp, self._cluster.log(tp.topic, tp.partition)) - self.position(tp)
 
     # -------------------------------------------------------------- lifecycle
     def _check_open(self) -> None:
@@ -772,4 +826,4 @@ def _check_timeout(timeout: Any) -> None:
         raise InvalidConfig(f"timeout={timeout!r} must be a number of seconds")
 
 
-__all__ = ["Consumer"]
+__all__ = ["Consumer", "ConsumerGroupMetadata"]

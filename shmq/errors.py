@@ -138,3 +138,19 @@ class DuplicateSequenceNumber(ShmqError):
 
 class OutOfOrderSequenceNumber(ShmqError):
     """An idempotent batch's sequence skips past the next expected one."""
+
+
+class InvalidTxnState(ShmqError):
+    """The transactional call does not fit the transaction's state (e.g.
+    ``commit_transaction`` with no transaction begun)."""
+
+
+class ConcurrentTransactions(ShmqError):
+    """The producer's previous transaction is still being completed; retry."""
+
+    retriable = True
+
+
+class InvalidProducerIdMapping(ShmqError):
+    """The transactional id is not mapped to that producer id (call
+    ``init_transactions`` first)."""

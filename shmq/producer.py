@@ -19,6 +19,15 @@ batches per partition; the partition's producer-state table stores each
 batch once, so a send retried after a failover (when it cannot know whether
 the first attempt was stored) is never stored twice. Sends that meet a
 leader change are retried on the new leader until ``delivery_timeout_ms``.
+
+Transactions (``transactional_id``, Kafka's API): ``init_transactions()``
+once, then ``begin_transaction()``, sends, optionally
+``send_offsets_to_transaction(offsets, consumer.consumer_group_metadata())``,
+and ``commit_transaction()`` or ``abort_transaction()``. Records are
+appended at once, as transactional batches with the producer's id, epoch
+and sequences (through the partition's producer-state table, which fences
+an older instance); the coordinator writes the COMMIT/ABORT markers. Sends
+of a transactional producer always take the Python path below.
 """
 from __future__ import annotations
 
@@ -29,8 +38,9 @@ from typing import Any, Callable, Deque, Dict, Iterable, List, Optional, Sequenc
 import numpy as np
 
 from .cluster import Cluster
-from .errors import (DuplicateSequenceNumber, IllegalState, InvalidConfig, InvalidRecord, KafkaTimeoutError,
-                     LeaderNotAvailable, NotEnoughReplicas, NotLeaderForPartition, UnknownTopicOrPartition)
+from .errors import (CommitFailed, DuplicateSequenceNumber, IllegalState, InvalidConfig, InvalidRecord,
+                     KafkaTimeoutError, LeaderNotAvailable, NotEnoughReplicas, NotLeaderForPartition, ProducerFenced,
+                     UnknownTopicOrPartition)
 from .message import Header, RecordMetadata
 from .native import fastpath, ffi, lib
 from .partitioner import Partitioner
@@ -139,14 +149,19 @@ class Producer:
     ``value_serializer`` / ``key_serializer`` turn other objects into bytes.
     """
 
-    def __init__(self, root: Any = None, *, acks: Union[int, str] = 1, partitioner: str = "murmur2_random",
+    def __init__(self, root: Any = None, *, acks: Union[int, str, None] = None, partitioner: str = "murmur2_random",
                  value_serializer: Optional[Callable[[Any], bytes]] = None,
                  key_serializer: Optional[Callable[[Any], bytes]] = None,
                  max_block_ms: int = 60_000, client_id: str = "shmq-producer",
                  enable_idempotence: Optional[bool] = None, transactional_id: Optional[str] = None,
-                 delivery_timeout_ms: int = 120_000, **unknown: Any) -> None:
+                 delivery_timeout_ms: int = 120_000, transaction_timeout_ms: int = 60_000, **unknown: Any) -> None:
         if unknown:
             raise InvalidConfig(f"unknown Producer option(s): {', '.join(sorted(unknown))}")
+        if acks is None:                    # Kafka: a transactional producer defaults to acks="all"
+            acks = "all" if transactional_id is not None else 1
+        if not isinstance(transaction_timeout_ms, int) or isinstance(transaction_timeout_ms, bool) \
+                or not 1 <= transaction_timeout_ms <= 900_000:
+            raise InvalidConfig(f"transaction_timeout_ms={transaction_timeout_ms!r} must be an int in [1, 900000]")
         if acks not in ACKS:
             raise InvalidConfig(f"acks={acks!r} must be 0, 1 or 'all'")
         if not isinstance(max_block_ms, int) or max_block_ms < 0:
@@ -160,6 +175,8 @@ class Producer:
             raise InvalidConfig(f"enable_idempotence=True needs acks='all' (got acks={acks!r}), as in Kafka")
         if transactional_id is not None and (not isinstance(transactional_id, str) or not transactional_id):
             raise InvalidConfig(f"transactional_id={transactional_id!r} must be a non-empty str")
+        if transactional_id is not None and not enable_idempotence:
+            raise InvalidConfig("transactional_id needs enable_idempotence=True, as in Kafka")
         self.enable_idempotence = bool(enable_idempotence)
         self.transactional_id = transactional_id
         self._delivery_timeout = delivery_timeout_ms / 1000
@@ -181,6 +198,14 @@ class Producer:
         self._append_kv = lib.shmq_log_append_kv
         self._ts_out = ffi.new("int64_t *")
         self._closed = False
+        self.transaction_timeout_ms = transaction_timeout_ms
+        # Transactions (see the section below): None until init_transactions,
+        # then "ready", "in_transaction" or "fatal"; the partitions added to
+        # the open transaction; batch attributes of this producer's appends.
+        self._txn_state: Optional[str] = None
+        self._txn_parts: set = set()
+        self._txn_error: Optional[BaseException] = None
+        self._attributes = 0
         self._fast: Any = None
         fastpath.attach_producer(self)     # send() in C for the common case (shmq/native/fastpath.c)
 
@@ -201,6 +226,8 @@ class Producer:
             logs = [self._leader_log(topic, p) for p in range(info.partitions)]
             route = _TopicRoute(topic, logs, info.max_message_bytes, info.replicated, info.min_insync_replicas,
                                 self.acks == "all")
+            if self.transactional_id is not None:
+                route.fast = False          # transactional sends take the Python path
             self._routes[topic] = route
             self._cluster.prewarm_replicas(topic)
         return route
@@ -298,7 +325,7 @@ class Producer:
             ts = timestamp_ms
         else:
             raise InvalidRecord(f"timestamp_ms must be a non-negative int64, got {timestamp_ms!r}", topic=topic)
-        if route.replicated:
+        if route.replicated or self.transactional_id is not None:
             off = self._send_replicated(topic, partition, 1, lambda plog, t: plog.append(
                 value, key, headers, ts, t), ([value], [key] if key is not None else None, headers, ts, True),
                 pending_out)
@@ -368,7 +395,7 @@ class Producer:
                 groups.append((p, vs, ks))
         out = []
         for p, vs, ks in groups:
-            if route.replicated:
+            if route.replicated or self.transactional_id is not None:
                 n_recs = len(vs)
                 off = self._send_replicated(topic, p, n_recs, lambda plog, t, vs=vs, ks=ks: plog.append_batch(
                     vs, ks, timestamp_ms=ts, timeout=t), (vs, ks, None, ts, False))
@@ -390,7 +417,9 @@ class Producer:
         ``delivery_timeout_ms``. Returns the first record's offset."""
         deadline = time.monotonic() + self._delivery_timeout
         key = (topic, partition)
-        if self.enable_idempotence:
+        if self.transactional_id is not None:
+            self._txn_add(topic, partition)
+        elif self.enable_idempotence:
             self._init_producer_id()
         asynchronous = pending_out is not None and self.acks == "all" and self.enable_idempotence
         if not asynchronous and self._inflight.get(key):
@@ -402,7 +431,7 @@ class Producer:
             try:
                 route = self._route(topic)
                 plog = route.leader(partition)
-                if self.acks == "all":
+                if self.acks == "all" and route.replicated:
                     isr = bin(plog.isr_mask).count("1")
                     if isr < route.min_isr and in_doubt:
                         # A failover left this batch possibly stored: it is retried as it
@@ -424,12 +453,13 @@ class Producer:
                             hb = encode_headers(records[2]) if records[2] else None
                             off, _dup = route.pstate(partition).append1(
                                 plog, records[0][0], records[1][0] if records[1] else None, hb, records[3],
-                                self._producer_id, self._producer_epoch, seq, remaining)
+                                self._producer_id, self._producer_epoch, seq, remaining, self._attributes)
                         else:
                             off, _dup = route.pstate(partition).append(
                                 plog, records[0], records[1], producer_id=self._producer_id,
                                 epoch=self._producer_epoch, base_sequence=seq, timeout=remaining,
-                                timestamp_ms=records[3], headers=None if records[2] is None else [records[2]])
+                                timestamp_ms=records[3], headers=None if records[2] is None else [records[2]],
+                                attributes=self._attributes)
                         self._sequences[key] = (seq + count) & 0x7FFFFFFF
                 else:
                     off = append(plog, remaining)
@@ -441,7 +471,8 @@ class Producer:
                     if len(self._inflight[key]) > MAX_IN_FLIGHT:
                         self._drain(key, deadline, upto=self._inflight[key][MAX_IN_FLIGHT // 2])
                     return off
-                if self.acks == "all" and not plog.wait_hw(off + count - 1, max(0.0, deadline - time.monotonic())):
+                if self.acks == "all" and route.replicated and not plog.wait_hw(
+                        off + count - 1, max(0.0, deadline - time.monotonic())):
                     if self.enable_idempotence and self.transactional_id is None:
                         # The batch is in doubt and its sequence spent: later batches start
                         # over under a new producer id (Kafka bumps the epoch, KIP-360).
@@ -452,6 +483,10 @@ class Producer:
                                             f"offset {off + count - 1} within delivery_timeout_ms", topic=topic,
                                             partition=partition)
                 return off
+            except ProducerFenced as e:
+                if self.transactional_id is not None:
+                    self._txn_fatal(e)
+                raise
             except (NotLeaderForPartition, LeaderNotAvailable, _InDoubt) as e:
                 if self.enable_idempotence and isinstance(e, NotLeaderForPartition):
                     # The batch may or may not be stored: resend it with the same sequence.
@@ -524,7 +559,8 @@ class Producer:
                         p.offset, _dup = table.append(plog, values, keys, producer_id=self._producer_id,
                                                       epoch=self._producer_epoch, base_sequence=p.seq,
                                                       timestamp_ms=ts, headers=None if headers is None else [headers],
-                                                      timeout=max(0.0, deadline - time.monotonic()))
+                                                      timeout=max(0.0, deadline - time.monotonic()),
+                                                      attributes=self._attributes)
                     except DuplicateSequenceNumber:
                         pass                      # held already, at the offset it was first appended at
                     p.log = plog
@@ -569,6 +605,106 @@ class Producer:
             f"record of {size} bytes for topic {route.name!r}"
             f"{'' if partition is None else f' partition {partition}'} exceeds max_message_bytes={route.max_bytes}",
             topic=route.name, partition=partition)
+
+    # ---------------------------------------------------------- transactions
+    def init_transactions(self) -> None:
+        """Register ``transactional_id`` with the coordinator: a previous
+        instance's open transaction is aborted and that instance fenced
+        (its next call raises ``ProducerFenced``). Call once, first."""
+        if self.transactional_id is None:
+            raise IllegalState("init_transactions() needs a Producer created with transactional_id=")
+        if self._txn_state == "in_transaction":
+            raise IllegalState("init_transactions(): a transaction is open; commit or abort it first")
+        pid, epoch = self._cluster.client.init_producer_id(self.transactional_id, self.transaction_timeout_ms)
+        with self._seq_lock:
+            self._producer_id, self._producer_epoch = pid, epoch
+            self._sequences.clear()
+        self._attributes = lib.SHMQ_BATCH_ATTR_TRANSACTIONAL
+        self._txn_state, self._txn_error = "ready", None
+        self._txn_parts = set()
+
+    def _txn_check(self, what: str, *states: str) -> None:
+        if self._txn_state == "fatal":
+            raise ProducerFenced(f"{what}: this producer ({self.transactional_id!r}) was fenced by a newer "
+                                 f"instance or its transaction timed out: {self._txn_error}") from self._txn_error
+        if self._txn_state is None:
+            raise IllegalState(f"{what}: call init_transactions() first" if self.transactional_id is not None else
+                               f"{what}: this producer has no transactional_id")
+        if self._txn_state not in states:
+            raise IllegalState(f"{what}: " + ("no transaction is open (begin_transaction() first)"
+                                              if self._txn_state == "ready" else "a transaction is already open"))
+
+    def _txn_fatal(self, e: BaseException) -> None:
+        self._txn_state, self._txn_error = "fatal", e
+
+    def _txn_call(self, what: str, op: str, **args: Any) -> None:
+        try:
+            getattr(self._cluster.client, op)(self.transactional_id, self._producer_id, self._producer_epoch, **args)
+        except ProducerFenced as e:
+            self._txn_fatal(e)
+            raise
+
+    def begin_transaction(self) -> None:
+        """Start a transaction: every send until commit/abort belongs to it."""
+        self._txn_check("begin_transaction()", "ready")
+        self._txn_state = "in_transaction"
+        self._txn_parts = set()
+
+    def _txn_add(self, topic: str, partition: int) -> None:
+        """Kafka's AddPartitionsToTxn, once per partition and transaction, before its first append."""
+        if self._txn_state != "in_transaction":
+            self._txn_check(f"send to {topic}-{partition}", "in_transaction")
+        if (topic, partition) in self._txn_parts:
+            return
+        self._txn_call(f"send to {topic}-{partition}", "add_partitions_to_txn", partitions=[(topic, partition)])
+        self._txn_parts.add((topic, partition))
+
+    def send_offsets_to_transaction(self, offsets: Dict[Any, Any], group_metadata: Any) -> None:
+        """Commit ``offsets`` (``{TopicPartition: next offset to read}``) for
+        the consumer group of ``group_metadata`` (``Consumer.consumer_group_metadata()``,
+        or a group id) as part of the transaction: they become the group's
+        committed offsets when it commits, never otherwise."""
+        self._txn_check("send_offsets_to_transaction()", "in_transaction")
+        group = group_metadata if isinstance(group_metadata, str) else getattr(group_metadata, "group_id", None)
+        if not isinstance(group, str):
+            raise InvalidConfig(f"group_metadata must be Consumer.consumer_group_metadata() or a group id, "
+                                f"got {group_metadata!r}")
+        gens = getattr(group_metadata, "generations", None) or {}
+        items = []
+        for tp, o in offsets.items():
+            off, meta = (o.offset, getattr(o, "metadata", "") or "") if hasattr(o, "offset") else (o, "")
+            if type(off) is not int or off < 0:
+                raise InvalidConfig(f"offset for {tp[0]}-{tp[1]} must be a non-negative int, got {off!r}")
+            items.append((tp[0], tp[1], off, meta))
+        self._txn_call("send_offsets_to_transaction()", "txn_offset_commit", group_id=group, offsets=items,
+                       generations={(tp[0], tp[1]): g for tp, g in gens.items()
+                                    if any(tp[0] == i[0] and tp[1] == i[1] for i in items)})
+
+    def commit_transaction(self) -> None:
+        """Commit: every record sent in the transaction becomes visible to
+        read_committed consumers, and its offsets the group's. Raises
+        ``CommitFailed`` when the coordinator had to abort it instead (a
+        partition of the offsets was given to another group member), and
+        ``ProducerFenced`` when a newer instance took over."""
+        self._txn_check("commit_transaction()", "in_transaction")
+        self.flush()
+        try:
+            self._txn_call("commit_transaction()", "end_txn", commit=True)
+        except CommitFailed:
+            self._txn_state, self._txn_parts = "ready", set()    # the coordinator aborted it
+            raise
+        self._txn_state, self._txn_parts = "ready", set()
+
+    def abort_transaction(self) -> None:
+        """Abort: no record of the transaction is ever returned to a
+        read_committed consumer and its offsets are dropped."""
+        self._txn_check("abort_transaction()", "in_transaction")
+        try:
+            self.flush()
+        except KafkaTimeoutError:
+            pass                                # aborting anyway
+        self._txn_call("abort_transaction()", "end_txn", commit=False)
+        self._txn_state, self._txn_parts = "ready", set()
 
     # ------------------------------------------------------------- lifecycle
     def flush(self, timeout: Optional[float] = None) -> int:

@@ -21,6 +21,7 @@ Every path under the root is built here and nowhere else::
     <root>/metadata.map         hot-path metadata published to clients
     <root>/offsets.table        hot-path committed offsets (see shmq.offsets_table)
     <root>/data/<replica>/<topic>-<partition>/   a partition log
+    <root>/txn/<topic>-<partition>  transaction index: LSO and aborted ranges (shmq.ringlog.txn)
     <root>/replica-<id>.lock    flock: the holder is replica process <id>
     <root>/replica-<id>.log     stdout/stderr of replica process <id>
     <root>/replica-<id>.alive   the lifeline robust mutex replica <id> holds (shmq.lifeline)
@@ -275,6 +276,17 @@ class Root:
         if not isinstance(partition, int) or isinstance(partition, bool) or partition < 0:
             raise InvalidTopic(f"partition must be a non-negative int, got {partition!r}", topic=topic)
         return os.path.join(self.replica_dir(replica), f"{topic}-{partition}")
+
+    @property
+    def txn_dir(self) -> str:
+        return os.path.join(self.path, "txn")
+
+    def txn_index_path(self, topic: str, partition: int) -> str:
+        """``<root>/txn/<topic>-<partition>``: the partition's transaction index."""
+        validate_topic(topic)
+        if not isinstance(partition, int) or isinstance(partition, bool) or partition < 0:
+            raise InvalidTopic(f"partition must be a non-negative int, got {partition!r}", topic=topic)
+        return os.path.join(self.txn_dir, f"{topic}-{partition}")
 
     def replica_lock_path(self, replica: int) -> str:
         return os.path.join(self.path, f"replica-{int(replica)}.lock")

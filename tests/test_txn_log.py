@@ -131,7 +131,7 @@ def test_aborted_runs_from_frames(plog: PartitionLog) -> None:
 
 
 def test_txn_index_publishes_lso_and_aborted_runs(shm_dir: str) -> None:
-    path = os.path.join(shm_dir, "txn", "t-0")
+    path = os.path.join(shm_dir, "t-0.txn")
     assert TxnIndex.open(path) is None
     w = TxnIndex.open(path, create=True)
     assert w is not None and w.lso == -1 and w.count == 0

@@ -224,6 +224,7 @@ def status(args: argparse.Namespace) -> int:
         st = client.status()
         print(f"Coordinator: pid {st.get('pid')} on {client.root.path}, up {st.get('uptime_s', 0):.0f} s")
         clients = st.get("clients") or []
+        txns = st.get("transactions") or []
         for rid, rep in sorted((st.get("replicas") or {}).items(), key=lambda kv: int(kv[0])):
             state = f"pid {rep.get('pid')}" if rep.get("registered") else "not running"
             print(f"Replica process {rid}: {state}")
@@ -242,6 +243,13 @@ def status(args: argparse.Namespace) -> int:
                     _print_readers(cluster, name, p.partition, p.end_offset)
     finally:
         cluster.close()
+    if txns:
+        print("Open transactions:")
+        for t in txns:
+            print(f"  {t['transactional_id']}: producer {t['producer_id']} epoch {t['epoch']} {t['state']}  "
+                  f"age {t['age_ms'] / 1000:.1f} s (timeout {t['timeout_ms'] / 1000:.1f} s)  "
+                  f"partitions {', '.join(t['partitions']) or '-'}"
+                  + (f"  offsets of {', '.join(t['groups'])}" if t["groups"] else ""))
     pids = sorted({int(c["pid"]) for c in clients if isinstance(c, dict) and c.get("pid")})
     if pids:
         print("Client processes:")

@@ -359,5 +359,27 @@ class CoordinatorClient:
         r = self.call("allocate_producer_id", transactional_id=transactional_id)
         return int(r["producer_id"]), int(r["epoch"])
 
+    # ---------------------------------------------------------- transactions
+    def init_producer_id(self, transactional_id: str, transaction_timeout_ms: int = 60_000) -> Tuple[int, int]:
+        r = self.call("init_producer_id", transactional_id=transactional_id,
+                      transaction_timeout_ms=transaction_timeout_ms)
+        return int(r["producer_id"]), int(r["epoch"])
+
+    def add_partitions_to_txn(self, transactional_id: str, producer_id: int, producer_epoch: int,
+                              partitions: Iterable[TopicPartitionKey]) -> None:
+        self.call("add_partitions_to_txn", transactional_id=transactional_id, producer_id=producer_id,
+                  producer_epoch=producer_epoch, partitions=[[t, p] for t, p in partitions])
+
+    def txn_offset_commit(self, transactional_id: str, producer_id: int, producer_epoch: int, group_id: str,
+                          offsets: Iterable[Tuple[str, int, int, str]],
+                          generations: Optional[Mapping[TopicPartitionKey, int]] = None) -> None:
+        self.call("txn_offset_commit", transactional_id=transactional_id, producer_id=producer_id,
+                  producer_epoch=producer_epoch, group_id=group_id, offsets=[list(o) for o in offsets],
+                  generations=None if generations is None else {f"{t}/{p}": g for (t, p), g in generations.items()})
+
+    def end_txn(self, transactional_id: str, producer_id: int, producer_epoch: int, commit: bool) -> None:
+        self.call("end_txn", transactional_id=transactional_id, producer_id=producer_id,
+                  producer_epoch=producer_epoch, commit=commit)
+
     def status(self) -> Dict[str, Any]:
         return dict(self.call("status"))

@@ -37,7 +37,11 @@ heartbeat, group_revoked, leave_group (on the member's own connection, which
 also carries pushed group state), list_groups, describe_group, delete_group,
 reset_offsets; replication (``replication.py``): replica_register (on the
 replica process's own connection), replica_storage_failed,
-replica_storage_recovered, recover_topics, elect_leaders.
+replica_storage_recovered, recover_topics, elect_leaders; transactions
+(``transactions.py``, Kafka's InitProducerId / AddPartitionsToTxn /
+AddOffsetsToTxn / TxnOffsetCommit / EndTxn): init_producer_id,
+add_partitions_to_txn, add_offsets_to_txn, txn_offset_commit, end_txn,
+describe_transactions.
 """
 from __future__ import annotations
 
@@ -65,6 +69,7 @@ from .offsets_sync import OffsetsTableSync
 from .partition_files import create_logs, open_all_logs, remove_logs
 from .protocol import error_to_wire, recv_frame, send_frame
 from .replication import ReplicationManager, is_replicated
+from .transactions import TransactionCoordinator
 
 __all__ = ["Coordinator", "acquire_lock"]
 
@@ -103,6 +108,7 @@ class Coordinator:
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._groups_wake = threading.Event()     # a group operation: supervise promptly
+        self._txn_wake = threading.Event()        # a transaction began: watch its timeout
         self._clients: Dict[int, Dict[str, Any]] = {}
         self._tl = threading.local()
         self._next_conn = 0
@@ -136,11 +142,17 @@ class Coordinator:
             self.groups = GroupManager(self._topic_partitions, self._set_owner, self._sync_offsets,
                                        rejoin_grace=1.0 if self.offsets.had_owners else 0.0)
             self.publisher = MetadataPublisher(self.root.metadata_map_path, self._payload())
+            # Transactions a predecessor decided are completed before anyone is served.
+            self.txns = TransactionCoordinator(self.root, self.db, self._leader_log,
+                                               lambda group, items: self.op_commit_offsets(group, items),
+                                               self._owner_generation)
+            self.txns.recover()
             self.housekeeper = Housekeeper(self.registry, self.housekeeping_interval, idle_interval=HOUSEKEEP_IDLE_S)
             self.housekeeper.start()
             threading.Thread(target=self._offsets_loop, name="shmq-offsets", daemon=True).start()
             threading.Thread(target=self._groups_loop, name="shmq-groups", daemon=True).start()
             threading.Thread(target=self._replication_loop, name="shmq-replication", daemon=True).start()
+            threading.Thread(target=self._txn_loop, name="shmq-txn", daemon=True).start()
             listener = self._listen()
             if on_ready is not None:
                 on_ready()
@@ -152,6 +164,7 @@ class Coordinator:
     def stop(self) -> None:
         self._stop.set()
         self._groups_wake.set()
+        self._txn_wake.set()
 
     def _write_pid(self) -> None:
         tmp = self.root.pid_path + ".tmp"
@@ -221,6 +234,7 @@ class Coordinator:
                 self.publisher.close()
                 self.registry.close_all()
                 self.replication.close()
+                self.txns.close()
 
     def _idle_exit_due(self) -> bool:
         """True once no client (replica processes do not count) has been
@@ -293,6 +307,26 @@ class Coordinator:
                 busy = self.groups.supervising()
             self._send_pushes(pushes)
             pause = backoff.next(busy)
+
+    def _txn_loop(self, interval: float = 0.1, idle: float = IDLE_S) -> None:
+        """Transaction timeouts (``transaction_timeout_ms``) and retried
+        completions: every ``interval`` while a transaction is open, else
+        asleep until one begins (``_txn_wake``) or ``idle`` passes."""
+        pause = interval
+        while not self._stop.is_set():
+            self._txn_wake.wait(pause)
+            self._txn_wake.clear()
+            with self._lock:
+                if self._stop.is_set():
+                    break
+                try:
+                    pause = interval if self.txns.tick() else idle
+                except Exception:
+                    log.exception("transaction supervision failed")
+
+    def _owner_generation(self, group: str, topic: str, partition: int) -> int:
+        """The generation in which a member of ``group`` owns the partition (0: none)."""
+        return self.offsets.table.generation(self.offsets.index(group, topic, partition))
 
     def _send_pushes(self, pushes: List[Any]) -> None:
         for cid, frame in pushes:
@@ -486,6 +520,7 @@ class Coordinator:
         slots = dict(self.db.store.offset_slots)
         self.db.commit([rec])
         self.offsets.release_topic(slots, name)
+        self.txns.topic_deleted(name, n)
         self._publish()
         self.groups.topics_changed()
         if replicated:
@@ -575,6 +610,34 @@ class Coordinator:
         rec = self.db.store.prepare_allocate_producer_id(transactional_id)
         self.db.commit([rec])
         return {"producer_id": rec["producer_id"], "epoch": rec["epoch"]}
+
+    # ---------------------------------------------------------- transactions
+    def op_init_producer_id(self, transactional_id: str, transaction_timeout_ms: int = 60_000) -> Dict[str, int]:
+        """A transactional producer's id and new epoch; the previous instance's
+        open transaction is aborted and that instance fenced."""
+        pid, epoch = self.txns.init_producer_id(transactional_id, transaction_timeout_ms)
+        return {"producer_id": pid, "epoch": epoch}
+
+    def op_add_partitions_to_txn(self, transactional_id: str, producer_id: int, producer_epoch: int,
+                                 partitions: List[Any]) -> None:
+        self.txns.add_partitions(transactional_id, producer_id, producer_epoch, partitions)
+        self._txn_wake.set()
+
+    def op_add_offsets_to_txn(self, transactional_id: str, producer_id: int, producer_epoch: int,
+                              group_id: str) -> None:
+        self.txns.add_offsets(transactional_id, producer_id, producer_epoch, group_id)
+        self._txn_wake.set()
+
+    def op_txn_offset_commit(self, transactional_id: str, producer_id: int, producer_epoch: int, group_id: str,
+                             offsets: List[Any], generations: Optional[Dict[str, int]] = None) -> None:
+        self.txns.txn_offset_commit(transactional_id, producer_id, producer_epoch, group_id, offsets, generations)
+        self._txn_wake.set()
+
+    def op_end_txn(self, transactional_id: str, producer_id: int, producer_epoch: int, commit: bool) -> None:
+        self.txns.end_txn(transactional_id, producer_id, producer_epoch, commit)
+
+    def op_describe_transactions(self) -> List[Dict[str, Any]]:
+        return self.txns.describe()
 
     # ------------------------------------------------------- consumer groups
     def op_join_group(self, group: str, topics: Optional[List[str]] = None, pattern: Optional[str] = None,
@@ -800,6 +863,7 @@ class Coordinator:
                 "failovers": self.replication.failovers[-100:],
                 "housekeeping": {"ticks": self.housekeeper.ticks,
                                  "failing": [f"{t}-{p}" for t, p in sorted(self.registry.failing)]},
+                "transactions": self.txns.describe(),
                 "journal": {"base_seq": j.base_seq, "next_seq": j.next_seq, "bytes": j.size}}
 
 

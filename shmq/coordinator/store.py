@@ -23,6 +23,10 @@ leader or ISR change is a ``partition_state`` record with a new
     next_producer_id: int
     transactional_ids: {transactional_id: [producer_id, epoch]}
     offset_slots: {"<group>/<topic>/<p>": index in the shared offsets table}
+    transactions: {transactional_id: {pid, epoch, state, timeout_ms, start_ms, updated_ms,
+                   partitions: {"<topic>/<p>": start offset}, offsets: {group: {"<topic>/<p>":
+                   [offset, metadata, generation]}}}}   (``transactions.py``; a ``txn`` record
+                   carries the whole new entry)
 """
 from __future__ import annotations
 
@@ -96,12 +100,13 @@ class Store:
         self.next_producer_id: int = s.get("next_producer_id", 1000)
         self.transactional_ids: Dict[str, List[int]] = s.get("transactional_ids", {})
         self.offset_slots: Dict[str, int] = s.get("offset_slots", {})
+        self.transactions: Dict[str, Dict[str, Any]] = s.get("transactions", {})
 
     def state(self) -> Dict[str, Any]:
         """The snapshot form (shares structure with the store: encode it at once)."""
         return {"topics": self.topics, "offsets": self.offsets,
                 "next_producer_id": self.next_producer_id, "transactional_ids": self.transactional_ids,
-                "offset_slots": self.offset_slots}
+                "offset_slots": self.offset_slots, "transactions": self.transactions}
 
     # ---------------------------------------------------------------- queries
     def topic(self, name: str) -> Dict[str, Any]:
@@ -303,5 +308,10 @@ class Store:
             self.next_producer_id = max(self.next_producer_id, pid + 1)
             if tid is not None:
                 self.transactional_ids[tid] = [pid, rec["epoch"]]
+        elif op == "txn":
+            if rec["txn"] is None:
+                self.transactions.pop(rec["tid"], None)
+            else:
+                self.transactions[rec["tid"]] = copy.deepcopy(rec["txn"])
         else:
             raise ValueError(f"unknown metadata record op {op!r}")

@@ -72,7 +72,8 @@ def attach_producer(producer: Any) -> None:
 
 def attach_consumer(consumer: Any) -> None:
     """Make ``consumer.poll`` / ``consume`` the C ones when the consumer can use them."""
-    if not enabled() or consumer._value_de is not None or consumer._key_de is not None:
+    if not enabled() or consumer._value_de is not None or consumer._key_de is not None \
+            or consumer.isolation_level == "read_committed":   # the LSO and aborted ranges: the Python poll
         return
     from ..coordinator.metamap import _W_MOVED, _W_VERSION
     from ..message import Message, TopicPartition

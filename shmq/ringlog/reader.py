@@ -20,10 +20,18 @@ time). In an overwriting ring, a reader that was overrun gets
 ``OffsetOutOfRange`` saying how many records it missed (also counted in its
 slot, for ``shmq status``).
 
+Isolation: ``set_read_committed(index_path)`` makes the reader Kafka's
+``read_committed``: it never returns a record at or past the partition's
+last stable offset (the first offset of the oldest open transaction, from
+the transaction index, ``shmq.ringlog.txn``) nor one of an aborted
+transaction. Without it (``read_uncommitted``) every record is returned;
+control batches never are, in either mode.
+
 A reader is used by one thread at a time.
 """
 from __future__ import annotations
 
+import time
 from itertools import repeat
 from typing import Any, Iterable, List, NamedTuple, Optional, Tuple
 
@@ -33,6 +41,7 @@ from ..errors import OffsetOutOfRange
 from ..native import ffi, lib, raise_for
 from .log import PartitionLog
 from .records import LogRecord, decode_headers
+from .txn import AbortedFilter, TxnIndex, lso_limit
 
 _new_tuple = tuple.__new__
 _VIEW_FIELDS = 8  # offset, timestamp, key_pos, key_len, value_pos, value_len, headers_pos, headers_count
@@ -76,6 +85,9 @@ class LogReader:
         self.check_crc = 1 if check_crc else 0
         self._ready = lib.shmq_log_ready
         self.spin_ns = spin_us * 1000
+        self._txn_path: Optional[str] = None     # read_committed: the partition's transaction index
+        self._txn: Optional[TxnIndex] = None
+        self._aborted: Optional[AbortedFilter] = None
         self.tethered = bool(tether)
         if not isinstance(offset, int) or offset < 0:
             raise ValueError(f"offset must be a non-negative int, got {offset!r}")
@@ -131,10 +143,89 @@ class LogReader:
             self.log._fail(off, f"seek to time {timestamp_ms}")
         return int(off)
 
+    # ------------------------------------------------------------- isolation
+    def set_read_committed(self, index_path: str) -> None:
+        """Read only committed transactional records (and every other one)
+        below the last stable offset; ``index_path`` is the partition's
+        transaction index (``Root.txn_index_path``), which may not exist yet."""
+        self._txn_path = index_path
+
+    def stable_offsets(self) -> Tuple[int, int]:
+        """(last stable offset, high watermark): read_committed reads below the first."""
+        end = self.log.high_watermark            # before the LSO: see shmq.ringlog.txn
+        idx = self._txn
+        if idx is None:
+            if self._txn_path is None:
+                return end, end
+            idx = self._txn = TxnIndex.open(self._txn_path)
+            if idx is None:                      # no transaction ever touched the partition
+                return end, end
+            self._aborted = AbortedFilter(idx)
+        return lso_limit(end, idx), end
+
+    def _fill_committed(self, max_records: int, timeout: float, views: Any = None) -> int:
+        """``_fill`` for read_committed: up to the LSO, aborted records dropped."""
+        arr = self._view_arr if views is None else \
+            np.frombuffer(ffi.buffer(views[0]), dtype=np.int64).reshape(views[1], _VIEW_FIELDS)
+        deadline = -1.0
+        spin = self.spin_ns
+        while True:
+            limit, end = self.stable_offsets()
+            if self._cur.next_offset < limit:
+                n = self._read_once(max_records, views)
+                if n < 0:
+                    self.log._fail(n, "read", int(self._cur.next_offset))
+                if n > 0:
+                    n = self._committed_only(n, limit, arr)
+                    if n > 0:
+                        return n
+                    continue                     # only aborted records: read on
+            if timeout <= 0:
+                return 0
+            now = time.monotonic()
+            if deadline < 0:
+                deadline = now + timeout
+            left = deadline - now
+            if left <= 0:
+                return 0
+            if limit == end:
+                # Waiting for records: the futex, in slices (a transaction may start meanwhile).
+                slice_ns = min(int(left * 1e9), self.log.config.unblock_timeout_ms * 1_000_000 // 2 + 1, 10_000_000)
+                lib.shmq_log_wait(self._h, self._cur, spin, slice_ns)
+                spin = 0
+                if self._cur.next_offset < self.stable_offsets()[0] and self._read_ready_blocked():
+                    rc = lib.shmq_log_unblock_cursor(self._h, self._cur, self._unblock)
+                    if rc < 0:
+                        self.log._fail(rc, "unblock", int(self._cur.next_offset))
+            else:
+                time.sleep(min(left, 0.0005))   # waiting for an open transaction to end
+
+    def _read_ready_blocked(self) -> bool:
+        """True when the next frame is not complete yet (a claim in flight or dead)."""
+        return not self._ready(self._h, self._cur)
+
+    def _committed_only(self, n: int, limit: int, arr: np.ndarray) -> int:
+        """Drop decoded views (rows of ``arr``) at or past ``limit`` (the reader
+        goes back there) and those of aborted transactions; returns how many are left."""
+        if arr[n - 1, 0] >= limit:
+            n = int(np.searchsorted(arr[:n, 0], limit))
+            self.seek(limit)
+        f = self._aborted
+        if f is not None and n:
+            f.refresh()
+            keep = f.keep_mask(arr[:n, 0])
+            if keep is not None:
+                kept = arr[:n][keep]
+                n = len(kept)
+                arr[:n] = kept
+        return n
+
     # ------------------------------------------------------------------ read
     def _fill(self, max_records: int, timeout: float, views: Any = None) -> int:
         """Read up to max_records views into self._views (or ``views``, a
         (cdata, capacity) pair); returns the count."""
+        if self._txn_path is not None:
+            return self._fill_committed(max_records, timeout, views)
         if timeout <= 0 and not self._ready(self._h, self._cur):
             return 0  # a spinning caller's empty poll: one two-argument C call
         n = self._read_once(max_records, views)

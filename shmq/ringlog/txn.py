@@ -47,7 +47,7 @@ import numpy as np
 from ..errors import CorruptRecord, KafkaStorageError
 from ..native import ffi, lib
 
-__all__ = ["ABORT", "COMMIT", "control_batch", "parse_control_record", "TxnIndex", "aborted_runs"]
+__all__ = ["ABORT", "COMMIT", "control_batch", "parse_control_record", "TxnIndex", "aborted_runs", "stable_offset"]
 
 ABORT, COMMIT = 0, 1
 MARKER_NAMES = {ABORT: "ABORT", COMMIT: "COMMIT"}
@@ -167,7 +167,7 @@ class TxnIndex:
     """The transaction index of one partition, mapped (see the module doc).
 
     ``TxnIndex.open(path, create=True)`` is the writer's way in (the
-    coordinator); readers use ``TxnIndex.open(path)``, which returns None
+    coordinator, which made the directory); readers use ``TxnIndex.open(path)``, which returns None
     while no transaction ever touched the partition."""
 
     def __init__(self, path: str, fd: int, writable: bool) -> None:
@@ -188,7 +188,6 @@ class TxnIndex:
         except FileNotFoundError:
             if not create:
                 return None
-            os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
             tmp = f"{path}.{os.getpid()}.tmp"
             fd = os.open(tmp, flags | os.O_CREAT | os.O_EXCL, 0o600)
             cap = 64
@@ -321,3 +320,23 @@ class AbortedFilter:
         if not inside.any():
             return None
         return ~inside
+
+
+def lso_limit(end: int, index: Optional[TxnIndex]) -> int:
+    """The last stable offset given the log's end (or high watermark) loaded
+    first and the partition's index (None: no transaction ever touched it)."""
+    if index is None:
+        return end
+    lso = index.lso
+    return end if lso < 0 or lso > end else lso
+
+
+def stable_offset(log: Any, index_path: str) -> int:
+    """The last stable offset of ``log`` (a PartitionLog) right now: read_committed's high watermark."""
+    end = log.high_watermark                     # before the LSO (see the module doc)
+    index = TxnIndex.open(index_path)
+    try:
+        return lso_limit(end, index)
+    finally:
+        if index is not None:
+            index.close()
