@@ -372,17 +372,27 @@ def test_zombie_producer_with_an_older_epoch_is_fenced(root: Root) -> None:
     with Admin(root) as admin:
         create(admin, "zombie", 2)
         old = Producer(root, acks="all", transactional_id="billing")
+        old.init_transactions()
+        old.begin_transaction()
         old.send("zombie", b"from the old instance")
+        old.commit_transaction()
         new = Producer(root, acks="all", transactional_id="billing")
+        new.init_transactions()
+        new.begin_transaction()
         new.send("zombie", b"from the new instance")
+        old.begin_transaction()
         with pytest.raises(ProducerFenced):
             old.send("zombie", b"zombie write")
         new.send("zombie", b"still fine")
+        new.commit_transaction()
         old.close()
         new.close()
         with Consumer(root=root, auto_offset_reset="earliest") as c:
             c.assign([TopicPartition("zombie", 0)])
-            got = [m.value for m in c.consume(3, timeout=5)]
+            got: List[bytes] = []
+            deadline = time.monotonic() + 5
+            while len(got) < 3 and time.monotonic() < deadline:     # transaction markers take offsets
+                got.extend(m.value for m in c.consume(3 - len(got), timeout=0.5))
         assert got == [b"from the old instance", b"from the new instance", b"still fine"]
 
 

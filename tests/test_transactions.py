@@ -211,3 +211,39 @@ def test_coordinator_killed_between_decision_and_markers(root: Root, reaper) -> 
     recs = drain(root, "read_committed", 3, tps=all_tps(["tx-a", "tx-b"], 2))
     assert sorted(r[3] for r in recs) == [b"kept-1", b"kept-2", b"kept-3"]
     prod.close()
+
+
+def test_replicated_topic_markers_replicate_and_numpy_batches(root: Root) -> None:
+    import numpy as np
+
+    from shmq.cli.dump_log import dump
+    from tests.test_replication import create, replica_dirs
+    with Admin(root.path) as admin:
+        create(admin, "tx-r", rf=2)
+        dirs = replica_dirs(root, admin, "tx-r")
+    prod = Producer(root.path, transactional_id="tx-repl")
+    prod.init_transactions()
+    rows = np.arange(40, dtype=np.uint8).reshape(10, 4)
+    for commit in (True, False, True):
+        prod.begin_transaction()
+        prod.send("tx-r", b"one-%d" % commit, partition=0)
+        prod.send_batch("tx-r", rows, partition=0)                   # a numpy batch inside the transaction
+        prod.commit_transaction() if commit else prod.abort_transaction()
+    prod.close()
+    tp = TopicPartition("tx-r", 0)
+    recs = drain(root, "read_committed", 22, tps=[tp])
+    assert [r[3] for r in recs] == ([b"one-1"] + [bytes(r) for r in rows]) * 2
+    assert len(drain(root, "read_uncommitted", 33, tps=[tp])) == 33
+    # Every replica holds the markers: COMMIT, ABORT, COMMIT.
+    import io
+    deadline = time.monotonic() + 10
+    for path in dirs.values():
+        while True:
+            out = io.StringIO()
+            dump(path, out=out, records=True)
+            markers = [ln.split("endTxnMarker: ")[1].split()[0] for ln in out.getvalue().splitlines()
+                       if "endTxnMarker" in ln]
+            if markers == ["COMMIT", "ABORT", "COMMIT"] or time.monotonic() > deadline:
+                break
+            time.sleep(0.05)
+        assert markers == ["COMMIT", "ABORT", "COMMIT"], path

@@ -182,7 +182,7 @@ class TxnIndex:
 
     @classmethod
     def open(cls, path: str, create: bool = False) -> Optional["TxnIndex"]:
-        flags = os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC
+        flags = (os.O_RDWR if create else os.O_RDONLY) | os.O_NOFOLLOW | os.O_CLOEXEC
         try:
             fd = os.open(path, flags)
         except FileNotFoundError:
@@ -206,7 +206,8 @@ class TxnIndex:
         size = os.fstat(self._fd).st_size
         if size < HEADER or (size - HEADER) % ENTRY:
             raise CorruptRecord(f"transaction index {self.path} has {size} bytes, not a header plus entries")
-        mm = mmap.mmap(self._fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+        prot = mmap.PROT_READ | (mmap.PROT_WRITE if self._writable else 0)   # readers map it read-only
+        mm = mmap.mmap(self._fd, size, mmap.MAP_SHARED, prot)
         if mm[0:8] != MAGIC:
             mm.close()
             raise CorruptRecord(f"transaction index {self.path} has a bad magic")
