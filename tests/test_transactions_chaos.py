@@ -29,7 +29,7 @@ STAGES = 3
 CHAOS_S = 12.0
 
 
-def _stage(root: str, index: int) -> None:
+def _stage(root: str, index: int, log_path: str) -> None:
     """One stage: read a few records, write one output per input and the
     input offsets in one transaction; on any failure abort (or, fenced,
     exit) and go back to the committed offsets."""
@@ -49,9 +49,11 @@ def _stage(root: str, index: int) -> None:
                 nxt[TopicPartition(m.topic, m.partition)] = m.offset + 1
             prod.send_offsets_to_transaction(nxt, cons.consumer_group_metadata())
             prod.commit_transaction()
-        except ProducerFenced:
+        except ProducerFenced as e:
+            _note(log_path, f"stage {index} pid {os.getpid()}: fenced: {e}")
             os._exit(3)                               # a newer instance took over: this one stops
-        except (CommitFailed, NotCoordinator, ShmqError):
+        except (CommitFailed, NotCoordinator, ShmqError) as e:
+            _note(log_path, f"stage {index} pid {os.getpid()}: {type(e).__name__}: {e}")
             try:
                 prod.abort_transaction()
             except ShmqError:
@@ -62,7 +64,13 @@ def _stage(root: str, index: int) -> None:
         time.sleep(0.05)                              # throttled: the chaos covers the whole run
 
 
-def test_exactly_once_through_stage_and_coordinator_kills(root: Root, reaper: Any) -> None:
+def _note(path: str, line: str) -> None:
+    with open(path, "a") as f:
+        f.write(f"{time.time():.3f} {line}\n")
+
+
+def test_exactly_once_through_stage_and_coordinator_kills(root: Root, reaper: Any, tmp_path: Any) -> None:
+    notes = str(tmp_path / "stages.log")
     with Admin(root.path) as admin:
         admin.create_topic(IN, IN_PARTS, config={"segment_bytes": 4 << 20, "segment_count": 4})
         admin.create_topic(OUT, OUT_PARTS, config={"segment_bytes": 4 << 20, "segment_count": 8})
@@ -72,7 +80,7 @@ def test_exactly_once_through_stage_and_coordinator_kills(root: Root, reaper: An
             vals = [b"%d" % i for i in range(start, start + 1000)]
             for part in range(IN_PARTS):
                 p.send_batch(IN, vals[part::IN_PARTS], partition=part)
-    stages = {i: reaper.start(_stage, root.path, i) for i in range(STAGES)}
+    stages = {i: reaper.start(_stage, root.path, i, notes) for i in range(STAGES)}
     rng = random.Random(1313)
     kills = {"stage": 0, "coordinator": 0}
     t0 = time.monotonic()
@@ -90,7 +98,7 @@ def test_exactly_once_through_stage_and_coordinator_kills(root: Root, reaper: An
             stages[i].join(5)
             kills["stage"] += 1
             time.sleep(rng.uniform(0.0, 0.3))
-            stages[i] = reaper.start(_stage, root.path, i)   # same transactional id: fences the old one
+            stages[i] = reaper.start(_stage, root.path, i, notes)   # same transactional id: fences the old one
     # Let the stages finish the input.
     tps = [TopicPartition(IN, p) for p in range(IN_PARTS)]
     probe = Consumer(root=root.path, group_id=GROUP, enable_auto_commit=False)
@@ -101,10 +109,15 @@ def test_exactly_once_through_stage_and_coordinator_kills(root: Root, reaper: An
         committed = {tp: probe.committed(tp) for tp in tps}
         if committed == ends:
             break
-        assert time.monotonic() < deadline, f"the stages did not finish: committed {committed} of {ends}"
+        if time.monotonic() > deadline:
+            with Admin(root.path) as admin:
+                group = admin.describe_group(GROUP)
+            tail = open(notes).read().splitlines()[-15:] if os.path.exists(notes) else []
+            raise AssertionError(f"the stages did not finish: committed {committed} of {ends}; group {group}; "
+                                 f"stage errors (last 15): {tail}")
         for i, proc in list(stages.items()):
             if not proc.is_alive():                   # fenced by its own restart race: start it again
-                stages[i] = reaper.start(_stage, root.path, i)
+                stages[i] = reaper.start(_stage, root.path, i, notes)
         time.sleep(0.2)
     probe.close()
     finished = time.monotonic() - t0
