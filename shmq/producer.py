@@ -39,7 +39,7 @@ import numpy as np
 
 from .cluster import Cluster
 from .errors import (CommitFailed, DuplicateSequenceNumber, IllegalState, InvalidConfig, InvalidRecord,
-                     KafkaTimeoutError, LeaderNotAvailable, NotEnoughReplicas, NotLeaderForPartition, ProducerFenced,
+                     InvalidTxnState, KafkaTimeoutError, LeaderNotAvailable, NotEnoughReplicas, NotLeaderForPartition, ProducerFenced,
                      UnknownTopicOrPartition)
 from .message import Header, RecordMetadata
 from .native import fastpath, ffi, lib
@@ -394,6 +394,8 @@ class Producer:
                 ks = keys[idx] if isinstance(keys, np.ndarray) else [keys[i] for i in idx]
                 groups.append((p, vs, ks))
         out = []
+        if self.transactional_id is not None:
+            self._txn_add(topic, *(g[0] for g in groups))     # one AddPartitionsToTxn for the whole batch
         for p, vs, ks in groups:
             if route.replicated or self.transactional_id is not None:
                 n_recs = len(vs)
@@ -650,14 +652,17 @@ class Producer:
         self._txn_state = "in_transaction"
         self._txn_parts = set()
 
-    def _txn_add(self, topic: str, partition: int) -> None:
+    def _txn_add(self, topic: str, *partitions: int) -> None:
         """Kafka's AddPartitionsToTxn, once per partition and transaction, before its first append."""
         if self._txn_state != "in_transaction":
-            self._txn_check(f"send to {topic}-{partition}", "in_transaction")
-        if (topic, partition) in self._txn_parts:
+            self._txn_check(f"send to {topic}", "in_transaction")
+        if len(partitions) == 1 and (topic, partitions[0]) in self._txn_parts:
+            return                                          # the common case: added already
+        new = [(topic, p) for p in dict.fromkeys(partitions) if (topic, p) not in self._txn_parts]
+        if not new:
             return
-        self._txn_call(f"send to {topic}-{partition}", "add_partitions_to_txn", partitions=[(topic, partition)])
-        self._txn_parts.add((topic, partition))
+        self._txn_call(f"send to {topic}", "add_partitions_to_txn", partitions=new)
+        self._txn_parts.update(new)
 
     def send_offsets_to_transaction(self, offsets: Dict[Any, Any], group_metadata: Any) -> None:
         """Commit ``offsets`` (``{TopicPartition: next offset to read}``) for
@@ -685,13 +690,17 @@ class Producer:
         read_committed consumers, and its offsets the group's. Raises
         ``CommitFailed`` when the coordinator had to abort it instead (a
         partition of the offsets was given to another group member), and
-        ``ProducerFenced`` when a newer instance took over."""
+        ``ProducerFenced`` when a newer instance took over. After a retriable
+        error (``NotCoordinator``, ``KafkaTimeoutError``) the transaction is
+        still open: call ``commit_transaction`` (or ``abort_transaction``)
+        again; ``InvalidTxnState`` means the coordinator had already ended it
+        the other way (then no transaction is open)."""
         self._txn_check("commit_transaction()", "in_transaction")
         self.flush()
         try:
             self._txn_call("commit_transaction()", "end_txn", commit=True)
-        except CommitFailed:
-            self._txn_state, self._txn_parts = "ready", set()    # the coordinator aborted it
+        except (CommitFailed, InvalidTxnState):
+            self._txn_state, self._txn_parts = "ready", set()    # the coordinator ended it otherwise
             raise
         self._txn_state, self._txn_parts = "ready", set()
 
@@ -703,7 +712,11 @@ class Producer:
             self.flush()
         except KafkaTimeoutError:
             pass                                # aborting anyway
-        self._txn_call("abort_transaction()", "end_txn", commit=False)
+        try:
+            self._txn_call("abort_transaction()", "end_txn", commit=False)
+        except InvalidTxnState:
+            self._txn_state, self._txn_parts = "ready", set()    # it was committed already
+            raise
         self._txn_state, self._txn_parts = "ready", set()
 
     # ------------------------------------------------------------- lifecycle

@@ -247,3 +247,28 @@ def test_replicated_topic_markers_replicate_and_numpy_batches(root: Root) -> Non
                 break
             time.sleep(0.05)
         assert markers == ["COMMIT", "ABORT", "COMMIT"], path
+
+
+def test_end_txn_retries_are_idempotent_and_the_other_decision_is_refused(root: Root) -> None:
+    from shmq.errors import InvalidProducerIdMapping, InvalidTxnState
+    make_topics(root, ["tx-a"], 1)
+    p = Producer(root.path, transactional_id="tx-idem")
+    p.init_transactions()
+    p.begin_transaction()
+    p.send("tx-a", b"once", partition=0)
+    p.commit_transaction()
+    client, pid, epoch = p._cluster.client, p._producer_id, p._producer_epoch
+    client.end_txn("tx-idem", pid, epoch, True)              # a resent commit: answered again, nothing written
+    with pytest.raises(InvalidTxnState, match="ended with commit"):
+        client.end_txn("tx-idem", pid, epoch, False)
+    with pytest.raises(ProducerFenced):
+        client.end_txn("tx-idem", pid, epoch - 1 if epoch else epoch + 1, True)
+    with pytest.raises(InvalidProducerIdMapping):
+        client.add_partitions_to_txn("tx-idem", pid + 1, epoch, [("tx-a", 0)])
+    with pytest.raises(IllegalState):
+        p.commit_transaction()                               # none open
+    recs = drain(root, "read_committed", 1, tps=[TopicPartition("tx-a", 0)])
+    assert [r[3] for r in recs] == [b"once"]
+    with Consumer(root=root.path) as c:
+        assert c.get_watermark_offsets(TopicPartition("tx-a", 0)) == (0, 2)   # one record, one marker
+    p.close()

@@ -18,7 +18,7 @@ import time
 from typing import Any, Dict, List
 
 from shmq import Admin, Consumer, Producer, TopicPartition
-from shmq.errors import CommitFailed, NotCoordinator, ProducerFenced, ShmqError
+from shmq.errors import CommitFailed, IllegalState, InvalidTxnState, NotCoordinator, ProducerFenced, ShmqError
 from shmq.root import Root
 from tests.conftest import kill_coordinator
 
@@ -54,11 +54,18 @@ def _stage(root: str, index: int, log_path: str) -> None:
             os._exit(3)                               # a newer instance took over: this one stops
         except (CommitFailed, NotCoordinator, ShmqError) as e:
             _note(log_path, f"stage {index} pid {os.getpid()}: {type(e).__name__}: {e}")
-            try:
-                prod.abort_transaction()
-            except ShmqError:
-                pass
-            for tp in cons.assignment():              # the aborted records are read again
+            while True:                               # abort, retrying while the coordinator is away
+                try:
+                    prod.abort_transaction()
+                    break
+                except ProducerFenced:
+                    os._exit(3)
+                except (IllegalState, InvalidTxnState):
+                    break                             # no transaction open any more (ended at the coordinator)
+                except ShmqError as e2:
+                    _note(log_path, f"stage {index} pid {os.getpid()}: abort: {type(e2).__name__}: {e2}")
+                    time.sleep(0.05)
+            for tp in cons.assignment():              # uncommitted records are read again
                 c = cons.committed(tp)
                 cons.seek(tp, 0 if c is None else c)
         time.sleep(0.05)                              # throttled: the chaos covers the whole run

@@ -284,8 +284,11 @@ class TransactionCoordinator:
             self._complete(tid)                     # a retry after the coordinator died mid-way
             return
         if state != ONGOING:
-            raise InvalidTxnState(f"transactional id {tid!r}: cannot {'commit' if commit else 'abort'} a "
-                                  f"transaction in state {state}")
+            # The other decision was taken (or is being completed): the transaction is over.
+            if state in (PREPARE_COMMIT, PREPARE_ABORT):
+                self._complete(tid)
+            raise InvalidTxnState(f"transactional id {tid!r}: cannot {'commit' if commit else 'abort'}: the "
+                                  f"transaction ended with {'commit' if 'Commit' in state else 'abort'} ({state})")
         failed: Optional[ShmqError] = None
         if commit:
             failed = self._stale_offsets(txn)
