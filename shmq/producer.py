@@ -39,8 +39,8 @@ import numpy as np
 
 from .cluster import Cluster
 from .errors import (CommitFailed, DuplicateSequenceNumber, IllegalState, InvalidConfig, InvalidRecord,
-                     InvalidTxnState, KafkaTimeoutError, LeaderNotAvailable, NotEnoughReplicas, NotLeaderForPartition, ProducerFenced,
-                     UnknownTopicOrPartition)
+                     InvalidTxnState, KafkaTimeoutError, LeaderNotAvailable, NotEnoughReplicas, NotLeaderForPartition,
+                     ProducerFenced, UnknownTopicOrPartition)
 from .message import Header, RecordMetadata
 from .native import fastpath, ffi, lib
 from .partitioner import Partitioner
