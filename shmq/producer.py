@@ -204,6 +204,7 @@ class Producer:
         # the open transaction; batch attributes of this producer's appends.
         self._txn_state: Optional[str] = None
         self._txn_parts: set = set()
+        self._txn_offsets = False                # offsets were sent in the open transaction
         self._txn_error: Optional[BaseException] = None
         self._attributes = 0
         self._fast: Any = None
@@ -325,7 +326,10 @@ class Producer:
             ts = timestamp_ms
         else:
             raise InvalidRecord(f"timestamp_ms must be a non-negative int64, got {timestamp_ms!r}", topic=topic)
-        if route.replicated or self.transactional_id is not None:
+        if self._attributes and not route.replicated and pending_out is None and not self._inflight \
+                and self._txn_state == "in_transaction" and (topic, partition) in self._txn_parts:
+            off = self._txn_append1(route, topic, partition, value, key, headers, ts)
+        elif route.replicated or self.transactional_id is not None:
             off = self._send_replicated(topic, partition, 1, lambda plog, t: plog.append(
                 value, key, headers, ts, t), ([value], [key] if key is not None else None, headers, ts, True),
                 pending_out)
@@ -651,6 +655,7 @@ class Producer:
         self._txn_check("begin_transaction()", "ready")
         self._txn_state = "in_transaction"
         self._txn_parts = set()
+        self._txn_offsets = False
 
     def _txn_add(self, topic: str, *partitions: int) -> None:
         """Kafka's AddPartitionsToTxn, once per partition and transaction, before its first append."""
@@ -663,6 +668,23 @@ class Producer:
             return
         self._txn_call(f"send to {topic}", "add_partitions_to_txn", partitions=new)
         self._txn_parts.update(new)
+
+    def _txn_append1(self, route: _TopicRoute, topic: str, partition: int, value: Any, key: Any,
+                     headers: Any, ts: int) -> int:
+        """One record of an open transaction to an unreplicated partition already
+        added to it: one producer-state append (no failover to retry through)."""
+        tp = (topic, partition)
+        with self._seq_lock:
+            seq = self._sequences.get(tp, 0)
+            try:
+                off, _dup = route.pstate(partition).append1(
+                    route.logs[partition], value, key, encode_headers(headers) if headers else None, ts,
+                    self._producer_id, self._producer_epoch, seq, self._delivery_timeout, self._attributes)
+            except ProducerFenced as e:
+                self._txn_fatal(e)
+                raise
+            self._sequences[tp] = (seq + 1) & 0x7FFFFFFF
+        return off
 
     def send_offsets_to_transaction(self, offsets: Dict[Any, Any], group_metadata: Any) -> None:
         """Commit ``offsets`` (``{TopicPartition: next offset to read}``) for
@@ -681,6 +703,7 @@ class Producer:
             if type(off) is not int or off < 0:
                 raise InvalidConfig(f"offset for {tp[0]}-{tp[1]} must be a non-negative int, got {off!r}")
             items.append((tp[0], tp[1], off, meta))
+        self._txn_offsets = True
         self._txn_call("send_offsets_to_transaction()", "txn_offset_commit", group_id=group, offsets=items,
                        generations={(tp[0], tp[1]): g for tp, g in gens.items()
                                     if any(tp[0] == i[0] and tp[1] == i[1] for i in items)})
@@ -696,6 +719,9 @@ class Producer:
         again; ``InvalidTxnState`` means the coordinator had already ended it
         the other way (then no transaction is open)."""
         self._txn_check("commit_transaction()", "in_transaction")
+        if not self._txn_parts and not self._txn_offsets:
+            self._txn_state = "ready"           # nothing written: completed here, as Kafka's client does
+            return
         self.flush()
         try:
             self._txn_call("commit_transaction()", "end_txn", commit=True)
@@ -708,6 +734,9 @@ class Producer:
         """Abort: no record of the transaction is ever returned to a
         read_committed consumer and its offsets are dropped."""
         self._txn_check("abort_transaction()", "in_transaction")
+        if not self._txn_parts and not self._txn_offsets:
+            self._txn_state = "ready"
+            return
         try:
             self.flush()
         except KafkaTimeoutError:
