@@ -110,7 +110,7 @@ static int wait_frames_body(shmq_log *log, const shmq_cursor *cur, int64_t spin_
                            timeout_ns < 0 ? 0 : timeout_ns);
 }
 
-int shmq_log_sleep_frames(shmq_log *log, const shmq_cursor *cur, int64_t timeout_ns)
+static int sleep_frames_body(shmq_log *log, const shmq_cursor *cur, int64_t timeout_ns)
 {
     if (timeout_ns <= 0)
         return frame_ready_cb(log, cur);
@@ -158,4 +158,9 @@ int shmq_log_wait_frames(shmq_log *log, const shmq_cursor *cur, int64_t spin_ns,
 int shmq_log_wait_hw(shmq_log *log, int64_t offset, int64_t spin_ns, int64_t timeout_ns)
 {
     SHMQ_GUARDED_RETURN(int, log, wait_hw_body(log, offset, spin_ns, timeout_ns), rv_ == 0);
+}
+
+int shmq_log_sleep_frames(shmq_log *log, const shmq_cursor *cur, int64_t timeout_ns)
+{
+    SHMQ_GUARDED_RETURN(int, log, sleep_frames_body(log, cur, timeout_ns), rv_ == 0);
 }
