@@ -134,23 +134,37 @@ class Backoff:
 
 class Housekeeper(threading.Thread):
     """Calls ``housekeep_once`` every ``interval`` seconds while the registry is
-    busy, backing off to ``idle_interval`` while it is not, until ``stop()``."""
+    busy, backing off to ``idle_interval`` while it is not (``empty_interval``
+    while it holds no log: ``wake()`` when one is added), until ``stop()``."""
 
-    def __init__(self, registry: LogRegistry, interval: float = 0.002, idle_interval: float = 0.25) -> None:
+    def __init__(self, registry: LogRegistry, interval: float = 0.002, idle_interval: float = 0.25,
+                 empty_interval: float = 5.0) -> None:
         super().__init__(name="shmq-housekeeper", daemon=True)
         self.registry = registry
         self.interval = interval
+        self.empty_interval = empty_interval
         self.backoff = Backoff(interval, idle_interval)
         self._stop_event = threading.Event()
+        self._wake = threading.Event()
         self.ticks = 0
 
     def run(self) -> None:
         pause = self.interval
-        while not self._stop_event.wait(pause):
+        while True:
+            self._wake.wait(pause)
+            self._wake.clear()
+            if self._stop_event.is_set():
+                break
             housekeep_once(self.registry)
             self.ticks += 1
-            pause = self.backoff.next(self.registry.busy)
+            pause = self.backoff.next(self.registry.busy) if len(self.registry) else self.empty_interval
+
+    def wake(self) -> None:
+        """Housekeep now (a log was added) and keep the fast pace."""
+        self.backoff.pause = self.interval
+        self._wake.set()
 
     def stop(self) -> None:
         self._stop_event.set()
+        self._wake.set()
 

@@ -77,7 +77,8 @@ log = logging.getLogger("shmq.coordinator")
 
 _UCRED = struct.Struct("3i")      # pid, uid, gid
 IDLE_S = 1.0                      # the slowest pace of an idle supervision loop
-HOUSEKEEP_IDLE_S = 0.5            # ... of idle housekeeping (a burst after it prepares its own slot)
+EMPTY_S = 5.0                     # ... of one with nothing to supervise (it is woken when that changes)
+HOUSEKEEP_IDLE_S = 1.0            # ... of idle housekeeping (a burst after it prepares its own slot)
 
 
 def acquire_lock(root: Root, *, wait: bool) -> Optional[int]:
@@ -109,6 +110,7 @@ class Coordinator:
         self._stop = threading.Event()
         self._groups_wake = threading.Event()     # a group operation: supervise promptly
         self._txn_wake = threading.Event()        # a transaction began: watch its timeout
+        self._replication_wake = threading.Event()  # a replicated topic appeared: supervise promptly
         self._clients: Dict[int, Dict[str, Any]] = {}
         self._tl = threading.local()
         self._next_conn = 0
@@ -165,6 +167,7 @@ class Coordinator:
         self._stop.set()
         self._groups_wake.set()
         self._txn_wake.set()
+        self._replication_wake.set()
 
     def _write_pid(self) -> None:
         tmp = self.root.pid_path + ".tmp"
@@ -190,7 +193,7 @@ class Coordinator:
         finally:
             os.umask(old)
         s.listen(128)
-        s.settimeout(IDLE_S)
+        s.settimeout(2 * IDLE_S)        # root removal and idle exit are checked this often
         return s
 
     def _serve(self, listener: socket.socket) -> None:
@@ -266,7 +269,11 @@ class Coordinator:
         from .replication import TICK
         backoff = Backoff(TICK, idle)
         pause, slowest_at = TICK, 0.0
-        while not self._stop.wait(pause):
+        while True:
+            self._replication_wake.wait(pause)
+            self._replication_wake.clear()
+            if self._stop.is_set():
+                break
             busy = False
             with self._lock:
                 if self._stop.is_set():
@@ -282,7 +289,8 @@ class Coordinator:
                 except Exception:
                     log.exception("replication supervision failed")
                     busy = True
-            pause = backoff.next(busy)
+                empty = not self.replication.replicas and not self.replication.replicated_partitions()
+            pause = EMPTY_S if empty else backoff.next(busy)
 
     def _groups_loop(self, interval: float = 0.02, pid_every: int = 5, idle: float = IDLE_S) -> None:
         """Group supervision: heartbeats, stuck revocations, process liveness
@@ -306,7 +314,7 @@ class Coordinator:
                 pushes = self.groups.take_pushes()
                 busy = self.groups.supervising()
             self._send_pushes(pushes)
-            pause = backoff.next(busy)
+            pause = backoff.next(True) if busy else EMPTY_S     # a join wakes it
 
     def _txn_loop(self, interval: float = 0.1, idle: float = IDLE_S) -> None:
         """Transaction timeouts (``transaction_timeout_ms``) and retried
@@ -496,6 +504,7 @@ class Coordinator:
             self.replication.create_logs(name, 0, rec["config"], rec["assignment"], rec["topic_id"])
         else:
             create_logs(self.root, self.registry, name, 0, partitions, rec["config"])
+            self.housekeeper.wake()
         try:
             self.db.commit([rec])
         except BaseException:
@@ -507,6 +516,7 @@ class Coordinator:
         self._publish()
         if replicated:
             self.replication.ensure_processes()
+            self._replication_wake.set()
         self.groups.topics_changed()
         log.info("created topic %s with %d partitions", name, partitions)
         return self.op_describe_topic(name)
@@ -558,6 +568,7 @@ class Coordinator:
             self.replication.create_logs(name, have, t["config"], rec["assignment"], t["topic_id"])
         else:
             create_logs(self.root, self.registry, name, have, total, t["config"])
+            self.housekeeper.wake()
         try:
             self.db.commit([rec])
         except BaseException:
@@ -567,6 +578,7 @@ class Coordinator:
         self._publish()
         if is_replicated(t):
             self.replication.ensure_processes()
+            self._replication_wake.set()
         self.groups.topics_changed()
         log.info("topic %s now has %d partitions", name, total)
         return self.op_describe_topic(name)
@@ -832,6 +844,7 @@ class Coordinator:
                 ends.append(plog.end_offset if plog is not None else -1)
             self.groups.topics_changed()
             self.replication.ensure_processes()
+            self._replication_wake.set()
             log.info("recovered topic %s (%d partitions) from replica %d's logs in %s", name, n, rid, directory)
             out.append({"topic": name, "recovered": True, "partitions": n, "leader": rid, "end_offsets": ends})
         return out

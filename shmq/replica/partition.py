@@ -43,9 +43,9 @@ OPEN, NOT_LEADER = 0, 2
 COPY_BYTES = 1 << 20
 HOUSEKEEP_NS = 2_000_000          # a busy leader's housekeeping pace
 STORAGE_CHECK_NS = 20_000_000     # a busy replica checks its files are still there this often
-ACTIVE_NS = 1_000_000_000         # a replica is busy this long after it last saw its log move
+ACTIVE_NS = 2_000_000_000         # a replica is busy this long after it last saw its log move (>= SLICE_S)
 IDLE_NS = 1_000_000_000           # an idle replica's pace for housekeeping and storage checks
-SLACK_NS = 100_000_000            # an idle duty this close to due is done with the others (fewer wake-ups)
+SLACK_NS = IDLE_NS // 2            # an idle duty this close to due is done with the others: one wake-up does all
 
 
 
@@ -214,7 +214,8 @@ class PartitionReplica:
         due = self._checked + IDLE_NS
         if self.role == "leader":
             due = min(due, self._housekept + IDLE_NS)
-        elif self.role == "follower":
+        elif self.role == "follower" and self.ready:
+            # (A follower not ready yet retries at the idle pace: its report is not due.)
             due = min(due, self._last_publish + self.idle_publish_ns)
         fms = self.config.get("flush_ms")
         if fms is not None and self._unflushed:

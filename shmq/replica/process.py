@@ -17,7 +17,7 @@ Theory of operation:
 3. The main loop re-reads the published metadata when its version changes
    and gives each hosted partition its role (``PartitionReplica.update``),
    then runs every partition's duties (``step``). When none had work and a
-   partition was busy within the last second, it sleeps ``FAST_NS`` on one
+   partition was busy within ``ACTIVE_NS``, it sleeps ``FAST_NS`` on one
    log's commit futex (rotating). Otherwise it is idle: it sleeps on its bell
    (``waiters``: rung by a commit on any log it waits for, by a metadata
    publish, or by stop) until the next periodic duty (at most ``IDLE_NS``),

@@ -35,7 +35,7 @@ __all__ = ["LogWaiter", "MetadataWaiter", "SLICE_S"]
 
 log = logging.getLogger("shmq.replica")
 
-SLICE_S = 1.0
+SLICE_S = 2.0
 
 Target = Tuple[str, int, int]      # (log path, control-block inode, offset to wait beyond)
 
