@@ -55,11 +55,8 @@ class ShmqListener:
 
     def __exit__(self, *exc: Any) -> None:
         from shmq.root import Root
-        self.proc.terminate()
-        try:
-            self.proc.wait(10)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
+        from shmq.kafka.supervisor import stop_child
+        stop_child(self.proc)
         pid = Root(self.root, create=False).coordinator_pid()
         if pid is not None:
             os.kill(pid, 9)

@@ -26,7 +26,9 @@ Every path under the root is built here and nowhere else::
     <root>/replica-<id>.log     stdout/stderr of replica process <id>
     <root>/replica-<id>.alive   the lifeline robust mutex replica <id> holds (shmq.lifeline)
     <root>/kafka-users          SASL/PLAIN credentials of the Kafka listener (mode 0600; shmq.kafka.sasl)
-    <root>/kafka-listener.log   stdout/stderr of a Kafka listener started by ``shmq serve --kafka``
+    <root>/kafka-listener.log   stdout/stderr of the Kafka listener the coordinator runs
+    <root>/kafka-listener.json  the root's Kafka listener setting (``shmq kafka enable``; shmq.kafka.supervisor)
+    <root>/kafka-listener.lock  flock: the holder is the coordinator-run Kafka listener
 
 Names (topics, groups) follow Kafka: ``[A-Za-z0-9._-]{1,249}``, not ``.`` or
 ``..``, so no name can escape the root.
@@ -304,6 +306,14 @@ class Root:
     @property
     def kafka_log_path(self) -> str:
         return os.path.join(self.path, "kafka-listener.log")
+
+    @property
+    def kafka_setting_path(self) -> str:
+        return os.path.join(self.path, "kafka-listener.json")
+
+    @property
+    def kafka_lock_path(self) -> str:
+        return os.path.join(self.path, "kafka-listener.lock")
 
     def coordinator_pid(self) -> Optional[int]:
         """Pid of the last coordinator that became active here, if it is alive

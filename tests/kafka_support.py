@@ -9,6 +9,8 @@ import sys
 import threading
 from typing import Iterator, List, Optional, Tuple
 
+from shmq.kafka.supervisor import stop_child
+
 START_TIMEOUT = 30.0
 
 
@@ -51,14 +53,12 @@ class Listener:
 
 
 def stop_process(proc: "subprocess.Popen[str]", sig: int = signal.SIGTERM, wait: float = 10.0) -> None:
-    """Send ``sig``, wait up to ``wait`` seconds, then SIGKILL."""
-    if proc.poll() is None:
+    """Send ``sig`` (SIGTERM: the listener's own helper), wait up to ``wait`` seconds, then SIGKILL."""
+    if sig == signal.SIGTERM:
+        stop_child(proc, wait)
+    elif proc.poll() is None:
         proc.send_signal(sig)
-        try:
-            proc.wait(wait)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(5)
+        proc.wait(wait)
 
 
 def listener_for(root: str, *extra: str) -> Iterator[Listener]:

@@ -7,8 +7,12 @@ RECORDS is 10,000 per client run to keep CI short (issue 12 asks for
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
 import socket
 import struct
+import subprocess
+import sys
 import time
 from typing import Dict, Iterator, List, Set, Tuple
 
@@ -347,28 +351,87 @@ def test_unsupported_requests_get_error_codes(kafka: Listener) -> None:
 
 
 # ------------------------------------------------------------- shmq serve --kafka
-def test_shmq_serve_kafka_runs_the_listener_with_the_coordinator(root: Root) -> None:
-    import subprocess
-    import sys
+def _free_port() -> int:
     with socket.socket() as s:                 # a free port (the listener binds it right after)
         s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+        return s.getsockname()[1]
+
+
+def _answers(port: int) -> bool:
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=5) as c:
+            c.sendall(frame(18, 0, 5))
+            corr, body = recv_frame(c)
+            return corr == 5 and struct.unpack(">h", body[:2])[0] == 0
+    except OSError:
+        return False
+
+
+def _wait(cond, what: str, timeout: float = TIMEOUT) -> None:  # type: ignore[no-untyped-def]
+    deadline = time.monotonic() + timeout
+    while not cond():
+        assert time.monotonic() < deadline, what
+        time.sleep(0.1)
+
+
+def test_root_setting_runs_the_listener_in_the_embedded_coordinator(root: Root) -> None:
+    from shmq.coordinator.client import lock_held
+    port = _free_port()
+    out = subprocess.run([sys.executable, "-m", "shmq.cli.main", "--root", root.path, "kafka", "enable",
+                          f"127.0.0.1:{port}"], capture_output=True, text=True, timeout=TIMEOUT)
+    assert out.returncode == 0, out.stderr
+
+    def listener_pid() -> int:
+        try:
+            return int(open(root.kafka_lock_path).read() or 0)
+        except (OSError, ValueError):
+            return 0
+    try:
+        _run_setting_scenario(root, port, listener_pid)
+    finally:                                    # the listener outlives a killed coordinator: stop it here
+        pid = listener_pid()
+        if pid and lock_held(root.kafka_lock_path):
+            os.kill(pid, signal.SIGKILL)
+
+
+def _run_setting_scenario(root: Root, port: int, listener_pid) -> None:  # type: ignore[no-untyped-def]
+    from shmq.coordinator.client import lock_held
+    with Admin(root.path) as admin:            # starts the embedded coordinator, which starts the listener
+        admin.list_topics()
+        _wait(lambda: _answers(port), "the coordinator never started the listener")
+        # The listener dies: the coordinator starts it again.
+        pid = listener_pid()
+        os.kill(pid, signal.SIGKILL)
+        _wait(lambda: lock_held(root.kafka_lock_path) and listener_pid() not in (0, pid),
+              "the listener was not restarted")
+        _wait(lambda: _answers(port), "the restarted listener does not answer")
+        # The coordinator dies: its listener keeps serving and the successor adopts it (no second one).
+        pid = listener_pid()
+        coordinator = root.coordinator_pid()
+        assert coordinator is not None
+        os.kill(coordinator, signal.SIGKILL)
+        admin.list_topics()                     # a successor coordinator starts
+        time.sleep(2.0)
+        assert listener_pid() == pid and _answers(port)
+        out = subprocess.run([sys.executable, "-m", "shmq.cli.main", "--root", root.path, "kafka", "status"],
+                             capture_output=True, text=True, timeout=TIMEOUT)
+        assert f"127.0.0.1:{port}" in out.stdout and "running" in out.stdout
+        subprocess.run([sys.executable, "-m", "shmq.cli.main", "--root", root.path, "kafka", "disable"],
+                       check=True, timeout=TIMEOUT)
+        os.kill(pid, signal.SIGTERM)            # adopted, not the successor's child: stopped by hand here
+        _wait(lambda: not _answers(port), "the listener still answers after disable")
+        time.sleep(1.5)
+        assert not lock_held(root.kafka_lock_path)   # and nobody started another
+
+
+def test_shmq_serve_kafka_runs_the_listener_with_the_coordinator(root: Root) -> None:
+    port = _free_port()
     proc = subprocess.Popen([sys.executable, "-m", "shmq.cli.main", "--root", root.path, "serve", "--kafka",
                              f"127.0.0.1:{port}"], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                             stderr=subprocess.PIPE, text=True)
     try:
-        deadline = time.monotonic() + TIMEOUT
-        while True:
-            try:
-                with socket.create_connection(("127.0.0.1", port), timeout=5) as c:
-                    c.sendall(frame(18, 0, 5))
-                    corr, body = recv_frame(c)
-                    assert corr == 5 and struct.unpack(">h", body[:2])[0] == 0
-                    break
-            except OSError:
-                assert proc.poll() is None, proc.stderr.read() if proc.stderr else ""
-                assert time.monotonic() < deadline, "the listener never answered"
-                time.sleep(0.1)
+        _wait(lambda: _answers(port) or proc.poll() is not None, "the listener never answered")
+        assert proc.poll() is None, proc.stderr.read() if proc.stderr else ""
     finally:
         stop_process(proc, wait=20)
     with pytest.raises(OSError):                # the listener went with the coordinator

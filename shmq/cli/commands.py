@@ -34,52 +34,30 @@ def serve(args: argparse.Namespace) -> int:
         argv.append("--standby")
     if args.idle_exit_ms:
         argv += ["--idle-exit-ms", str(args.idle_exit_ms)]
-    procs: List[Any] = []
-    if getattr(args, "kafka", None):
-        import threading
-        threading.Thread(target=_start_kafka_listener, args=(args, procs), daemon=True).start()
-    try:
-        return coordinator_main(argv)
-    finally:
-        for proc in procs:
-            proc.terminate()
-            try:
-                proc.wait(10)
-            except Exception:
-                proc.kill()
+    if args.kafka:
+        argv += ["--kafka", args.kafka] + (["--kafka-advertise", args.kafka_advertise] if args.kafka_advertise else [])
+    return coordinator_main(argv)
 
 
-def _start_kafka_listener(args: argparse.Namespace, procs: List[Any]) -> None:
-    """``serve --kafka HOST:PORT``: once this coordinator is up, the Kafka
-    listener as a child process (logging to <root>/kafka-listener.log),
-    stopped with the coordinator."""
-    import subprocess
-
-    from ..coordinator.client import coordinator_alive
-    from ..kafka.__main__ import parse_address
+def kafka(args: argparse.Namespace) -> int:
+    """``shmq kafka enable HOST:PORT | disable | status``: the root's Kafka listener setting,
+    acted on by the active coordinator within a second."""
     from ..root import Root
+    from ..kafka.supervisor import read_setting, remove_setting, write_setting
     root = Root(args.root)
-    deadline = time.monotonic() + 60
-    while not (coordinator_alive(root) and os.path.exists(root.socket_path)):
-        if time.monotonic() > deadline:
-            print("shmq serve: no coordinator came up; the Kafka listener is not started", file=sys.stderr)
-            return
-        time.sleep(0.05)
-    host, port = parse_address(args.kafka)
-    cmd = [sys.executable, "-m", "shmq.kafka", "--root", root.path, "--listen", f"{host}:{port}"]
-    if args.kafka_advertise:
-        cmd += ["--advertise", args.kafka_advertise]
-    fd = os.open(root.kafka_log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW, 0o600)
-    try:
-        proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=fd, text=True)
-    finally:
-        os.close(fd)
-    procs.append(proc)
-    line = proc.stdout.readline() if proc.stdout else ""
-    if not line.startswith("listening on"):
-        print(f"shmq serve: the Kafka listener did not start (see {root.kafka_log_path})", file=sys.stderr)
-        return
-    print(f"shmq serve: Kafka listener {line.strip()}", file=sys.stderr, flush=True)
+    if args.action == "enable":
+        if not args.address:
+            raise SystemExit("shmq kafka enable: give HOST:PORT (e.g. 127.0.0.1:9092)")
+        d = write_setting(root, args.address, args.advertise)
+        print(f"Kafka listener enabled on {d['listen']} (the coordinator starts it).")
+    elif args.action == "disable":
+        print("Kafka listener disabled." if remove_setting(root) else "No Kafka listener was enabled.")
+    else:
+        from ..coordinator.client import lock_held
+        d = read_setting(root)
+        running = lock_held(root.kafka_lock_path)
+        print(f"setting: {d['listen'] if d else 'none'}; listener {'running' if running else 'not running'}")
+    return 0
 
 
 def stop(args: argparse.Namespace) -> int:
@@ -359,6 +337,12 @@ def add_parsers(sub: Any) -> None:
     sp = sub.add_parser("stop", help="stop the coordinator, standbys and replica processes of the root")
     sp.add_argument("--timeout", type=float, default=15.0, help="seconds each may take to exit before SIGKILL")
     sp.set_defaults(func=stop)
+
+    k = sub.add_parser("kafka", help="the root's Kafka protocol listener, run by the coordinator")
+    k.add_argument("action", choices=["enable", "disable", "status"])
+    k.add_argument("address", nargs="?", help="HOST:PORT to listen on (enable)")
+    k.add_argument("--advertise", default=None, help="host name the listener gives clients")
+    k.set_defaults(func=kafka)
 
     t = sub.add_parser("topics", help="create, list, describe, delete or alter topics")
     t.add_argument("action", choices=["create", "list", "describe", "delete", "alter"])

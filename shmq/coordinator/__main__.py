@@ -72,6 +72,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     ap.add_argument("--idle-exit-ms", type=int, default=0, metavar="MS",
                     help="exit once no client has been connected for this long (default 0: never)")
     ap.add_argument("--log-level", default="INFO")
+    ap.add_argument("--kafka", metavar="HOST:PORT", default=None,
+                    help="run a Kafka protocol listener there (else as the root's setting says, if it has one)")
+    ap.add_argument("--kafka-advertise", metavar="HOST", default=None)
     args = ap.parse_args(argv)
     if args.idle_exit_ms < 0:
         ap.error(f"--idle-exit-ms must be >= 0, got {args.idle_exit_ms}")
@@ -81,6 +84,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
                         format=f"%(asctime)s %(levelname)s [pid {os.getpid()}] %(name)s: %(message)s")
     coord = Coordinator(root, idle_exit_ms=args.idle_exit_ms)
+    coord.kafka_listen, coord.kafka_advertise = args.kafka, args.kafka_advertise
     install_signal_handlers(coord)
     if report < 0:
         return 0 if coord.run(standby=args.standby) else 3

@@ -111,6 +111,10 @@ class Coordinator:
         self._groups_wake = threading.Event()     # a group operation: supervise promptly
         self._txn_wake = threading.Event()        # a transaction began: watch its timeout
         self._replication_wake = threading.Event()  # a replicated topic appeared: supervise promptly
+        # The Kafka listener this coordinator runs: the root's setting, or these (shmq serve --kafka).
+        self.kafka_listen: Optional[str] = None
+        self.kafka_advertise: Optional[str] = None
+        self._kafka: Any = None
         self._clients: Dict[int, Dict[str, Any]] = {}
         self._tl = threading.local()
         self._next_conn = 0
@@ -156,10 +160,14 @@ class Coordinator:
             threading.Thread(target=self._replication_loop, name="shmq-replication", daemon=True).start()
             threading.Thread(target=self._txn_loop, name="shmq-txn", daemon=True).start()
             listener = self._listen()
+            from ..kafka.supervisor import ListenerSupervisor
+            self._kafka = ListenerSupervisor(self.root, self.kafka_listen, self.kafka_advertise).start()
             if on_ready is not None:
                 on_ready()
             self._serve(listener)
         finally:
+            if self._kafka is not None:
+                self._kafka.stop()
             os.close(lock_fd)
         return True
 

@@ -36,12 +36,20 @@ def main(argv: Optional[List[str]] = None) -> int:
                     help="SASL/PLAIN credentials file (default: <root>/kafka-users if it exists)")
     ap.add_argument("--no-auto-create", action="store_true", help="refuse Metadata/Produce for missing topics")
     ap.add_argument("--log-level", default="INFO")
+    ap.add_argument("--supervised", action="store_true",
+                    help="the coordinator-run listener: hold <root>/kafka-listener.lock, exit if another holds it")
     args = ap.parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(), stream=sys.stderr,
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
     from ..errors import ShmqError
     from .server import KafkaListener
     host, port = parse_address(args.listen)
+    if args.supervised:
+        from ..root import Root
+        from .supervisor import take_lock
+        if take_lock(Root(args.root)) is None:       # the fd stays open (and locked) until exit
+            print("shmq kafka listener: another coordinator-run listener serves this root", file=sys.stderr)
+            return 3
     try:
         listener = KafkaListener(args.root, host, port, advertised_host=args.advertise, sasl_users=args.sasl_users,
                                  auto_create_topics=not args.no_auto_create)
