@@ -16,6 +16,7 @@ import sys
 import time
 from typing import Dict, Iterator, List, Set, Tuple
 
+import psutil
 import pytest
 
 from kafka_support import Listener, frame, listener_for, recv_frame, stop_process
@@ -416,12 +417,25 @@ def _run_setting_scenario(root: Root, port: int, listener_pid) -> None:  # type:
         out = subprocess.run([sys.executable, "-m", "shmq.cli.main", "--root", root.path, "kafka", "status"],
                              capture_output=True, text=True, timeout=TIMEOUT)
         assert f"127.0.0.1:{port}" in out.stdout and "running" in out.stdout
-        subprocess.run([sys.executable, "-m", "shmq.cli.main", "--root", root.path, "kafka", "disable"],
-                       check=True, timeout=TIMEOUT)
-        os.kill(pid, signal.SIGTERM)            # adopted, not the successor's child: stopped by hand here
-        _wait(lambda: not _answers(port), "the listener still answers after disable")
-        time.sleep(1.5)
-        assert not lock_held(root.kafka_lock_path)   # and nobody started another
+        # A new setting: the adopted listener is replaced by one on the new port.
+        port2 = _free_port()
+        subprocess.run([sys.executable, "-m", "shmq.cli.main", "--root", root.path, "kafka", "enable",
+                        f"127.0.0.1:{port2}"], check=True, timeout=TIMEOUT)
+        _wait(lambda: _answers(port2) and not _answers(port), "the new setting was not applied")
+    # shmq stop ends the listener with the coordinator.
+    pid = listener_pid()
+    out = subprocess.run([sys.executable, "-m", "shmq.cli.main", "--root", root.path, "stop"],
+                         capture_output=True, text=True, timeout=TIMEOUT)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert not _answers(port2) and not lock_held(root.kafka_lock_path)
+    assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    # disable: nothing runs it any more.
+    subprocess.run([sys.executable, "-m", "shmq.cli.main", "--root", root.path, "kafka", "disable"],
+                   check=True, timeout=TIMEOUT)
+    with Admin(root.path) as admin:
+        admin.list_topics()
+        time.sleep(2.0)
+        assert not lock_held(root.kafka_lock_path)
 
 
 def test_shmq_serve_kafka_runs_the_listener_with_the_coordinator(root: Root) -> None:

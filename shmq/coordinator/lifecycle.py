@@ -2,7 +2,8 @@
 
 A broker process of a root is one that holds one of the root's lock files
 open: the active coordinator and any standby (``coordinator.lock``; a
-standby waits on it) and each replica process (``replica-<id>.lock``).
+standby waits on it), each replica process (``replica-<id>.lock``) and the
+coordinator-run Kafka listener (``kafka-listener.lock``).
 Clients only open these files for an instant (``coordinator_alive``), so
 this finds exactly the processes ``shmq stop`` must end, whatever their
 command line or working directory.
@@ -29,11 +30,12 @@ from ..root import Root
 
 __all__ = ["root_processes", "stop_root"]
 
-_LOCKS = ("coordinator.lock", "replica-*.lock")
+_LOCKS = ("coordinator.lock", "replica-*.lock", "kafka-listener.lock")
+_KINDS = {"coordinator.lock": "coordinator", "kafka-listener.lock": "kafka listener"}
 
 
 def root_processes(root: Root) -> Dict[int, str]:
-    """{pid: "coordinator" | "replica"} of every live process holding a lock file of ``root``."""
+    """{pid: "coordinator" | "replica" | "kafka listener"} of every live process holding a lock file of ``root``."""
     base = os.path.realpath(root.path)
     me = os.geteuid()
     out: Dict[int, str] = {}
@@ -45,7 +47,7 @@ def root_processes(root: Root) -> Dict[int, str]:
             for f in proc.open_files():
                 d, name = os.path.split(f.path)
                 if d == base and any(fnmatch.fnmatchcase(name, pat) for pat in _LOCKS):
-                    out[proc.pid] = "coordinator" if name == _LOCKS[0] else "replica"
+                    out[proc.pid] = _KINDS.get(name, "replica")
                     break
         except (psutil.Error, OSError):
             continue
@@ -107,7 +109,7 @@ def stop_root(root: Root, timeout: float = 15.0) -> Tuple[Dict[int, str], Dict[i
             break
         standbys = [pid for pid, kind in found.items() if kind == "coordinator" and pid != active]
         coordinators = [pid for pid, kind in found.items() if kind == "coordinator" and pid == active]
-        replicas = [pid for pid, kind in found.items() if kind == "replica"]
+        replicas = [pid for pid, kind in found.items() if kind != "coordinator"]   # and a Kafka listener
         for group in (standbys, coordinators, replicas):
             if group:
                 s, k = _terminate(group, timeout)

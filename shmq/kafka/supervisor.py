@@ -94,6 +94,7 @@ class ListenerSupervisor:
         self.proc: Optional["subprocess.Popen[bytes]"] = None
         self.wanted: Optional[Dict[str, Any]] = None
         self._started = -1e9
+        self._stepped = False
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="shmq-kafka-supervisor", daemon=True)
 
@@ -127,11 +128,17 @@ class ListenerSupervisor:
     def _step(self) -> None:
         want = self._desired()
         mine = self.proc is not None and self.proc.poll() is None
-        if want != self.wanted and mine:
-            log.info("Kafka listener setting changed (%s -> %s): stopping pid %d", self.wanted, want, self.proc.pid)
-            self._terminate()
-            mine = False
+        # A listener found at the first step is adopted as it is, unless none is wanted.
+        if (want != self.wanted and self._stepped) or (want is None and not self._stepped):
+            if mine:
+                log.info("Kafka listener setting changed (%s -> %s): stopping pid %d", self.wanted, want,
+                         self.proc.pid)
+                self._terminate()
+                mine = False
+            elif self._lock_held():
+                self._stop_adopted()      # a killed coordinator's listener, started with the old setting
         self.wanted = want
+        self._stepped = True
         if want is None or mine:
             return
         if self.proc is not None:
@@ -143,7 +150,22 @@ class ListenerSupervisor:
 
     def _lock_held(self) -> bool:
         from ..coordinator.client import lock_held
-        return lock_held(self.root.kafka_lock_path)
+        path = self.root.kafka_lock_path
+        return os.path.exists(path) and lock_held(path)     # no file made in roots without a listener
+
+    def _stop_adopted(self) -> None:
+        """SIGTERM the supervised listener this coordinator did not start (the
+        lock holder named in the lock file, if it is a supervised listener of this root)."""
+        import psutil
+        try:
+            with open(self.root.kafka_lock_path) as f:
+                pid = int(f.read().strip() or 0)
+            cmd = psutil.Process(pid).cmdline()
+        except (OSError, ValueError, psutil.Error):
+            return
+        if "shmq.kafka" in cmd and "--supervised" in cmd and self.root.path in cmd:
+            log.info("Kafka listener setting changed: stopping the listener pid %d started before", pid)
+            os.kill(pid, signal.SIGTERM)
 
     def _spawn(self, want: Dict[str, Any]) -> None:
         from ..spawn import CHILD_CWD, child_env, python_argv
