@@ -261,6 +261,57 @@ def test_confluent_kafka_reads_native_records_and_acks_0_produce(kafka: Listener
     assert sorted(m.key() for m in more) == sorted(b"z%d" % i for i in range(100))
 
 
+def test_compressed_batches_from_librdkafka_are_stored_uncompressed(kafka: Listener, root: Root) -> None:
+    """Every codec librdkafka has: the records arrive, for Kafka clients and native consumers alike."""
+    ck = pytest.importorskip("confluent_kafka")
+    pytest.importorskip("cramjam")
+    codecs = ["gzip", "snappy", "lz4", "zstd"]
+    with Admin(root.path) as admin:
+        admin.create_topic("packed", partitions=1)
+    for codec in codecs:
+        p = ck.Producer({"bootstrap.servers": kafka.bootstrap, "compression.type": codec, "linger.ms": 20,
+                         "enable.idempotence": True})
+        for i in range(500):
+            p.produce("packed", key=f"{codec}-{i}".encode(), value=b"payload %d " % i * 8)
+        assert p.flush(TIMEOUT) == 0, codec
+    want = [(f"{c}-{i}".encode(), b"payload %d " % i * 8) for c in codecs for i in range(500)]
+    with Consumer(root=root.path) as nc:
+        from shmq import TopicPartition
+        nc.assign([TopicPartition("packed", 0)])
+        nc.seek(TopicPartition("packed", 0), 0)
+        got = []
+        deadline = time.monotonic() + TIMEOUT
+        while len(got) < len(want) and time.monotonic() < deadline:
+            got += [(m.key, m.value) for m in nc.consume(1000, timeout=0.5)]
+    assert got == want
+    c = ck.Consumer({"bootstrap.servers": kafka.bootstrap, "group.id": "unpack", "auto.offset.reset": "earliest"})
+    c.assign([ck.TopicPartition("packed", 0, ck.OFFSET_BEGINNING)])
+    got2 = []
+    deadline = time.monotonic() + TIMEOUT
+    while len(got2) < len(want) and time.monotonic() < deadline:
+        got2 += [(m.key(), m.value()) for m in c.consume(1000, timeout=1.0) if m.error() is None]
+    c.close()
+    assert got2 == want
+
+
+def test_offset_commit_metadata_is_kept(kafka: Listener, root: Root) -> None:
+    ck = pytest.importorskip("confluent_kafka")
+    with Admin(root.path) as admin:
+        admin.create_topic("meta", partitions=2)
+    c = ck.Consumer({"bootstrap.servers": kafka.bootstrap, "group.id": "mirror-like", "enable.auto.commit": False})
+    c.commit(offsets=[ck.TopicPartition("meta", 0, 7, metadata="source=x@41"), ck.TopicPartition("meta", 1, 3)],
+             asynchronous=False)
+    c.close()
+    c = ck.Consumer({"bootstrap.servers": kafka.bootstrap, "group.id": "mirror-like"})
+    got = {tp.partition: (tp.offset, tp.metadata) for tp in
+           c.committed([ck.TopicPartition("meta", 0), ck.TopicPartition("meta", 1)], timeout=TIMEOUT)}
+    c.close()
+    assert got[0] == (7, "source=x@41") and got[1][0] == 3 and not got[1][1]
+    with Consumer(root=root.path, group_id="mirror-like") as nc:   # the native side sees the same offsets
+        from shmq import TopicPartition
+        assert nc.committed(TopicPartition("meta", 0)) == 7
+
+
 def test_native_and_kafka_consumers_share_a_group(kafka: Listener, root: Root) -> None:
     ck = pytest.importorskip("confluent_kafka")
     with Admin(root.path) as admin:

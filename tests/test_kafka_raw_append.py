@@ -64,3 +64,27 @@ def test_raw_append_refuses_bad_batches(log_and_table) -> None:
         table.append_raw(plog, _batch(-1, -1, -1, 1))            # no producer id: not idempotent
     assert plog.end_offset == 0
     assert table.append_raw(plog, bytes(good)) == (0, False)
+
+
+@pytest.mark.parametrize("codec", [1, 2, 3, 4])
+def test_compressed_batches_are_stored_uncompressed(log_and_table, codec: int) -> None:
+    pytest.importorskip("cramjam")
+    from shmq.kafka.compression import decompress_batch
+    needs = {2: "snappy", 3: "lz4", 4: "zstandard"}
+    if codec in needs:
+        pytest.importorskip(needs[codec], reason="kafka-python builds this codec's batches with it")
+    plog, table = log_and_table
+    b = DefaultRecordBatchBuilder(magic=2, compression_type=codec, is_transactional=0, producer_id=9,
+                                  producer_epoch=0, base_sequence=0, batch_size=1 << 20)
+    for i in range(50):
+        b.append(i, timestamp=1_700_000_000_000 + i, key=b"k%d" % i, value=b"value-%d" % i * 5, headers=[("h", b"x")])
+    compressed = bytes(b.build())
+    plain = decompress_batch(memoryview(compressed))
+    assert table.append_raw(plog, plain) == (0, False)
+    assert table.append_raw(plog, decompress_batch(memoryview(compressed))) == (0, True)   # a retry, recognised
+    recs = plog.reader(0).read(100)
+    assert [(r.key, r.value) for r in recs] == [(b"k%d" % i, b"value-%d" % i * 5) for i in range(50)]
+    damaged = bytearray(compressed)
+    damaged[-3] ^= 0x55
+    with pytest.raises(InvalidRecord):
+        decompress_batch(memoryview(bytes(damaged)))

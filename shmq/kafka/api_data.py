@@ -9,6 +9,10 @@ refused with Kafka's error. acks=0 gets no response, acks=1 one after the
 append, acks=all one after the high watermark passes the batch (replicated
 topics; for the others the append is the commit).
 
+A compressed batch is stored uncompressed (``compression.py``: the records
+section decompressed, the header kept, the CRC set again), since shmq's
+readers decode records in place.
+
 Fetch copies committed frames from the log (``LogReader.read_frames``) and
 hands their batches to the client as they are stored, never above the high
 watermark; it waits for ``min_bytes`` up to ``max_wait_ms`` on the log's
@@ -22,11 +26,12 @@ import threading
 import time
 from typing import TYPE_CHECKING, Any, Dict, List, Optional, Tuple
 
-from ..errors import MessageSizeTooLarge, NotEnoughReplicas, OffsetOutOfRange, ShmqError
+from ..errors import InvalidRecord, MessageSizeTooLarge, NotEnoughReplicas, OffsetOutOfRange, ShmqError
 from ..native import ffi, lib
 from ..ringlog import PartitionLog
 from ..ringlog.producer_state import ProducerStateTable
 from .codec import error_code_for, ms
+from .compression import UnsupportedCompression, decompress_batch
 
 if TYPE_CHECKING:
     from .server import Connection, KafkaListener
@@ -134,15 +139,19 @@ def _produce_partition(conn: "Connection", topic: str, partition: int, records: 
             if total < _BATCH_HEADER or pos + total > len(data):
                 return CORRUPT_MESSAGE, base, -1, f"record batch length {total} runs past the request"
             attrs = _I16.unpack_from(data, pos + 21)[0]
-            if attrs & 0x07:
-                return (UNSUPPORTED_COMPRESSION_TYPE, base, -1,
-                        "compressed batches are not stored by shmq: set compression.type=none")
             if attrs & 0x30:
                 return INVALID_RECORD, base, -1, "transactional and control batches are not supported"
-            if total > info.max_message_bytes:
-                raise MessageSizeTooLarge(f"a {total}-byte batch exceeds max.message.bytes={info.max_message_bytes}"
-                                          f" of {topic}")
             batch = data[pos:pos + total]
+            if attrs & 0x07:
+                try:
+                    batch = memoryview(decompress_batch(batch))
+                except UnsupportedCompression as e:
+                    return UNSUPPORTED_COMPRESSION_TYPE, base, -1, str(e)
+                except InvalidRecord as e:
+                    return CORRUPT_MESSAGE, base, -1, str(e)
+            if len(batch) > info.max_message_bytes:
+                raise MessageSizeTooLarge(f"a {len(batch)}-byte batch exceeds max.message.bytes="
+                                          f"{info.max_message_bytes} of {topic}")
             if _I64.unpack_from(data, pos + 43)[0] >= 0:
                 off, _dup = L.pstates.get(plog).append_raw(plog, batch, timeout)
             else:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any, Dict, List, Optional
 
-from ..errors import CommitFailed, InvalidGroupId, ShmqError, UnknownTopicOrPartition
+from ..errors import CommitFailed, InvalidGroupId, ShmqError
 from ..message import TopicPartition
 from ..root import validate_group
 from .codec import error_code_for, ms
@@ -78,6 +78,7 @@ def offset_commit(conn: "Connection", req: Any, version: int) -> Dict[str, Any]:
         code = INVALID_GROUP_ID
     topics: List[Dict[str, Any]] = []
     stored = False
+    with_metadata: List[List[Any]] = []
     for t in req.topics:
         parts = []
         for p in t.partitions:
@@ -88,13 +89,17 @@ def offset_commit(conn: "Connection", req: Any, version: int) -> Dict[str, Any]:
                     cluster.commit_offsets(group, {tp: p.committed_offset}, sync=False,
                                            generations=None if gens is None else {tp: gens.get(tp, -1)})
                     c, stored = 0, True
+                    if gens is None and p.committed_metadata:
+                        with_metadata.append([t.name, p.partition_index, p.committed_offset, p.committed_metadata])
                 except CommitFailed:
                     c = UNKNOWN_MEMBER_ID if gens is None else ILLEGAL_GENERATION
                 except ShmqError as e:
                     c = error_code_for(e)
             parts.append({"partition_index": p.partition_index, "error_code": c})
         topics.append({"name": t.name, "partitions": parts})
-    if stored:
+    if with_metadata:                          # a non-member's metadata strings, journaled with the offsets
+        cluster.client.commit_offsets(group, with_metadata)
+    elif stored:
         cluster.client.sync_offsets()          # durable before the answer, as Kafka's
     return {"topics": topics}
 
@@ -106,22 +111,13 @@ def offset_fetch(conn: "Connection", req: Any, version: int) -> Dict[str, Any]:
         validate_group(group)
     except InvalidGroupId:
         return {"error_code": INVALID_GROUP_ID, "topics": []}
+    wanted = None if req.topics is None else [(t.name, p) for t in req.topics for p in t.partition_indexes]
+    got = cluster.client.fetch_offsets_with_metadata(group, wanted)
     by_topic: Dict[str, List[Dict[str, Any]]] = {}
-
-    def add(topic: str, partition: int, offset: int, code: int = 0) -> None:
-        by_topic.setdefault(topic, []).append({"partition_index": partition, "committed_offset": offset,
-                                               "committed_leader_epoch": -1, "metadata": "", "error_code": code})
-    if req.topics is None:
-        for (t, p), off in sorted(cluster.client.fetch_offsets(group, None).items()):
-            add(t, p, off)
-    else:
-        for t in req.topics:
-            try:
-                got = cluster.fetch_offsets(group, [TopicPartition(t.name, p) for p in t.partition_indexes])
-            except UnknownTopicOrPartition:
-                got = {}
-            for p in t.partition_indexes:
-                add(t.name, p, got.get(TopicPartition(t.name, p), -1))
+    for t, p in (sorted(got) if wanted is None else wanted):
+        off, meta = got.get((t, p), (-1, ""))
+        by_topic.setdefault(t, []).append({"partition_index": p, "committed_offset": off,
+                                           "committed_leader_epoch": -1, "metadata": meta or "", "error_code": 0})
     return {"error_code": 0, "topics": [{"name": t, "partitions": ps} for t, ps in by_topic.items()]}
 
 
