@@ -336,9 +336,9 @@ def parse_anchor(metadata: Optional[str]) -> Optional[Tuple[int, int, int, int]]
 
 
 def warn_if_metadata_dropped(consumer: Any, committed: List[Any]) -> None:
-    """Read commits back: a cluster that drops offset commit metadata (shmq's
-    own listener does) loses the anchors, and then a restart resumes at the
-    committed offsets without them (at least once): say so."""
+    """Read commits back: a cluster that drops offset commit metadata loses
+    the anchors, and then a restart resumes at the committed offsets without
+    them (at least once): say so."""
     got = consumer.committed([_ck().TopicPartition(tp.topic, tp.partition) for tp in committed],
                              timeout=KAFKA_TIMEOUT)
     if [g.metadata for g in got] != [tp.metadata for tp in committed]:
