@@ -41,7 +41,7 @@ def serve(args: argparse.Namespace) -> int:
 
 def kafka(args: argparse.Namespace) -> int:
     """``shmq kafka enable HOST:PORT | disable | status``: the root's Kafka listener setting,
-    acted on by the active coordinator within a second."""
+    acted on by the active coordinator within 5 seconds."""
     from ..root import Root
     from ..kafka.supervisor import read_setting, remove_setting, write_setting
     root = Root(args.root)

@@ -34,6 +34,7 @@ __all__ = ["ListenerSupervisor", "read_setting", "write_setting", "remove_settin
 log = logging.getLogger("shmq.kafka.supervisor")
 
 CHECK_S = 1.0
+IDLE_CHECK_S = 5.0          # no listener wanted: look for a new setting this often (idle coordinators stay idle)
 RESTART_BACKOFF_S = 2.0
 
 
@@ -123,7 +124,7 @@ class ListenerSupervisor:
                 self._step()
             except Exception:
                 log.exception("Kafka listener supervision failed; retrying")
-            self._stop.wait(CHECK_S)
+            self._stop.wait(CHECK_S if self.wanted is not None or self.proc is not None else IDLE_CHECK_S)
 
     def _step(self) -> None:
         want = self._desired()
