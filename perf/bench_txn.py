@@ -22,31 +22,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import shutil
-import signal
 import statistics
-import tempfile
 import time
 from typing import Any, Callable, Dict, List
 
+from .bench_api import _Root  # one private-root helper for the benchmarks
+
 VALUE = b"v" * 64
-
-
-class _Root:
-    """A private root with its coordinator, removed on exit."""
-
-    def __enter__(self) -> str:
-        self.path = tempfile.mkdtemp(prefix="shmq-bench-txn-", dir="/dev/shm")
-        return self.path
-
-    def __exit__(self, *exc: Any) -> None:
-        try:
-            with open(os.path.join(self.path, "coordinator.pid")) as f:
-                os.kill(int(f.read().split()[0]), signal.SIGKILL)
-        except (OSError, ValueError):
-            pass
-        shutil.rmtree(self.path, ignore_errors=True)
 
 
 def _topics(root: str, records: int, *names: str) -> None:
