@@ -293,6 +293,9 @@ class _Mirror:
                 if self.progress.due():
                     self.progress.report(self.lag(), len(self.parts))
             self._finish()
+            if self.progress.interval > 0:
+                # A last line on a clean stop, so a short run reports what it copied too.
+                self.progress.report(self.lag(), len(self.parts))
         finally:
             try:
                 self._close()
