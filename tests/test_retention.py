@@ -51,13 +51,14 @@ def fast_producer(root: str, topic: str, count: int, max_block_ms: int = 60_000)
 
 
 def sleepy_consumer(root: str, topic: str, count: int, out: Any) -> None:
-    """Read count records, sleeping 1 ms every 1,000; report (first, last, in order, duplicates)."""
+    """Read count records (a default consumer: CRC checked), sleeping 1 ms every 1,000; report
+    ("done", how many, how many out of order or duplicated). A value starts with its sequence number."""
     with Consumer(root=root, auto_offset_reset="earliest") as c:
         c.assign([TopicPartition(topic, 0)])
         expect, bad = 0, 0
         while expect < count:
             for m in c.consume(500, timeout=5.0):
-                if VALUE.unpack(m.value)[0] != expect or m.offset != expect:
+                if struct.unpack_from("<Q", m.value)[0] != expect or m.offset != expect:
                     bad += 1
                 expect += 1
                 if expect % 1000 == 0:
@@ -88,6 +89,57 @@ def test_producer_blocks_for_a_slow_consumer_and_every_record_arrives_once_in_or
     assert plog.end_offset == count and plog.start_offset > 0, "the ring turned"
     assert laps >= 20
     assert plog.blocked_count > 0, "the producer never had to wait: the test proves nothing"
+
+
+DEFAULT_VALUE_BYTES = 8 << 10                                   # 8 KiB records: 20 laps of 64 MiB in ~170,000 sends
+
+
+def default_size_producer(root: str, topic: str, count: int, size: int, out: Any) -> None:
+    """Send ``count`` records of ``size`` bytes as fast as possible; report how long
+    this producer waited for room (the partition's blocked-time counters, as
+    ``shmq status`` shows them, before and after: it is the partition's only producer)."""
+    from shmq.cluster import Cluster
+    plog = Cluster(root).log(topic, 0)
+    n0, ns0 = plog.blocked_count, plog.blocked_seconds
+    body = bytearray(size)
+    t0 = time.monotonic()
+    with Producer(root) as p:
+        for i in range(count):
+            struct.pack_into("<Q", body, 0, i)
+            p.send(topic, bytes(body), partition=0)
+    out.put(("produced", plog.blocked_count - n0, plog.blocked_seconds - ns0, time.monotonic() - t0))
+
+
+@pytest.mark.timeout(180)
+def test_a_default_topic_holds_a_fast_producer_for_a_sleepy_consumer_for_20_laps(root, reaper):
+    """The issue's test at the defaults: 8 x 8 MiB ring, overflow=block, CRC on."""
+    import multiprocessing as mp
+    from shmq.coordinator.topic_config import DEFAULTS
+    Admin(root.path).create_topic("dlaps", 1)
+    plog = leader_log(root.path, "dlaps")
+    cfg = plog.config
+    assert (cfg.segment_bytes, cfg.segment_count, cfg.overflow) == (DEFAULTS["segment_bytes"],
+                                                                    DEFAULTS["segment_count"], "block")
+    ring = cfg.segment_bytes * cfg.segment_count
+    count = 21 * ring // DEFAULT_VALUE_BYTES
+    out = mp.get_context("fork").Queue()
+    cons = reaper.start(sleepy_consumer, root.path, "dlaps", count, out)
+    wait_for(lambda: len(plog.readers()) == 1, 10, "the consumer's reader slot")
+    prod = reaper.start(default_size_producer, root.path, "dlaps", count, DEFAULT_VALUE_BYTES, out)
+    results = dict((r[0], r[1:]) for r in (out.get(timeout=150), out.get(timeout=150)))
+    prod.join(10)
+    cons.join(10)
+    assert prod.exitcode == 0 and cons.exitcode == 0
+    waits, blocked_s, took = results["produced"]
+    got, bad = results["done"]
+    laps = plog.end_offset / (ring // (DEFAULT_VALUE_BYTES + 80))
+    print(f"{count} records of {DEFAULT_VALUE_BYTES} B ({count * DEFAULT_VALUE_BYTES / 1e9:.2f} GB, ~{laps:.0f} laps "
+          f"of the {ring >> 20} MiB ring) in {took:.1f} s; the producer waited {waits} times, "
+          f"{blocked_s * 1000:.0f} ms in all")
+    assert (got, bad) == (count, 0), "every record delivered once, in order"
+    assert plog.end_offset == count and plog.start_offset > 0, "the ring turned"
+    assert laps >= 20
+    assert waits > 0 and blocked_s > 0, "the producer never had to wait: the test proves nothing"
 
 
 @pytest.mark.timeout(60)
@@ -128,25 +180,32 @@ def test_a_stopped_consumer_makes_the_producer_time_out_naming_it_and_reads_on_w
     Admin(root.path).create_topic("s", 1, SMALL_RING)
     ctx = mp.get_context("fork")
     out, go = ctx.Queue(), ctx.Queue()
-    cons = reaper.start(_stop_then_read, root.path, "s", out, go)
+    first = 100                                 # read before the stop: the consumer's position is 100
+    with Producer(root.path) as p:
+        for i in range(first):
+            p.send("s", VALUE.pack(i), partition=0)
+    cons = reaper.start(_stop_then_read, root.path, "s", out, go, first)
     kind, pid = out.get(timeout=20)
     assert kind == "ready"
     os.kill(pid, signal.SIGSTOP)
-    sent = 0
-    t0 = time.monotonic()
-    with Producer(root.path, max_block_ms=500) as p:
+    sent = first
+    max_block_ms = 500
+    with Producer(root.path, max_block_ms=max_block_ms) as p:
         with pytest.raises(KafkaTimeoutError) as ei:
             while True:
+                t_send = time.monotonic()       # the wait is the last send's alone, not the sends before it
                 p.send("s", VALUE.pack(sent), partition=0)
                 sent += 1
-        waited = time.monotonic() - t0
+        waited = time.monotonic() - t_send
         msg = str(ei.value)
-        print(msg)
-        assert f"process {pid}" in msg and "consumer" in msg and "s-0" in msg
+        print(f"the blocked send waited {waited * 1000:.0f} ms: {msg}")
+        assert "consumer" in msg and f"process {pid}" in msg, "names the stopped consumer's pid"
+        assert "s-0" in msg, "names the partition"
+        assert f"at offset {first} " in msg, "names the stopped consumer's position"
         assert sent > 1000
     plog = leader_log(root.path, "s")
     assert plog.start_offset == 0 and plog.end_offset == sent, "nothing stored was dropped"
-    assert waited >= 0.5
+    assert waited >= max_block_ms / 1000, "the producer waited max_block_ms before it gave up"
     os.kill(pid, signal.SIGCONT)
     go.put(sent)
     kind, seen = out.get(timeout=30)
@@ -154,13 +213,14 @@ def test_a_stopped_consumer_makes_the_producer_time_out_naming_it_and_reads_on_w
     cons.join(10)
 
 
-def _stop_then_read(root: str, topic: str, out: Any, go: Any) -> None:
+def _stop_then_read(root: str, topic: str, out: Any, go: Any, first: int) -> None:
     with Consumer(root=root, auto_offset_reset="earliest") as c:
         c.assign([TopicPartition(topic, 0)])
-        c.poll(0)
+        seen: List[int] = []
+        while len(seen) < first:
+            seen += [m.offset for m in c.consume(first - len(seen), timeout=5.0)]
         out.put(("ready", os.getpid()))
         end = go.get(timeout=60)
-        seen: List[int] = []
         while len(seen) < end:
             for m in c.consume(1000, timeout=5.0):
                 assert VALUE.unpack(m.value)[0] == m.offset
