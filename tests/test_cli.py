@@ -174,6 +174,28 @@ def test_status_and_group_describe_show_each_live_readers_position_and_lag(root:
 
 
 @pytest.mark.timeout(90)
+def test_status_shows_how_many_records_an_overrun_reader_of_an_overwriting_topic_missed(root: Root) -> None:
+    from shmq import Consumer, Producer, TopicPartition
+    from shmq.errors import OffsetOutOfRange
+    shmq(root, "topics", "create", "o", "--partitions", "1", *SMALL, "--config", "overflow=overwrite")
+    tp = TopicPartition("o", 0)
+    with Producer(root.path) as p, Consumer(root=root.path, auto_offset_reset="none") as c:
+        for i in range(10):
+            p.send("o", b"%08d" % i, partition=0)
+        c.assign([tp])
+        c.seek(tp, 0)
+        assert [m.offset for m in c.consume(3, timeout=10)] == [0, 1, 2]
+        for i in range(10, 40_000):             # ~3 MB through a 512 KiB ring that does not wait for readers
+            p.send("o", b"%08d" % i, partition=0)
+        with pytest.raises(OffsetOutOfRange) as ei:
+            c.consume(10, timeout=10)
+        missed = ei.value.missed
+        assert missed > 30_000 and f"missed {missed} records" in str(ei.value)
+        out = shmq(root, "status").stdout
+        assert re.search(rf"consumer '[^']*' pid {os.getpid()}: position 3\s+lag 39997\s+missed {missed}\n", out), out
+
+
+@pytest.mark.timeout(90)
 def test_dump_log_prints_frames_batches_and_records(root: Root) -> None:
     shmq(root, "topics", "create", "d", *SMALL)
     shmq(root, "produce", "d", "--key-separator", "=", input="k1=hello\nk2=world\n")
