@@ -1,13 +1,14 @@
 """What safety costs: the default (block, CRC checked) against overwrite with CRC off.
 
-    python -m perf.bench_safety [--quick] [--repeats 3] [--json out.json]
+    python -m perf.bench_safety [--quick] [--repeats 3] [--scale 1.0] [--json out.json]
 
 One producer process, one consumer process, one partition with the default
 ring (8 x 8 MiB), enough records to lap the ring several times:
 
 * ``single 64 B`` / ``single 1 KiB``: ``Producer.send`` -> ``Consumer.consume``;
-* ``batch 64 B``: ``send_batch`` of 2-D uint8 arrays (8192 rows) ->
-  ``consume_arrays``.
+* ``batch 64 B`` / ``batch 1 KiB``: ``send_batch`` of 2-D uint8 arrays
+  (8192 rows of 64 B, 1024 rows of 1 KiB: a batch is one frame and must fit in
+  a segment) -> ``consume_arrays``.
 
 Modes, both in one run: ``safe`` is the default topic (``overflow="block"``:
 the consumer's reader holds the producer back) read with the default
@@ -36,11 +37,16 @@ MODES = {"safe": ("block", True), "unsafe": ("overwrite", False)}
 RING = {"segment_bytes": 8 << 20, "segment_count": 8}
 
 
+def batch_rows(size: int) -> int:
+    """Rows per send_batch: 8192 of 64 B, fewer of larger records (~1 MiB a batch)."""
+    return max(1, min(8192, (1 << 20) // size))
+
+
 def _produce(root: str, n: int, size: int, batch: bool) -> None:
     from shmq import Producer
     with Producer(root) as p:
         if batch:
-            rows = 8192
+            rows = batch_rows(size)
             arr = np.zeros((rows, size), dtype=np.uint8)
             for first in range(0, n, rows):
                 k = min(rows, n - first)
@@ -110,14 +116,18 @@ def main(argv: Any = None) -> Dict[str, Any]:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--quick", action="store_true", help="one run per row, fewer records")
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--scale", type=float, default=1.0,
+                    help="multiply the record counts (e.g. 0.01 to check that the benchmark runs)")
     ap.add_argument("--json", help="write the results here")
     args = ap.parse_args(argv)
     repeats = 1 if args.quick else args.repeats
     rows: List[Tuple[str, int, int, bool]] = [
-        ("single 64 B", 64, 600_000 if args.quick else 2_000_000, False),
-        ("single 1 KiB", 1024, 200_000 if args.quick else 600_000, False),
-        ("batch 64 B", 64, 4_000_000 if args.quick else 20_000_000, True),
-    ]
+        (name, size, max(1, int(n * args.scale)), batch) for name, size, n, batch in (
+            ("single 64 B", 64, 600_000 if args.quick else 2_000_000, False),
+            ("single 1 KiB", 1024, 200_000 if args.quick else 600_000, False),
+            ("batch 64 B", 64, 4_000_000 if args.quick else 20_000_000, True),
+            ("batch 1 KiB", 1024, 800_000 if args.quick else 2_000_000, True),
+        )]
     results: Dict[str, Any] = {}
     print(f"{'workload':<14} {'records':>10} {'safe rec/s':>12} {'unsafe rec/s':>13} {'safe/unsafe':>11} "
           f"{'unsafe delivered':>17}")
