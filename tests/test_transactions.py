@@ -1,8 +1,10 @@
 """Transactions end to end: the transactional producer, the transaction
 coordinator (a real coordinator process), read_committed and
-read_uncommitted consumers, zombie fencing, a SIGKILLed producer's open
-transaction aborted by transaction_timeout_ms, and a coordinator SIGKILLed
-between the commit decision and the markers."""
+read_uncommitted consumers, zombie fencing (in one process and across two
+processes), a SIGKILLed producer's open transaction aborted by
+transaction_timeout_ms, a coordinator SIGKILLed between the commit (or the
+abort) decision and the markers, transactional offsets committed only with
+their transaction, and send_async inside a transaction."""
 from __future__ import annotations
 
 import os
@@ -63,6 +65,21 @@ def send_txn(prod: Producer, tag: str, n: int) -> None:
     for i in range(n):
         tp = all_tps()[i % len(all_tps())]
         prod.send(tp.topic, f"{tag}-{i}".encode(), partition=tp.partition)
+
+
+def start_crashing_coordinator(root: Root, reaper, tid: str) -> subprocess.Popen:  # type: ignore[type-arg]
+    """A coordinator process that SIGKILLs itself right after it journaled an
+    EndTxn decision of ``tid`` (before any marker); its successors, started
+    on demand by the clients, do not."""
+    env = dict(os.environ, **{CRASH_ENV: tid})
+    coord = subprocess.Popen([sys.executable, "-m", "shmq.coordinator", "--root", root.path], env=env,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    reaper.track(coord.pid)
+    deadline = time.monotonic() + 20
+    while not os.path.exists(root.socket_path) or root.coordinator_pid() != coord.pid:
+        assert time.monotonic() < deadline, "the coordinator did not start"
+        time.sleep(0.02)
+    return coord
 
 
 def test_commit_and_abort_across_topics_and_partitions(root: Root) -> None:
@@ -182,14 +199,7 @@ def test_zombie_is_fenced_and_its_records_never_visible(root: Root) -> None:
 
 
 def test_coordinator_killed_between_decision_and_markers(root: Root, reaper) -> None:
-    env = dict(os.environ, **{CRASH_ENV: "tx-crash"})
-    coord = subprocess.Popen([sys.executable, "-m", "shmq.coordinator", "--root", root.path], env=env,
-                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    reaper.track(coord.pid)
-    deadline = time.monotonic() + 20
-    while not os.path.exists(root.socket_path) or root.coordinator_pid() != coord.pid:
-        assert time.monotonic() < deadline, "the coordinator did not start"
-        time.sleep(0.02)
+    coord = start_crashing_coordinator(root, reaper, "tx-crash")
     make_topics(root, ["tx-a", "tx-b"], 2)
     prod = Producer(root.path, transactional_id="tx-crash")
     prod.init_transactions()
@@ -272,3 +282,230 @@ def test_end_txn_retries_are_idempotent_and_the_other_decision_is_refused(root: 
     with Consumer(root=root.path) as c:
         assert c.get_watermark_offsets(TopicPartition("tx-a", 0)) == (0, 2)   # one record, one marker
     p.close()
+
+
+def _zombie(root_path: str, tmp: str, mode: str) -> None:
+    """The older instance, in its own process: opens a transaction, then
+    (mode "sending") sends until it is fenced by a newer process's
+    init_transactions of the same transactional id, or (mode "idle") waits
+    for the newer process to finish; then tries to commit. Its outcome goes
+    to ``tmp/zombie.out``."""
+    out: List[str] = []
+    p = Producer(root_path, transactional_id="tx-zombie-proc")
+    p.init_transactions()
+    p.begin_transaction()
+    p.send("tx-a", b"zombie-first", partition=0)
+    p.send("tx-b", b"zombie-first", partition=1)
+    open(os.path.join(tmp, "ready"), "w").close()
+    sent = 2
+    deadline = time.monotonic() + 20
+    if mode == "sending":
+        try:
+            while time.monotonic() < deadline:             # the newer instance fences it meanwhile
+                p.send("tx-a" if sent % 2 else "tx-b", b"zombie-%d" % sent, partition=sent % 2)
+                sent += 1
+                time.sleep(0.001)
+            out.append("never fenced")
+        except ProducerFenced:
+            out.append("send fenced")
+    else:
+        while not os.path.exists(os.path.join(tmp, "newer.done")) and time.monotonic() < deadline:
+            time.sleep(0.01)
+    calls = [("commit", p.commit_transaction), ("abort", p.abort_transaction),
+             ("send-new-partition", lambda: p.send("tx-a", b"zombie-late", partition=1))]
+    for what, call in calls:
+        try:
+            call()
+            out.append(f"{what} ok")
+        except ProducerFenced:
+            out.append(f"{what} fenced")
+        except Exception as e:                               # reported, the test fails on it
+            out.append(f"{what} {type(e).__name__}: {e}")
+    with open(os.path.join(tmp, "zombie.out"), "w") as f:
+        f.write(f"{sent}\n" + "\n".join(out))
+    p.close()
+
+
+def _newer(root_path: str, tmp: str) -> None:
+    p = Producer(root_path, transactional_id="tx-zombie-proc")
+    p.init_transactions()                                    # aborts and fences the older process
+    p.begin_transaction()
+    p.send("tx-a", b"fresh-1", partition=0)
+    p.send("tx-b", b"fresh-2", partition=1)
+    p.commit_transaction()
+    p.close()
+    open(os.path.join(tmp, "newer.done"), "w").close()
+
+
+def _wait_file(path: "os.PathLike[str]", proc: "object", what: str, timeout: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not os.path.exists(path):
+        assert time.monotonic() < deadline, f"{what}: timed out"
+        assert proc.is_alive() or os.path.exists(path), f"{what}: the process died (exit {proc.exitcode})"  # type: ignore[attr-defined]
+        time.sleep(0.01)
+
+
+@pytest.mark.parametrize("mode", ["sending", "idle"])
+def test_zombie_process_is_fenced_and_its_records_never_visible(root: Root, reaper, tmp_path, mode: str) -> None:
+    """Two processes with the same transactional id: the older one is fenced
+    by the newer one's init_transactions. Sending in a loop meanwhile, its
+    next append fails with ProducerFenced; idle, its commit is refused by the
+    coordinator with ProducerFenced. read_committed never returns its records."""
+    make_topics(root, ["tx-a", "tx-b"], 2)
+    tmp = str(tmp_path)
+    old = reaper.start(_zombie, root.path, tmp, mode)
+    _wait_file(tmp_path / "ready", old, "the older producer process starting its transaction")
+    time.sleep(0.1)                                          # let it append some more
+    new = reaper.start(_newer, root.path, tmp)
+    new.join(30)
+    assert new.exitcode == 0 and (tmp_path / "newer.done").exists()
+    old.join(30)
+    assert old.exitcode == 0
+    lines = (tmp_path / "zombie.out").read_text().splitlines()
+    sent = int(lines[0])
+    assert lines[1:] == ["send fenced"] * (mode == "sending") + ["commit fenced", "abort fenced",
+                                                                 "send-new-partition fenced"], lines
+    tps = all_tps(["tx-a", "tx-b"], 2)
+    recs = drain(root, "read_committed", 2, tps=tps)
+    assert sorted(r[3] for r in recs) == [b"fresh-1", b"fresh-2"]
+    # Every append the zombie made before it was fenced is in the log (aborted), none after.
+    raw = sorted(r[3] for r in drain(root, "read_uncommitted", sent + 2, tps=tps))
+    zombie = [v for v in raw if v.startswith(b"zombie")]
+    assert len(zombie) == sent and b"zombie-late" not in raw and (sent > 2) == (mode == "sending")
+    assert sorted(v for v in raw if not v.startswith(b"zombie")) == [b"fresh-1", b"fresh-2"]
+
+
+def test_coordinator_killed_between_abort_decision_and_markers(root: Root, reaper) -> None:
+    """The coordinator journals PrepareAbort and dies before any marker: the
+    successor writes the ABORT markers; nothing of the transaction (records or
+    offsets) is ever visible to read_committed, and what follows is."""
+    from shmq.cli.dump_log import dump
+    coord = start_crashing_coordinator(root, reaper, "tx-crash-abort")
+    make_topics(root, ["tx-a", "tx-b"], 2)
+    tps = all_tps(["tx-a", "tx-b"], 2)
+    other = Producer(root.path, transactional_id="tx-crash-other")   # commits on the first coordinator
+    other.init_transactions()
+    other.begin_transaction()
+    other.send("tx-a", b"kept-1", partition=0)
+    other.commit_transaction()
+    prod = Producer(root.path, transactional_id="tx-crash-abort")
+    prod.init_transactions()
+    prod.begin_transaction()
+    prod.send("tx-a", b"dropped-1", partition=0)
+    prod.send("tx-b", b"dropped-2", partition=1)
+    prod.send_offsets_to_transaction({TopicPartition("tx-a", 1): 5}, "tx-crash-group")
+    prod.abort_transaction()                                 # the coordinator dies after PrepareAbort
+    assert coord.wait(timeout=10) == -signal.SIGKILL
+    assert root.coordinator_pid() not in (None, coord.pid)   # the retried EndTxn went to a successor
+    plain = Producer(root.path)
+    plain.send("tx-a", b"kept-2", partition=0)               # above the aborted records: visible once the LSO moved
+    plain.send("tx-b", b"kept-3", partition=1)
+    recs = drain(root, "read_committed", 3, tps=tps)
+    assert sorted(r[3] for r in recs) == [b"kept-1", b"kept-2", b"kept-3"]
+    raw = drain(root, "read_uncommitted", 5, tps=tps)
+    assert sorted(r[3] for r in raw) == [b"dropped-1", b"dropped-2", b"kept-1", b"kept-2", b"kept-3"]
+    with Consumer(root=root.path, group_id="tx-crash-group") as c:
+        assert c.committed(TopicPartition("tx-a", 1)) is None
+    from shmq.coordinator.client import CoordinatorClient
+    with CoordinatorClient(root.path) as client:
+        assert not client.status().get("transactions")       # none left open
+    # One ABORT marker in each partition the transaction wrote, written by the successor.
+    import io
+    for t, p, kind in (("tx-a", 0, ["COMMIT", "ABORT"]), ("tx-b", 1, ["ABORT"])):
+        out = io.StringIO()
+        dump(root.partition_dir(t, p), out=out, records=True)
+        assert [ln.split("endTxnMarker: ")[1].split()[0] for ln in out.getvalue().splitlines()
+                if "endTxnMarker" in ln] == kind, (t, p)
+    # The producer goes on under the successor.
+    prod.begin_transaction()
+    prod.send("tx-b", b"kept-4", partition=1)
+    prod.commit_transaction()
+    recs = drain(root, "read_committed", 4, tps=tps)
+    assert sorted(r[3] for r in recs) == [b"kept-1", b"kept-2", b"kept-3", b"kept-4"]
+    for x in (prod, other, plain):
+        x.close()
+
+
+def test_transaction_offsets_are_committed_only_when_it_commits(root: Root) -> None:
+    """send_offsets_to_transaction: the offsets become the group's committed
+    offsets when the transaction commits, never while open or when aborted."""
+    make_topics(root, ["tx-in", "tx-out"], 2)
+    group = "tx-offsets-group"
+    cons = Consumer("tx-in", root=root.path, group_id=group, enable_auto_commit=False, auto_offset_reset="earliest")
+    deadline = time.monotonic() + 20
+    while len(cons.assignment()) < 2:
+        assert time.monotonic() < deadline, "the consumer was not assigned the input"
+        cons.consume(1, timeout=0.05)
+    tp0, tp1 = TopicPartition("tx-in", 0), TopicPartition("tx-in", 1)
+    prod = Producer(root.path, transactional_id="tx-offsets")
+    prod.init_transactions()
+
+    def committed() -> Tuple[object, object]:
+        return cons.committed(tp0), cons.committed(tp1)
+
+    def txn(offsets: Dict[TopicPartition, int], commit: bool, tag: bytes) -> None:
+        prod.begin_transaction()
+        prod.send("tx-out", tag, partition=0)
+        prod.send_offsets_to_transaction(offsets, cons.consumer_group_metadata())
+        before = committed()
+        (prod.commit_transaction if commit else prod.abort_transaction)()
+        assert committed() != offsets or commit
+        assert before == committed() or commit               # pending offsets are not the group's yet
+
+    txn({tp0: 5, tp1: 3}, False, b"a1")
+    assert committed() == (None, None)                       # aborted: not committed
+    txn({tp0: 7}, True, b"c1")
+    assert committed() == (7, None)                          # committed
+    txn({tp0: 9, tp1: 4}, False, b"a2")
+    assert committed() == (7, None)                          # aborted again: the committed ones stay
+    # Offsets sent in an open transaction are not the group's until it ends.
+    prod.begin_transaction()
+    prod.send_offsets_to_transaction({tp0: 11, tp1: 6}, cons.consumer_group_metadata())
+    assert committed() == (7, None)
+    prod.commit_transaction()
+    assert committed() == (11, 6)
+    assert [r[3] for r in drain(root, "read_committed", 1, tps=[TopicPartition("tx-out", 0)])] == [b"c1"]
+    # A fresh member of the group starts from the committed offsets.
+    with Consumer(root=root.path, group_id=group) as other:
+        assert other.committed(tp0) == 11 and other.committed(tp1) == 6
+    cons.close()
+    prod.close()
+
+
+def test_send_async_inside_a_transaction(root: Root) -> None:
+    """send_async in a transaction, to an unreplicated and a replicated topic:
+    the futures resolve, the records are committed or aborted with the rest
+    of the transaction, and outside a transaction it raises IllegalState."""
+    from tests.test_replication import create
+    make_topics(root, ["tx-a"], 2)
+    with Admin(root.path) as admin:
+        create(admin, "tx-r", rf=2)
+    prod = Producer(root.path, transactional_id="tx-async")
+    prod.init_transactions()
+    with pytest.raises(IllegalState):
+        prod.send_async("tx-a", b"outside", partition=0)
+    expected: Dict[Tuple[str, int], List[bytes]] = {}
+    for tag, commit in (("A", True), ("B", False), ("C", True)):
+        prod.begin_transaction()
+        futs = []
+        for i in range(60):
+            tp = [("tx-a", 0), ("tx-a", 1), ("tx-r", 0)][i % 3]
+            v = f"{tag}-{i}".encode()
+            futs.append((tp, prod.send_async(tp[0], v, partition=tp[1])))
+            if commit:
+                expected.setdefault(tp, []).append(v)
+            if i == 30:
+                prod.send("tx-r", f"{tag}-sync".encode(), partition=0)     # a sync send between async ones
+                if commit:
+                    expected.setdefault(("tx-r", 0), []).append(f"{tag}-sync".encode())
+        md = futs[0][1].get(timeout=10)
+        assert (md.topic, md.partition) == futs[0][0]
+        (prod.commit_transaction if commit else prod.abort_transaction)()
+        assert all(f.done() for _tp, f in futs)                # ended only after every record was acknowledged
+        offs = [f.get().offset for tp, f in futs if tp == ("tx-a", 0)]
+        assert offs == sorted(offs) and len(set(offs)) == len(offs)
+    tps = [TopicPartition("tx-a", 0), TopicPartition("tx-a", 1), TopicPartition("tx-r", 0)]
+    recs = drain(root, "read_committed", sum(map(len, expected.values())), tps=tps)
+    assert by_partition(recs) == expected
+    assert len(drain(root, "read_uncommitted", 183, tps=tps)) == 3 * 61
+    prod.close()
