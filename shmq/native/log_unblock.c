@@ -65,7 +65,8 @@ static int unblock_at(shmq_log *log, uint64_t seq, uint64_t pos, uint32_t rel)
             return 0;
         scan = pos + 8;
     } else {
-        int32_t len = -fh_len(h);
+        /* INT32_MIN has no negation: scribbled, and refused below as too short. */
+        int32_t len = fh_len(h) == INT32_MIN ? 0 : -fh_len(h);
         if (fh_len(h) >= 0 || len < SHMQ_MIN_FRAME || len % 8 || pos + (uint64_t)len > log->cap || fh_rel(h) != rel)
             return set_error(log, SHMQ_ERR_CORRUPT, seq, pos, base + rel);
         if (fh_type(h) == SHMQ_FRAME_DATA && !cas64(w, h, fh_make(-len, rel, SHMQ_FRAME_FENCED)))
@@ -85,7 +86,7 @@ static int unblock_at(shmq_log *log, uint64_t seq, uint64_t pos, uint32_t rel)
         if (v == POISON)
             continue;
         /* The first word after the gap that someone else wrote is a header. */
-        int32_t vl = fh_len(v) < 0 ? -fh_len(v) : fh_len(v);
+        int32_t vl = fh_len(v) == INT32_MIN ? 0 : fh_len(v) < 0 ? -fh_len(v) : fh_len(v);
         if (vl < SHMQ_MIN_FRAME || vl % 8 || p + (uint64_t)vl > log->cap || fh_rel(v) < rel)
             return set_error(log, SHMQ_ERR_CORRUPT, seq, p, base + rel);
         q = p;

@@ -415,10 +415,10 @@ int64_t shmq_pstate_append1_attr(shmq_pstate *ps, shmq_log *log, const char *key
 /* Big-endian field of a batch header (the listener's raw batches). */
 static int64_t pstate_be(const uint8_t *p, int n)
 {
-    int64_t v = 0;
+    uint64_t v = 0;   /* unsigned: a producer id of -1 (0xFF..) must not overflow a signed shift */
     for (int i = 0; i < n; i++)
         v = (v << 8) | p[i];
-    return v;
+    return (int64_t)v;
 }
 
 static int64_t store_raw(shmq_log *log, const void *batch, int64_t len, int64_t producer_id, int16_t epoch,

@@ -56,4 +56,42 @@ int64_t fuzz_real_ns(void);
 /* Deterministic PRNG (splitmix64). */
 uint64_t fuzz_rand(uint64_t *state);
 
+/* ------------------------------------- log images (fuzz_log, fuzz_unblock)
+ *
+ * An image of a whole log of FUZZ_IMG_SLOTS slots of FUZZ_IMG_SEG bytes:
+ * the meaningful bytes of each file in a row (the rest of every file is
+ * zero):
+ *   partition.ctl  header + slot table + reader table   (FUZZ_IMG_CTL)
+ *   per slot i:    i.log (SEG), i.index (IDX), i.timeindex (TIDX)
+ * fuzz_image_log creates such a log in a fresh directory (overwrite mode,
+ * with a producer-state table) and maps its files; fuzz_image_write puts an
+ * input into the files, fuzz_image_read takes the files as an input. */
+#define FUZZ_IMG_SLOTS 3
+#define FUZZ_IMG_SEG 4096
+#define FUZZ_IMG_INTERVAL 256
+#define FUZZ_IMG_CTL (SHMQ_CTL_HEADER_SIZE + FUZZ_IMG_SLOTS * SHMQ_CTL_SLOT_SIZE + SHMQ_MAX_READERS * SHMQ_READER_SLOT_SIZE)
+#define FUZZ_IMG_IDX ((FUZZ_IMG_SEG / FUZZ_IMG_INTERVAL + 1) * 8)
+#define FUZZ_IMG_TIDX ((FUZZ_IMG_SEG / FUZZ_IMG_INTERVAL + 1) * 16)
+#define FUZZ_IMG_BYTES (FUZZ_IMG_CTL + FUZZ_IMG_SLOTS * (FUZZ_IMG_SEG + FUZZ_IMG_IDX + FUZZ_IMG_TIDX))
+#define FUZZ_IMG_FILES (1 + 3 * FUZZ_IMG_SLOTS)
+
+typedef struct fuzz_image {
+    const char *dir;
+    shmq_log *writer;              /* the handle that builds seeds */
+    shmq_pstate *pstate;
+    struct { uint8_t *map; size_t len, used; } files[FUZZ_IMG_FILES];
+} fuzz_image;
+
+void fuzz_image_log(fuzz_image *im, const char *tag);
+void fuzz_image_write(fuzz_image *im, const uint8_t *data, size_t size);
+fuzz_input fuzz_image_read(const fuzz_image *im);
+/* The seeds of a log image, made by im->writer: empty, a few records, two
+ * segments, recycled slots, a padding frame, replicated with the HW inside.
+ * Returns how many (at most FUZZ_IMG_SEEDS). */
+#define FUZZ_IMG_SEEDS 6
+size_t fuzz_image_seeds(fuzz_image *im, fuzz_input *out);
+/* Read from cur until nothing more comes (bounded), alternating CRC checks
+ * and decoding fixed-width values in bulk. */
+void fuzz_drain(shmq_log *log, shmq_cursor *cur);
+
 #endif

@@ -1,6 +1,10 @@
 /*
  * Harness: Kafka RecordBatch v2 check and decode (record_batch.c), as every
- * read path applies them to bytes from shared memory. Input: one batch.
+ * read path applies them to bytes from shared memory, and the raw append of
+ * a batch a Kafka client sent through the listener: shmq_log_append_raw and
+ * the idempotent shmq_pstate_append_raw (first time and retry), then read
+ * back (shmq_log_read, shmq_log_read_frames). Input: one batch; it is also
+ * appended with its CRC set right, so mutations get past the CRC check.
  */
 #include <stdint.h>
 #include <stdlib.h>
@@ -10,7 +14,41 @@
 
 #define MAX_VIEWS 256
 
-int LLVMFuzzerInitialize(int *argc, char ***argv) { (void)argc; (void)argv; return 0; }
+static shmq_log *log_;
+static shmq_pstate *pstate;
+
+int LLVMFuzzerInitialize(int *argc, char ***argv)
+{
+    (void)argc;
+    (void)argv;
+    const char *dir = fuzz_dir("batch");
+    log_ = fuzz_new_log(dir, 3, FUZZ_IMG_SEG, 512, 0);        /* overwrite: appends never wait */
+    if (shmq_pstate_create(dir, 8) != SHMQ_OK || shmq_pstate_open(dir, &pstate) != SHMQ_OK)
+        fuzz_die("producer state table", -1);
+    return 0;
+}
+
+static uint32_t be32_at(const uint8_t *p) { return (uint32_t)p[0] << 24 | (uint32_t)p[1] << 16 | (uint32_t)p[2] << 8 | p[3]; }
+
+/* The listener's path: raw appends into an empty log, then everything read back. */
+static void append_raw(uint8_t *buf, int64_t len)
+{
+    static uint8_t frames[2 * FUZZ_IMG_SEG];
+    shmq_log_reset(log_, 0);
+    shmq_pstate_clear(pstate);
+    shmq_log_append_raw(log_, buf, len, 0);
+    for (int k = 0; k < 2; k++) {
+        int dup = 0;
+        shmq_pstate_append_raw(pstate, log_, buf, len, 0, &dup);
+    }
+    shmq_log_append_raw(log_, buf, len, 0);
+    shmq_cursor cur;
+    if (shmq_log_seek(log_, &cur, 0) == SHMQ_OK)
+        fuzz_drain(log_, &cur);
+    if (shmq_log_seek(log_, &cur, 0) == SHMQ_OK)
+        while (shmq_log_read_frames(log_, &cur, frames, sizeof frames, 1) > 0)
+            ;
+}
 
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 {
@@ -37,6 +75,18 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
                 if (w >= 0 && w * n <= (int64_t)sizeof out)
                     shmq_gather_fixed(buf, blen, views, n, 1, w, out);
             }
+        }
+    }
+    append_raw(buf, len);
+    if (len >= SHMQ_BATCH_HEADER_SIZE) {                       /* the same bytes, CRC set right */
+        int64_t n = (int64_t)be32_at(buf + SHMQ_BATCH_OFF_LENGTH) + 12;
+        if (n >= SHMQ_BATCH_HEADER_SIZE && n <= len) {
+            uint32_t crc = shmq_crc32c(0, buf + SHMQ_BATCH_OFF_ATTRIBUTES, (size_t)(n - SHMQ_BATCH_OFF_ATTRIBUTES));
+            for (int b = 0; b < 4; b++)
+                buf[SHMQ_BATCH_OFF_CRC + b] = (uint8_t)(crc >> (24 - 8 * b));
+            append_raw(buf, len);
+            if (n < len)
+                append_raw(buf, n);
         }
     }
     free(buf);

@@ -199,3 +199,99 @@ int64_t fuzz_real_ns(void)
     syscall(SYS_clock_gettime, CLOCK_MONOTONIC, &ts);
     return (int64_t)ts.tv_sec * 1000000000 + ts.tv_nsec;
 }
+
+/* ------------------------------------------------------------ log images */
+
+void fuzz_image_log(fuzz_image *im, const char *tag)
+{
+    im->dir = fuzz_dir(tag);
+    im->writer = fuzz_new_log(im->dir, FUZZ_IMG_SLOTS, FUZZ_IMG_SEG, FUZZ_IMG_INTERVAL, 0);
+    if (shmq_pstate_create(im->dir, 16) != SHMQ_OK || shmq_pstate_open(im->dir, &im->pstate) != SHMQ_OK)
+        fuzz_die("producer state table", -1);
+    im->files[0].map = fuzz_map(im->dir, "partition.ctl", &im->files[0].len);
+    im->files[0].used = FUZZ_IMG_CTL;
+    static const char *exts[] = { "log", "index", "timeindex" };
+    static const size_t used[] = { FUZZ_IMG_SEG, FUZZ_IMG_IDX, FUZZ_IMG_TIDX };
+    for (int i = 0; i < FUZZ_IMG_SLOTS; i++)
+        for (int e = 0; e < 3; e++) {
+            char name[64];
+            snprintf(name, sizeof name, "%d.%s", i, exts[e]);
+            im->files[1 + 3 * i + e].map = fuzz_map(im->dir, name, &im->files[1 + 3 * i + e].len);
+            im->files[1 + 3 * i + e].used = used[e];
+        }
+}
+
+void fuzz_image_write(fuzz_image *im, const uint8_t *data, size_t size)
+{
+    for (int f = 0; f < FUZZ_IMG_FILES; f++) {
+        size_t n = size < im->files[f].used ? size : im->files[f].used;
+        memcpy(im->files[f].map, data, n);
+        memset(im->files[f].map + n, 0, im->files[f].len - n);
+        data += n;
+        size -= n;
+    }
+}
+
+fuzz_input fuzz_image_read(const fuzz_image *im)
+{
+    fuzz_input in = { malloc(FUZZ_IMG_BYTES), FUZZ_IMG_BYTES };
+    uint8_t *p = in.data;
+    for (int f = 0; f < FUZZ_IMG_FILES; f++) {
+        memcpy(p, im->files[f].map, im->files[f].used);
+        p += im->files[f].used;
+    }
+    return in;
+}
+
+/* A padding frame of `count` offsets (the stream form append_frames takes). */
+static void append_padding(shmq_log *log, uint32_t count)
+{
+    uint8_t frame[SHMQ_MIN_FRAME] = { 0 };
+    uint64_t h = (uint64_t)SHMQ_MIN_FRAME | ((uint64_t)count << 32) | ((uint64_t)SHMQ_FRAME_PADDING << 62);
+    memcpy(frame, &h, 8);
+    shmq_batch_encode_empty(frame + 8, SHMQ_BATCH_HEADER_SIZE, 0, (int32_t)count, 1);
+    int64_t rc = shmq_log_append_frames(log, frame, sizeof frame);
+    if (rc < 0)
+        fuzz_die("append a padding frame", rc);
+}
+
+size_t fuzz_image_seeds(fuzz_image *im, fuzz_input *out)
+{
+    size_t n = 0;
+    out[n++] = fuzz_image_read(im);                          /* empty */
+    fuzz_fill_log(im->writer, im->pstate, 1, 5);
+    out[n++] = fuzz_image_read(im);                          /* a few records */
+    fuzz_fill_log(im->writer, im->pstate, 2, 30);
+    out[n++] = fuzz_image_read(im);                          /* two segments */
+    fuzz_fill_log(im->writer, im->pstate, 3, 200);
+    out[n++] = fuzz_image_read(im);                          /* recycled slots */
+    shmq_log_reset(im->writer, 1000);
+    fuzz_fill_log(im->writer, NULL, 4, 10);
+    append_padding(im->writer, 3);
+    fuzz_fill_log(im->writer, NULL, 5, 10);
+    out[n++] = fuzz_image_read(im);                          /* a padding frame */
+    shmq_log_set_replication(im->writer, 1, 3, 0, 1, 1000);
+    shmq_log_advance_hw(im->writer, 1005);
+    fuzz_fill_log(im->writer, NULL, 6, 12);
+    out[n++] = fuzz_image_read(im);                          /* replicated, HW inside */
+    return n;
+}
+
+/* Read from cur until nothing more comes (bounded), alternating CRC checks. */
+void fuzz_drain(shmq_log *log, shmq_cursor *cur)
+{
+    static uint8_t dst[2 * FUZZ_IMG_SEG];
+    static shmq_record_view views[128];
+    static uint8_t fixed[FUZZ_IMG_SEG];
+    for (int k = 0; k < 8; k++) {
+        shmq_log_ready(log, cur);
+        int64_t used = 0;
+        int64_t n = shmq_log_read(log, cur, dst, sizeof dst, views, k == 1 ? 3 : 128, k & 1, &used);
+        if (n <= 0)
+            return;
+        int64_t w = views[0].value_len;
+        if (w >= 0 && w * n <= (int64_t)sizeof fixed)
+            shmq_gather_fixed(dst, used, views, n, 0, w, fixed);
+    }
+}
+

@@ -237,10 +237,6 @@ int main(int argc, char **argv)
     signal(SIGABRT, on_abort);
     if (__sanitizer_set_death_callback)
         __sanitizer_set_death_callback(save_current);
-    npool = fuzz_seeds(pool, POOL_MAX / 2);
-    nfixed = npool;
-    for (size_t i = 0; i < nfixed; i++)
-        run_one(pool[i].data, pool[i].len);
     int i = 1;
     for (; i < argc && strncmp(argv[i], "--", 2) == 0; i += 2) {
         if (i + 1 >= argc)
@@ -256,6 +252,11 @@ int main(int argc, char **argv)
         else
             fuzz_die(argv[i], i);
     }
+    /* Seeds run after the options are read, so a crashing seed lands in --crash-dir. */
+    npool = fuzz_seeds(pool, POOL_MAX / 2);
+    nfixed = npool;
+    for (size_t k = 0; k < nfixed; k++)
+        run_one(pool[k].data, pool[k].len);
     if (seeds_out)
         write_seeds(seeds_out);
     size_t replayed = npool;

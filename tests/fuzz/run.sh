@@ -2,7 +2,7 @@
 # A longer fuzz run: build (tests/fuzz/build.sh), then run every harness (or
 # the ones named) for SECONDS each, replaying and extending its corpus.
 #
-#   tests/fuzz/run.sh [SECONDS [HARNESS...]]     (default 300 s; harnesses: batch frames log pstate)
+#   tests/fuzz/run.sh [SECONDS [HARNESS...]]     (default 300 s; harnesses: batch frames log pstate unblock)
 #
 # Inputs that crash are saved in build/fuzz/crashes/; once the bug is fixed,
 # copy each into tests/fuzz/corpus/<harness>/ under a name that says what it
