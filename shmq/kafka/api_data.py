@@ -18,6 +18,24 @@ hands their batches to the client as they are stored, never above the high
 watermark; it waits for ``min_bytes`` up to ``max_wait_ms`` on the log's
 futex. Padding frames (a dead producer's claim, padded over) are left out:
 Kafka clients take the gap in offsets as they do after compaction.
+
+Isolation (Kafka's): every Fetch answers the partition's last stable offset
+(LSO, from its transaction index, ``shmq.ringlog.txn``). READ_COMMITTED
+serves nothing at or above the LSO and lists the aborted transactions of
+the data served, as (producer id, first offset), which the client uses to
+drop their batches (it skips a producer's transactional batches from that
+offset until the producer's ABORT marker). The index keeps offset runs,
+several per transaction when other batches lie between, so the list is made
+by walking the served batches: a producer's first batch inside an aborted
+run opens one entry (the run's first offset) and its next control batch
+closes it; an ABORT marker with no open entry (the transaction's data came
+before this fetch, or it had none here) gets an entry at the marker's
+offset, as Kafka lists every aborted transaction whose marker is at or
+past the fetch offset. One entry per transaction matters: librdkafka pops
+one per ABORT marker. Loads come in the order the index's writer needs:
+high watermark, LSO, then the aborted runs (a transaction's runs are
+published before the LSO moves past it). ListOffsets with READ_COMMITTED
+answers the LSO for latest and never a time lookup at or past it.
 """
 from __future__ import annotations
 
@@ -26,10 +44,14 @@ import threading
 import time
 from typing import TYPE_CHECKING, Any, Dict, List, Optional, Tuple
 
+import numpy as np
+
 from ..errors import InvalidRecord, MessageSizeTooLarge, NotEnoughReplicas, OffsetOutOfRange, ShmqError
 from ..native import ffi, lib
 from ..ringlog import PartitionLog
 from ..ringlog.producer_state import ProducerStateTable
+from ..ringlog.txn import (ABORT, ATTR_CONTROL, ATTR_TRANSACTIONAL, TxnIndex, lso_limit, parse_control_record,
+                           stable_offset)
 from .codec import error_code_for, ms
 from .compression import UnsupportedCompression, decompress_batch
 
@@ -50,6 +72,7 @@ _I64 = struct.Struct(">q")
 _I16 = struct.Struct(">h")
 _FRAME = struct.Struct("<Q")
 _FRAME_DATA = 0
+READ_COMMITTED = 1
 
 
 class ProducerStates:
@@ -80,14 +103,58 @@ class ProducerStates:
             self._tables.clear()
 
 
+class _Txn:
+    """A partition's transaction index as one connection sees it: opened once
+    it exists, its aborted runs copied as they are published."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self.index: Optional[TxnIndex] = None
+        self.seen = 0
+        self.runs = np.empty((0, 3), dtype=np.int64)      # producer_id, first, last
+
+    def stable(self, hw: int) -> int:
+        """The LSO given the high watermark ``hw`` loaded just before."""
+        if self.index is None:
+            self.index = TxnIndex.open(self.path)
+        return lso_limit(hw, self.index)
+
+    def aborted_runs(self, lo: int, hi: int) -> np.ndarray:
+        """Published aborted runs overlapping offsets ``lo..hi`` (load after ``stable``)."""
+        idx = self.index
+        if idx is None:
+            return self.runs[:0]
+        if idx.count != self.seen:
+            new = idx.entries(self.seen)
+            self.seen += len(new)
+            self.runs = np.concatenate([self.runs, new[:, :3]])
+        r = self.runs
+        if not len(r):
+            return r
+        return r[(r[:, 2] >= lo) & (r[:, 1] <= hi)]
+
+    def close(self) -> None:
+        if self.index is not None:
+            self.index.close()
+            self.index = None
+
+
 class ConnectionData:
     """A connection's readers (one per partition it fetched) and fetch buffer."""
 
     def __init__(self, listener: "KafkaListener") -> None:
         self.listener = listener
         self.readers: Dict[Tuple[str, int, str], Any] = {}
+        self.txns: Dict[Tuple[str, int, str], "_Txn"] = {}
         self.buf = bytearray(1 << 20)
         self.unblock = ffi.new("shmq_unblock_state *")
+
+    def txn(self, plog: PartitionLog, topic: str, partition: int) -> "_Txn":
+        key = (topic, partition, plog.path)
+        t = self.txns.get(key)
+        if t is None:
+            t = self.txns[key] = _Txn(self.listener.root.txn_index_path(topic, partition))
+        return t
 
     def reader(self, plog: PartitionLog, topic: str, partition: int, offset: int) -> Any:
         key = (topic, partition, plog.path)
@@ -104,6 +171,8 @@ class ConnectionData:
         producers of a block-mode log from recycling what it has not read)."""
         for key in [k for k in self.readers if k not in keys]:
             self.readers.pop(key).close()
+        for key in [k for k in self.txns if k not in keys]:
+            self.txns.pop(key).close()
 
     def close(self) -> None:
         self.retain(set())
@@ -192,17 +261,26 @@ def produce(conn: "Connection", req: Any, version: int) -> Optional[Dict[str, An
 
 # -------------------------------------------------------------------- Fetch
 class _Part:
-    __slots__ = ("topic", "partition", "offset", "max_bytes", "plog", "reader", "error", "hw", "start", "chunks",
-                 "size")
+    __slots__ = ("topic", "partition", "offset", "max_bytes", "committed", "plog", "reader", "txn", "error", "hw",
+                 "lso", "start", "chunks", "size")
 
-    def __init__(self, topic: str, partition: int, offset: int, max_bytes: int) -> None:
+    def __init__(self, topic: str, partition: int, offset: int, max_bytes: int, committed: bool) -> None:
         self.topic, self.partition, self.offset, self.max_bytes = topic, partition, offset, max_bytes
+        self.committed = committed
         self.plog: Optional[PartitionLog] = None
         self.reader: Any = None
+        self.txn: Optional[_Txn] = None
         self.error = 0
-        self.hw = self.start = -1
+        self.hw = self.lso = self.start = -1
         self.chunks: List[bytes] = []
         self.size = 0
+
+    def load_limits(self) -> int:
+        """Load the high watermark, then the LSO; returns what may be served."""
+        assert self.plog is not None and self.txn is not None
+        self.hw = self.plog.high_watermark
+        self.lso = self.txn.stable(self.hw)
+        return self.lso if self.committed else self.hw
 
 
 def _read_part(conn: "Connection", p: _Part, limit: int) -> None:
@@ -211,13 +289,15 @@ def _read_part(conn: "Connection", p: _Part, limit: int) -> None:
     try:
         if p.plog is None:
             p.plog = conn.listener.cluster.log(p.topic, p.partition)
+            p.txn = data.txn(p.plog, p.topic, p.partition)
         plog = p.plog
-        p.hw, p.start = plog.high_watermark, plog.start_offset
+        top = p.load_limits()
+        p.start = plog.start_offset
         end = plog.end_offset
         if p.offset < p.start or p.offset > end:
             raise OffsetOutOfRange(f"offset {p.offset} of {p.topic}-{p.partition} is outside [{p.start}, {end}]")
         p.reader = data.reader(plog, p.topic, p.partition, p.offset)
-        if p.offset >= p.hw:
+        if p.offset >= top:
             return
         buf = data.buf
         want = max(limit, 1)
@@ -235,7 +315,7 @@ def _read_part(conn: "Connection", p: _Part, limit: int) -> None:
             flen = word & 0xFFFFFFFF
             if word >> 62 == _FRAME_DATA:
                 base = _I64.unpack_from(buf, pos + 8)[0]
-                if base >= p.hw:
+                if base >= top:
                     break
                 blen = _I32.unpack_from(buf, pos + 16)[0] + 12
                 if p.size and p.size + blen > limit:
@@ -246,6 +326,47 @@ def _read_part(conn: "Connection", p: _Part, limit: int) -> None:
         # The reader moved past what was copied; the next fetch seeks to where the client is.
     except ShmqError as e:
         p.error = error_code_for(e)
+
+
+def _aborted_transactions(p: _Part) -> List[Dict[str, int]]:
+    """Kafka's aborted_transactions for the batches served to a READ_COMMITTED
+    fetch: one (producer id, first offset) per aborted transaction in them
+    (see the module doc)."""
+    if not p.chunks or p.txn is None:
+        return []
+    last = _I64.unpack_from(p.chunks[-1], 0)[0] + _I32.unpack_from(p.chunks[-1], 23)[0]
+    runs = p.txn.aborted_runs(p.offset, last)
+    if not p.txn.seen:
+        return []                                # no transaction here ever aborted
+    by_pid: Dict[int, List[Tuple[int, int]]] = {}
+    for pid, first, lst in runs.tolist():
+        by_pid.setdefault(pid, []).append((first, lst))
+    out: List[Dict[str, int]] = []
+    inside: set = set()                          # producers whose aborted transaction is listed and not ended
+    for b in p.chunks:
+        attrs = _I16.unpack_from(b, 21)[0]
+        if not attrs & ATTR_TRANSACTIONAL:
+            continue
+        base, pid = _I64.unpack_from(b, 0)[0], _I64.unpack_from(b, 43)[0]
+        if attrs & ATTR_CONTROL:
+            if pid in inside:
+                inside.discard(pid)
+            else:
+                try:
+                    marker = parse_control_record(b)
+                except ShmqError:
+                    marker = None
+                if marker is not None and marker[0] == ABORT:
+                    out.append({"producer_id": pid, "first_offset": base})
+            continue
+        if pid in inside:
+            continue
+        for first, lst in by_pid.get(pid, ()):
+            if first <= base <= lst:
+                out.append({"producer_id": pid, "first_offset": first})
+                inside.add(pid)
+                break
+    return out
 
 
 def _wait_parts(conn: "Connection", parts: List[_Part], timeout: float) -> None:
@@ -263,15 +384,25 @@ def _wait_parts(conn: "Connection", parts: List[_Part], timeout: float) -> None:
             return
         p = waitable[i % len(waitable)]
         i += 1
+        if p.committed and p.plog is not None and p.plog.high_watermark > p.offset:
+            # Records are there but not stable (an open transaction): look at the LSO again shortly.
+            if p.load_limits() > p.offset:
+                return
+            time.sleep(min(left, 0.001 if len(waitable) == 1 else 0.0005))
+            continue
         r = p.reader
         if p.offset != r.position:
             r.seek(p.offset)
         # Wake at least every unblock interval to pad over a dead producer's claim.
         unblock = p.plog.config.unblock_timeout_ms / 2000 + 0.001
         if lib.shmq_log_wait(p.plog._h, r._cur, 20_000, int(min(left, slice_s, unblock) * 1e9)):
-            return
+            if not p.committed or p.load_limits() > p.offset:
+                return
+            continue
         if p.plog.high_watermark > p.offset:
-            return
+            if not p.committed or p.load_limits() > p.offset:
+                return
+            continue
         lib.shmq_log_unblock_cursor(p.plog._h, r._cur, conn.data.unblock)
 
 
@@ -281,7 +412,8 @@ def fetch(conn: "Connection", req: Any, version: int) -> Dict[str, Any]:
     max_bytes = getattr(req, "max_bytes", 0x7FFFFFFF)
     if max_bytes <= 0:
         max_bytes = 0x7FFFFFFF
-    parts = [_Part(t.topic, fp.partition, fp.fetch_offset, fp.partition_max_bytes)
+    committed = int(getattr(req, "isolation_level", 0)) == READ_COMMITTED
+    parts = [_Part(t.topic, fp.partition, fp.fetch_offset, fp.partition_max_bytes, committed)
              for t in req.topics for fp in t.partitions]
     deadline = time.monotonic() + max_wait
     while True:
@@ -303,7 +435,8 @@ def fetch(conn: "Connection", req: Any, version: int) -> Dict[str, Any]:
     for p in parts:
         responses.setdefault(p.topic, []).append({
             "partition_index": p.partition, "error_code": p.error, "high_watermark": p.hw,
-            "last_stable_offset": p.hw, "log_start_offset": p.start, "aborted_transactions": None,
+            "last_stable_offset": p.lso, "log_start_offset": p.start,
+            "aborted_transactions": _aborted_transactions(p) if committed and not p.error else None,
             "preferred_read_replica": -1, "records": b"".join(p.chunks)})
     return {"error_code": 0, "session_id": 0,
             "responses": [{"topic": t, "partitions": ps} for t, ps in responses.items()]}
@@ -313,18 +446,20 @@ def fetch(conn: "Connection", req: Any, version: int) -> Dict[str, Any]:
 EARLIEST, LATEST, MAX_TIMESTAMP = -2, -1, -3
 
 
-def _list_offset(conn: "Connection", topic: str, partition: int, ts: int) -> Dict[str, Any]:
+def _list_offset(conn: "Connection", topic: str, partition: int, ts: int, committed: bool) -> Dict[str, Any]:
     out: Dict[str, Any] = {"partition_index": partition, "error_code": 0, "timestamp": -1, "offset": -1,
                            "leader_epoch": -1}
     try:
         plog = conn.listener.cluster.log(topic, partition)
         out["leader_epoch"] = plog.leader_epoch
+        top = (stable_offset(plog, conn.listener.root.txn_index_path(topic, partition)) if committed
+               else plog.high_watermark)
         if ts == EARLIEST:
             out["offset"] = plog.start_offset
         elif ts == LATEST:
-            out["offset"] = plog.high_watermark
+            out["offset"] = top
         elif ts >= 0 or ts == MAX_TIMESTAMP:
-            out["offset"], out["timestamp"] = _offset_for_time(plog, ts)
+            out["offset"], out["timestamp"] = _offset_for_time(plog, ts, top)
         else:
             out["error_code"] = 42
     except ShmqError as e:
@@ -332,10 +467,9 @@ def _list_offset(conn: "Connection", topic: str, partition: int, ts: int) -> Dic
     return out
 
 
-def _offset_for_time(plog: PartitionLog, ts: int) -> Tuple[int, int]:
-    """(offset, timestamp) of the first record with timestamp >= ts (-1, -1 if
-    none); for MAX_TIMESTAMP, the record with the largest timestamp."""
-    hw = plog.high_watermark
+def _offset_for_time(plog: PartitionLog, ts: int, hw: int) -> Tuple[int, int]:
+    """(offset, timestamp) of the first record below ``hw`` with timestamp >= ts
+    (-1, -1 if none); for MAX_TIMESTAMP, the record with the largest timestamp."""
     r = plog.reader(plog.start_offset, tether=False)
     try:
         if ts == MAX_TIMESTAMP:
@@ -360,10 +494,11 @@ def _offset_for_time(plog: PartitionLog, ts: int) -> Tuple[int, int]:
 
 
 def list_offsets(conn: "Connection", req: Any, version: int) -> Dict[str, Any]:
+    committed = int(getattr(req, "isolation_level", 0)) == READ_COMMITTED
     topics = []
     for t in req.topics:
-        topics.append({"name": t.name, "partitions": [_list_offset(conn, t.name, p.partition_index, p.timestamp)
-                                                      for p in t.partitions]})
+        topics.append({"name": t.name, "partitions": [_list_offset(conn, t.name, p.partition_index, p.timestamp,
+                                                                   committed) for p in t.partitions]})
     return {"topics": topics}
 
 
