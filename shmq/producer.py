@@ -406,9 +406,25 @@ class Producer:
                 off = self._send_replicated(topic, p, n_recs, lambda plog, t, vs=vs, ks=ks: plog.append_batch(
                     vs, ks, timestamp_ms=ts, timeout=t), (vs, ks, None, ts, False))
             else:
-                off = route.logs[p].append_batch(vs, ks, timestamp_ms=ts, timeout=self._timeout_ns / 1e9)
+                off = self._append_batch(route.logs[p], vs, ks, ts)
             out.append(RecordMetadata(topic, p, off, ts))
         return out
+
+    def _append_batch(self, log: PartitionLog, values: Any, keys: Any, ts: int) -> int:
+        """One checked batch into an unreplicated log: a C-contiguous 2-D
+        uint8 array (keys likewise, or None) in one C call (fastpath.c
+        append_fixed: the batch built over the array's memory, CRC, claim,
+        commit), everything else through PartitionLog.append_batch."""
+        if self._fast is not None and type(values) is np.ndarray and values.dtype == np.uint8 \
+                and values.ndim == 2 and values.flags.c_contiguous and len(values) \
+                and (keys is None or (type(keys) is np.ndarray and keys.dtype == np.uint8 and keys.ndim == 2
+                                      and keys.flags.c_contiguous and len(keys) == len(values))):
+            off = fastpath._ext.append_fixed(fastpath.handle(log._h), values, keys, ts,  # type: ignore[union-attr]
+                                             self._timeout_ns)
+            if off < 0:
+                log._fail(off, f"append a batch of {len(values)} records")
+            return off
+        return log.append_batch(values, keys, timestamp_ms=ts, timeout=self._timeout_ns / 1e9)
 
     # ------------------------------------------------------------ replicated
     def _init_producer_id(self) -> None:

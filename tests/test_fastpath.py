@@ -562,3 +562,98 @@ def test_producer_and_consumer_suites_pass_with_the_fast_path_off(tmp_path: Any)
                         os.path.join(here, "test_producer.py"), os.path.join(here, "test_consumer.py")],
                        env=env, capture_output=True, text=True, timeout=110)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-2000:]
+
+
+# ---------------------------------------------------- bulk, one C call each
+
+def _bulk_rows(n: int, width: int, salt: int) -> Any:
+    import numpy as np
+    return ((np.arange(n * width, dtype=np.uint64) * 2654435761 + salt) % 251).astype(np.uint8).reshape(n, width)
+
+
+def test_bulk_c_path_and_python_path_store_and_read_the_same(root: str, admin: Admin, monkeypatch: Any,
+                                                            producers: Tuple[Producer, Producer]) -> None:
+    """send_batch of 2-D uint8 arrays (fastpath.c append_fixed) writes the
+    batches the Python path writes; consume_arrays (fastpath.c read_arrays)
+    returns the arrays the Python path returns: fixed-width values and keys,
+    null keys, mixed widths and null values (lists), batches larger than the
+    reader's views, reads that stop inside a batch."""
+    import numpy as np
+    fast_p, slow_p = producers
+    from shmq.ringlog.log import PartitionLog
+    python_appends: List[str] = []
+    append_batch = PartitionLog.append_batch
+    monkeypatch.setattr(PartitionLog, "append_batch",
+                        lambda self, *a, **kw: python_appends.append(name) or append_batch(self, *a, **kw))
+    topics = {}
+    for name, prod in (("c", fast_p), ("py", slow_p)):
+        topic = topics[name] = new_topic(admin, segment_bytes=4 << 20)
+        mds = [prod.send_batch(topic, _bulk_rows(3000, 64, 1), partition=0, timestamp_ms=TS),
+               prod.send_batch(topic, _bulk_rows(7, 16, 2), _bulk_rows(7, 5, 3), partition=0, timestamp_ms=TS + 1),
+               prod.send_batch(topic, _bulk_rows(2, 0, 0), partition=0, timestamp_ms=TS + 2),
+               prod.send_batch(topic, [b"a", None, b"ccc"], [None, b"k", None], partition=0, timestamp_ms=TS + 3),
+               prod.send_batch(topic, _bulk_rows(5, 8, 4)[:, ::2], partition=0, timestamp_ms=TS + 4)]  # strided
+        assert [[(m.partition, m.offset, m.timestamp_ms) for m in md] for md in mds] == \
+            [[(0, 0, TS)], [(0, 3000, TS + 1)], [(0, 3007, TS + 2)], [(0, 3009, TS + 3)], [(0, 3012, TS + 4)]]
+    assert python_appends == ["c", "c"] + ["py"] * 5, "C-contiguous uint8 arrays in one C call, the rest in Python"
+    assert raw_batches(fast_p._cluster, topics["c"], 0, 0) == raw_batches(fast_p._cluster, topics["py"], 0, 0)
+    tp = TopicPartition(topics["c"], 0)
+    plans = ((1000, 2000, 4, 3, 2, 3, 5), (1000, 65536))    # batch by batch; then across batches
+    got = {}
+    for fast in (True, False):
+        with contextlib.nullcontext() if fast else fastpath_off():
+            for plan in plans:
+                c = consumer(root, topics["c"], 1, fast)
+                reads = [c.consume_arrays(n, timeout=1.0) for n in plan]
+                assert c.consume_arrays(10, timeout=0) is None and c.position(tp) == 3017
+                assert (c._state(tp).reader.__dict__["_c_read"] is not None) == fast
+                c.close()
+                got[fast, plan] = reads
+    for plan in plans:
+        for a, b in zip(got[True, plan], got[False, plan]):
+            assert a is not None and b is not None and a[0] == b[0] == tp
+            ra, rb = a[1], b[1]
+            assert type(ra) is type(rb) and ra.offsets.dtype == rb.offsets.dtype == np.int64
+            assert ra.offsets.tolist() == rb.offsets.tolist() and ra.timestamps.tolist() == rb.timestamps.tolist()
+            for x, y in ((ra.values, rb.values), (ra.keys, rb.keys)):
+                assert type(x) is type(y)
+                if isinstance(x, np.ndarray):
+                    assert x.dtype == y.dtype == np.uint8 and x.shape == y.shape and (x == y).all()
+                else:
+                    assert x == y
+    reads = got[True, plans[0]]
+    assert [r[1].offsets.tolist()[0] for r in reads] == [0, 1000, 3000, 3004, 3007, 3009, 3012]
+    assert (reads[1][1].values == _bulk_rows(3000, 64, 1)[1000:]).all() and reads[1][1].keys is None
+    assert reads[2][1].values.shape == (4, 16) and (reads[2][1].keys == _bulk_rows(7, 5, 3)[:4]).all()
+    assert reads[4][1].values.shape == (2, 0) and reads[4][1].keys is None
+    assert reads[5][1].values == [b"a", None, b"ccc"] and reads[5][1].keys == [None, b"k", None]
+    assert (reads[6][1].values == _bulk_rows(5, 8, 4)[:, ::2]).all()
+    across = got[True, plans[1]][1][1]
+    assert len(across.offsets) == 2017 and isinstance(across.values, list) and isinstance(across.keys, list)
+
+
+def test_corrupted_bytes_raise_corrupt_record_on_the_bulk_c_path(root: str, admin: Admin,
+                                                                producers: Tuple[Producer, Producer]) -> None:
+    import numpy as np
+    from shmq.errors import CorruptRecord
+    fast_p, _ = producers
+    topic = new_topic(admin)
+    fast_p.send_batch(topic, np.full((100, 32), 7, dtype=np.uint8), partition=0)
+    log = fast_p._cluster.log(topic, 0)
+    seg = os.path.join(log.path, "0.log")
+    with open(seg, "r+b") as f:                      # one value byte of record 50, as a buggy process could
+        f.seek(8 + 61 + 50 * 40 + 20)
+        b = f.read(1)
+        f.seek(-1, os.SEEK_CUR)
+        f.write(bytes([b[0] ^ 0x40]))
+    c = consumer(root, topic, 1, True)
+    with pytest.raises(CorruptRecord):
+        c.consume_arrays(1000, timeout=1.0)
+    assert c._state(TopicPartition(topic, 0)).reader.__dict__["_c_read"] is not None, "the C bulk read raised it"
+    assert c.position(TopicPartition(topic, 0)) == 0, "nothing delivered"
+    c.close()
+    with fastpath_off():
+        c = consumer(root, topic, 1, False)
+        with pytest.raises(CorruptRecord):
+            c.consume_arrays(1000, timeout=1.0)
+        c.close()

@@ -7,6 +7,9 @@
  *   Producer.send      the common case in one C call: route lookup, partition,
  *                      timestamp, header encoding, shmq_log_append1 (batch
  *                      build, CRC, claim, commit) and the RecordMetadata.
+ *   FastConsumer       poll / consume / commit of the common case.
+ *   read_arrays,       the numpy bulk path (LogReader.read_arrays,
+ *   append_fixed       Producer.send_batch of a 2-D uint8 array): one call each.
  *
  * Everything else calls back into Python: the fallback (the Python send)
  * for every case this file does not handle, and PartitionLog._fail for every
@@ -1694,11 +1697,354 @@ static PyTypeObject FastConsumerType = {
     .tp_members = FastConsumer_members,
 };
 
+/* --------------------------------------------------------------- bulk
+ *
+ * The numpy bulk path, one C call each way:
+ *
+ *   read_arrays   LogReader.read_arrays: shmq_log_read into the reader's
+ *                 private buffer (seqlock re-check, CRC by default, the high
+ *                 watermark of replicated logs, the reader-table position,
+ *                 all as every read), waiting as LogReader._fill does (spin,
+ *                 futex with the GIL released, the unblocker for a dead
+ *                 claim), then offsets, timestamps, values and keys straight
+ *                 into fresh numpy arrays (values and keys 2-D uint8 when
+ *                 fixed-width, else lists of bytes / None; keys None when
+ *                 every key is null). Records are decoded only from the
+ *                 private copy, never from the shared mapping (log_read.c).
+ *   append_fixed  Producer.send_batch of a C-contiguous 2-D uint8 array
+ *                 (keys likewise, or None): the shmq_records over the
+ *                 array's memory and shmq_log_append (batch build, CRC,
+ *                 claim, commit), the GIL released.
+ *
+ * Both return a negative C status instead of raising, so the caller raises
+ * through PartitionLog._fail exactly as the Python path does.
+ */
+static PyObject *np_empty, *np_uint8, *np_int64;
+
+static int numpy_ready(void)
+{
+    if (np_empty != NULL)
+        return 0;
+    PyObject *np = PyImport_ImportModule("numpy");
+    if (np == NULL)
+        return -1;
+    PyObject *e = PyObject_GetAttrString(np, "empty"), *u8 = PyObject_GetAttrString(np, "uint8"),
+             *i64 = PyObject_GetAttrString(np, "int64");
+    Py_DECREF(np);
+    if (e == NULL || u8 == NULL || i64 == NULL) {
+        Py_XDECREF(e);
+        Py_XDECREF(u8);
+        Py_XDECREF(i64);
+        return -1;
+    }
+    np_empty = e;
+    np_uint8 = u8;
+    np_int64 = i64;
+    return 0;
+}
+
+/* numpy.empty(shape, dtype) with its writable C-contiguous buffer in *b. */
+static PyObject *new_array(Py_ssize_t rows, Py_ssize_t cols, PyObject *dtype, Py_buffer *b)
+{
+    PyObject *shape = cols < 0 ? Py_BuildValue("(n)", rows) : Py_BuildValue("(nn)", rows, cols);
+    if (shape == NULL)
+        return NULL;
+    PyObject *args[2] = { shape, dtype };
+    PyObject *arr = PyObject_Vectorcall(np_empty, args, 2, NULL);
+    Py_DECREF(shape);
+    if (arr == NULL)
+        return NULL;
+    if (PyObject_GetBuffer(arr, b, PyBUF_WRITABLE | PyBUF_C_CONTIGUOUS) < 0) {
+        Py_DECREF(arr);
+        return NULL;
+    }
+    return arr;
+}
+
+/* One field (0 value, 1 key) of views[0..n) in buf[0..used): a 2-D uint8
+ * array when every record has the same non-negative length, else a list
+ * (None for null); Py_None for keys when every key is null. */
+static PyObject *gather_field(const uint8_t *buf, int64_t used, const shmq_record_view *views, int64_t n, int field)
+{
+    int64_t width = field ? views[0].key_len : views[0].value_len;
+    int uniform = 1, any = 0;
+    for (int64_t k = 0; k < n; k++) {
+        int64_t pos = field ? views[k].key_pos : views[k].value_pos;
+        int64_t len = field ? views[k].key_len : views[k].value_len;
+        if (len >= 0) {
+            any = 1;
+            if (pos < 0 || len > used || pos > used - len) {
+                PyErr_SetString(PyExc_ValueError, "a decoded record points outside the read buffer");
+                return NULL;
+            }
+        }
+        if (len != width)
+            uniform = 0;
+    }
+    if (field && !any)
+        Py_RETURN_NONE;
+    if (uniform && width >= 0) {
+        Py_buffer b;
+        PyObject *arr = new_array((Py_ssize_t)n, (Py_ssize_t)width, np_uint8, &b);
+        if (arr == NULL)
+            return NULL;
+        uint8_t *out = b.buf;
+        Py_BEGIN_ALLOW_THREADS
+        for (int64_t k = 0; k < n; k++)
+            memcpy(out + k * width, buf + (field ? views[k].key_pos : views[k].value_pos), (size_t)width);
+        Py_END_ALLOW_THREADS
+        PyBuffer_Release(&b);
+        return arr;
+    }
+    PyObject *list = PyList_New((Py_ssize_t)n);
+    if (list == NULL)
+        return NULL;
+    for (int64_t k = 0; k < n; k++) {
+        int64_t pos = field ? views[k].key_pos : views[k].value_pos;
+        int64_t len = field ? views[k].key_len : views[k].value_len;
+        PyObject *o = len < 0 ? Py_NewRef(Py_None) : PyBytes_FromStringAndSize((const char *)buf + pos,
+                                                                             (Py_ssize_t)len);
+        if (o == NULL) {
+            Py_DECREF(list);
+            return NULL;
+        }
+        PyList_SET_ITEM(list, (Py_ssize_t)k, o);
+    }
+    return list;
+}
+
+typedef struct {
+    shmq_log *h;
+    shmq_cursor *cur;
+    uint8_t *buf;
+    shmq_record_view *views;
+    shmq_unblock_state *unblock;
+    int64_t buf_len, read_len, nviews, check_crc, max_records, timeout_ns, spin_ns, slice_ns;
+    int64_t used;
+} BulkRead;
+
+/* LogReader._read_once: past control batches, one frame bigger than read_len. */
+static int64_t bulk_read_once(BulkRead *r)
+{
+    int64_t max = r->max_records < r->nviews ? r->max_records : r->nviews;
+    for (;;) {
+        int64_t before = r->cur->next_offset;
+        int64_t n = shmq_log_read(r->h, r->cur, r->buf, r->read_len, r->views, max, (int)r->check_crc, &r->used);
+        if (n == SHMQ_ERR_TOO_LARGE && r->read_len < r->buf_len)
+            n = shmq_log_read(r->h, r->cur, r->buf, r->buf_len, r->views, max, (int)r->check_crc, &r->used);
+        if (n != 0 || r->cur->next_offset == before)
+            return n;
+    }
+}
+
+/* LogReader._fill without read_committed (the caller keeps that in
+ * Python): spin, then the futex in slices, the GIL released; after every
+ * empty slice the unblocker pads over a claim whose producer died. NULL
+ * (an exception) only when a signal handler raised during a wait. */
+static PyObject *bulk_fill(BulkRead *r, int64_t *out)
+{
+    int64_t n = 0;
+    Py_BEGIN_ALLOW_THREADS
+    if (r->timeout_ns > 0 || shmq_log_ready(r->h, r->cur))
+        n = bulk_read_once(r);
+    Py_END_ALLOW_THREADS
+    if (n == 0 && r->timeout_ns > 0) {
+        int64_t deadline = shmq_now_ns() + r->timeout_ns, spin = r->spin_ns;
+        for (;;) {
+            int64_t left = deadline - shmq_now_ns();
+            if (left <= 0)
+                break;
+            int64_t slice = left < r->slice_ns ? left : r->slice_ns;
+            Py_BEGIN_ALLOW_THREADS
+            shmq_log_wait(r->h, r->cur, spin, slice);
+            n = bulk_read_once(r);
+            if (n == 0) {
+                int64_t rc = shmq_log_unblock_cursor(r->h, r->cur, r->unblock);
+                if (rc < 0)
+                    n = rc;
+            }
+            Py_END_ALLOW_THREADS
+            spin = 0;
+            if (n != 0)
+                break;
+            if (PyErr_CheckSignals() < 0)   /* Ctrl-C ends a long wait */
+                return NULL;
+        }
+    }
+    *out = n;
+    return Py_None;
+}
+
+static int args_int64(PyObject *const *args, Py_ssize_t n, int64_t *out)
+{
+    for (Py_ssize_t i = 0; i < n; i++) {
+        out[i] = PyLong_AsLongLong(args[i]);
+        if (out[i] == -1 && PyErr_Occurred())
+            return -1;
+    }
+    return 0;
+}
+
+/* read_arrays(record_type, h, cur, buf, buf_len, read_len, views, nviews, check_crc, unblock, spin_ns,
+ *             slice_ns, max_records, timeout_ns)
+ * -> record_type(offsets, timestamps, values, keys), None (nothing within
+ *    the timeout) or a negative C status. */
+static PyObject *fp_read_arrays(PyObject *mod, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 14) {
+        PyErr_Format(PyExc_TypeError, "read_arrays takes 14 arguments, got %zd", nargs);
+        return NULL;
+    }
+    PyObject *tp = args[0];
+    if (!PyType_Check(tp) || !PyType_IsSubtype((PyTypeObject *)tp, &PyTuple_Type)) {
+        PyErr_SetString(PyExc_TypeError, "read_arrays: record_type must be a tuple subclass");
+        return NULL;
+    }
+    int64_t a[13];
+    if (args_int64(args + 1, 13, a) < 0)
+        return NULL;
+    BulkRead r = { 0 };
+    if (!a[0] || !a[1] || !a[2] || !a[5] || !a[8]) {
+        PyErr_SetString(PyExc_ValueError, "read_arrays: a NULL handle");
+        return NULL;
+    }
+    r.h = (shmq_log *)(uintptr_t)a[0];
+    r.cur = (shmq_cursor *)(uintptr_t)a[1];
+    r.buf = (uint8_t *)(uintptr_t)a[2];
+    r.buf_len = a[3];
+    r.read_len = a[4];
+    r.views = (shmq_record_view *)(uintptr_t)a[5];
+    r.nviews = a[6];
+    r.check_crc = a[7] != 0;
+    r.unblock = (shmq_unblock_state *)(uintptr_t)a[8];
+    r.spin_ns = a[9];
+    r.slice_ns = a[10];
+    r.max_records = a[11];
+    r.timeout_ns = a[12];
+    if (r.buf_len <= 0 || r.read_len <= 0 || r.read_len > r.buf_len || r.nviews <= 0 || r.slice_ns <= 0 ||
+        r.max_records <= 0) {
+        PyErr_SetString(PyExc_ValueError, "read_arrays: bad sizes");
+        return NULL;
+    }
+    if (numpy_ready() < 0)
+        return NULL;
+    int64_t n;
+    if (bulk_fill(&r, &n) == NULL)
+        return NULL;
+    if (n < 0)
+        return PyLong_FromLongLong(n);
+    if (n == 0)
+        Py_RETURN_NONE;
+    PyObject *items[4] = { NULL, NULL, NULL, NULL };
+    Py_buffer ob, tb;
+    items[0] = new_array((Py_ssize_t)n, -1, np_int64, &ob);
+    if (items[0] != NULL) {
+        items[1] = new_array((Py_ssize_t)n, -1, np_int64, &tb);
+        if (items[1] != NULL) {
+            int64_t *offs = ob.buf, *ts = tb.buf;
+            for (int64_t k = 0; k < n; k++) {
+                offs[k] = r.views[k].offset;
+                ts[k] = r.views[k].timestamp;
+            }
+            PyBuffer_Release(&tb);
+        }
+        PyBuffer_Release(&ob);
+    }
+    if (items[1] != NULL) {
+        items[2] = gather_field(r.buf, r.used, r.views, n, 0);
+        if (items[2] != NULL)
+            items[3] = gather_field(r.buf, r.used, r.views, n, 1);
+    }
+    if (items[3] == NULL) {
+        for (int i = 0; i < 4; i++)
+            Py_XDECREF(items[i]);
+        return NULL;
+    }
+    return new_named((PyTypeObject *)tp, 4, items);
+}
+
+/* A C-contiguous 2-D uint8 buffer of obj: rows and width. -1 with
+ * TypeError/ValueError otherwise (the caller checked it already: only a
+ * misuse of this function gets here). */
+static int fixed_rows(PyObject *obj, Py_buffer *b, const char *what)
+{
+    if (PyObject_GetBuffer(obj, b, PyBUF_C_CONTIGUOUS | PyBUF_FORMAT) < 0)
+        return -1;
+    if (b->ndim != 2 || b->itemsize != 1 || (b->format != NULL && strcmp(b->format, "B") != 0) ||
+        b->shape[0] < 1 || b->shape[0] > SHMQ_MAX_RECORDS_PER_SEGMENT) {
+        PyBuffer_Release(b);
+        PyErr_Format(PyExc_ValueError, "append_fixed: %s must be a C-contiguous 2-D uint8 array of 1 or more rows",
+                     what);
+        return -1;
+    }
+    return 0;
+}
+
+/* append_fixed(h, values, keys, timestamp_ms, timeout_ns) -> base offset or a negative C status. */
+static PyObject *fp_append_fixed(PyObject *mod, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs != 5) {
+        PyErr_Format(PyExc_TypeError, "append_fixed takes 5 arguments, got %zd", nargs);
+        return NULL;
+    }
+    void *h;
+    if (as_handle(args[0], &h) < 0)
+        return NULL;
+    long long ts = PyLong_AsLongLong(args[3]), timeout = PyLong_AsLongLong(args[4]);
+    if ((ts == -1 || timeout == -1) && PyErr_Occurred())
+        return NULL;
+    if (ts < 0) {
+        PyErr_SetString(PyExc_ValueError, "append_fixed: timestamp_ms must be >= 0");
+        return NULL;
+    }
+    Py_buffer vb, kb;
+    if (fixed_rows(args[1], &vb, "values") < 0)
+        return NULL;
+    int keys = args[2] != Py_None;
+    if (keys && fixed_rows(args[2], &kb, "keys") < 0) {
+        PyBuffer_Release(&vb);
+        return NULL;
+    }
+    if (keys && kb.shape[0] != vb.shape[0]) {
+        PyBuffer_Release(&vb);
+        PyBuffer_Release(&kb);
+        PyErr_SetString(PyExc_ValueError, "append_fixed: as many keys as values");
+        return NULL;
+    }
+    shmq_records r;
+    memset(&r, 0, sizeof r);
+    r.count = (uint32_t)vb.shape[0];
+    r.values = vb.buf;
+    r.value_width = vb.shape[1];
+    if (keys) {
+        r.keys = kb.buf;
+        r.key_width = kb.shape[1];
+    }
+    r.base_timestamp = ts;
+    int64_t off;
+    Py_BEGIN_ALLOW_THREADS
+    off = shmq_log_append((shmq_log *)h, &r, NULL, timeout);
+    Py_END_ALLOW_THREADS
+    PyBuffer_Release(&vb);
+    if (keys)
+        PyBuffer_Release(&kb);
+    return PyLong_FromLongLong(off);
+}
+
+static PyMethodDef module_methods[] = {
+    { "read_arrays", (PyCFunction)(void (*)(void))fp_read_arrays, METH_FASTCALL,
+      "read_arrays(record_type, h, cur, buf, buf_len, read_len, views, nviews, check_crc, unblock, spin_ns, "
+      "slice_ns, max_records, timeout_ns): a bulk read into numpy arrays (see fastpath.c)" },
+    { "append_fixed", (PyCFunction)(void (*)(void))fp_append_fixed, METH_FASTCALL,
+      "append_fixed(h, values, keys, timestamp_ms, timeout_ns): one RecordBatch of a 2-D uint8 array" },
+    { NULL }
+};
+
 /* -------------------------------------------------------------- module */
 
 static struct PyModuleDef module = {
     PyModuleDef_HEAD_INIT, "shmq.native._fastpath",
-    "The per-record path of shmq in C (see fastpath.c); the cffi module binds the rest.", -1, NULL,
+    "The per-record path of shmq in C (see fastpath.c); the cffi module binds the rest.", -1, module_methods,
 };
 
 PyMODINIT_FUNC PyInit__fastpath(void)

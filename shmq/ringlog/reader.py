@@ -32,6 +32,7 @@ A reader is used by one thread at a time.
 from __future__ import annotations
 
 import time
+from functools import partial
 from itertools import repeat
 from typing import Any, Iterable, List, NamedTuple, Optional, Tuple
 
@@ -46,6 +47,7 @@ from .txn import AbortedFilter, TxnIndex, lso_limit
 _new_tuple = tuple.__new__
 _VIEW_FIELDS = 8  # offset, timestamp, key_pos, key_len, value_pos, value_len, headers_pos, headers_count
 BULK_VIEWS = 65536  # most records one read_arrays decodes (64 bytes of views each)
+_UNSET = object()
 
 
 class RecordArrays(NamedTuple):
@@ -337,12 +339,40 @@ class LogReader:
             self._bulk = (views, want, np.frombuffer(ffi.buffer(views), dtype=np.int64).reshape(want, _VIEW_FIELDS))
         bulk = self._bulk if want > self._max else None
         views, arr = (self._views, self._view_arr) if bulk is None else (bulk[0], bulk[2])
+        if self._txn_path is None and max_records >= 1:
+            # One C call (shmq/native/fastpath.c read_arrays): the read, the
+            # wait and the numpy arrays. read_committed stays in Python (the
+            # LSO and aborted ranges), as does SHMQ_FASTPATH=0 (decided on
+            # this reader's first bulk read).
+            c_read = self.__dict__.get("_c_read", _UNSET)
+            if c_read is _UNSET or (c_read is not None and c_read[0] is not views):
+                c_read = self.__dict__["_c_read"] = self._c_read_args(views, want if bulk is not None else self._max)
+            if c_read is not None:
+                got = c_read[1](max_records, int(timeout * 1e9) if timeout > 0 else 0)
+                if type(got) is int:
+                    if got == lib.SHMQ_ERR_OUT_OF_RANGE:
+                        self._overrun()
+                    self.log._fail(got, "read", int(self._cur.next_offset))
+                return got
         n = self._fill(max_records, timeout, None if bulk is None else bulk[:2])
         if n == 0:
             return None
         v = arr[:n]
         return RecordArrays(v[:, 0].copy(), v[:, 1].copy(), self._gather(n, 0, v[:, 4], v[:, 5], views),
                             self._gather(n, 1, v[:, 2], v[:, 3], views))
+
+    def _c_read_args(self, views: Any, capacity: int) -> Optional[Tuple[Any, Any]]:
+        """(views, the C bulk read bound to this reader's cursor, buffer and
+        views), or None: the Python path reads (the extension is off)."""
+        from ..native import fastpath
+        if not fastpath.enabled():
+            return None
+        if self._buf is None:
+            self._buf = ffi.new("uint8_t[]", self._buf_len)
+        h = fastpath.handle
+        return views, partial(fastpath._ext.read_arrays, RecordArrays, h(self._h), h(self._cur),  # type: ignore
+                              h(self._buf), self._buf_len, self._read_len, h(views), capacity, self.check_crc,
+                              h(self._unblock), self.spin_ns, self.log.config.unblock_timeout_ms * 1_000_000 // 2 + 1)
 
     def _gather(self, n: int, field: int, pos: np.ndarray, lens: np.ndarray, views: Any) -> Any:
         """A field of n records: a 2-D uint8 array when all have one width
