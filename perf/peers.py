@@ -149,10 +149,27 @@ class Shmq(Peer):
         p = Producer(env["root"])
         topic = env["topic"]
         send, send_batch = p.send, p.send_batch
+        if env["partitions"] == 1:
+            # What a user of a one-partition topic writes, send(topic, value):
+            # a positional-only partial keeps the C send's vectorcall (a
+            # partial with a keyword goes through tp_call and a kwargs dict
+            # on every message). The partitioner puts every record in
+            # partition 0, as partition=0 did.
+            return Handle(sends=[functools.partial(send, topic)], batches=[functools.partial(send_batch, topic)],
+                          batch_numpy=True, close=p.close)
+
+        def sender(k: int) -> Any:
+            def send_to(value: bytes) -> Any:      # send(topic, value, partition=k), as a user's loop calls it
+                return send(topic, value, partition=k)
+            return send_to
+
+        def batcher(k: int) -> Any:
+            def send_batch_to(values: Any) -> Any:
+                return send_batch(topic, values, partition=k)
+            return send_batch_to
         parts = range(env["partitions"])
-        return Handle(sends=[functools.partial(send, topic, partition=k) for k in parts],
-                      batches=[functools.partial(send_batch, topic, partition=k) for k in parts],
-                      batch_numpy=True, close=p.close)
+        return Handle(sends=[sender(k) for k in parts], batches=[batcher(k) for k in parts], batch_numpy=True,
+                      close=p.close)
 
     def consumer(self, env: Dict[str, Any], w: Workload, idx: int) -> Handle:
         from shmq.consumer import Consumer

@@ -19,6 +19,7 @@ One run of (peer, workload):
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import math
 import multiprocessing as mp
@@ -116,9 +117,9 @@ def produce(h: Handle, w: Workload, idx: int, res: ChildResult) -> None:
             s = sends[0]
             for i in range(base, base + n):
                 s(pack(i) + tail)
-        else:
-            for i in range(n):
-                sends[i % k](pack(base + i) + tail)
+        else:   # message i to channel i % k, without an index per message
+            for i, s in zip(range(base, base + n), itertools.cycle(sends)):
+                s(pack(i) + tail)
     else:
         rows = w.batch
         batches = h.batches
