@@ -277,6 +277,99 @@ def test_confluent_kafka_reads_native_records_and_acks_0_produce(kafka: Listener
     assert sorted(m.key() for m in more) == sorted(b"z%d" % i for i in range(100))
 
 
+def _native_read(root: Root, topic: str, want: Dict[Tuple[int, int], tuple]) -> Dict[Tuple[int, int], tuple]:
+    """(partition, offset) -> (key, value, headers, timestamp) of every record a
+    native consumer reads from the lowest offset of ``want`` in each partition."""
+    from shmq import TopicPartition
+    with Consumer(root=root.path) as nc:
+        parts = sorted({pp for pp, _o in want})
+        nc.assign([TopicPartition(topic, pp) for pp in parts])
+        for pp in parts:
+            nc.seek(TopicPartition(topic, pp), min(o for (q, o) in want if q == pp))
+        seen = {}
+        deadline = time.monotonic() + TIMEOUT
+        while len(seen) < len(want) and time.monotonic() < deadline:
+            for m in nc.consume(1000, timeout=0.5):
+                seen[(m.partition, m.offset)] = (m.key, m.value, list(m.headers), m.timestamp_ms)
+    return seen
+
+
+def _native_send(root: Root, topic: str, n: int, ts0: int) -> Dict[Tuple[int, int], tuple]:
+    sent = {}
+    with Producer(root.path) as prod:
+        for i in range(n):
+            hdrs = [("src", b"native"), ("i", b"%d" % i)]
+            md = prod.send(topic, value=b"n%d" % i, key=b"key%d" % i, headers=hdrs, timestamp_ms=ts0 + i)
+            sent[(md.partition, md.offset)] = (b"key%d" % i, b"n%d" % i, hdrs, ts0 + i)
+    return sent
+
+
+def test_aiokafka_and_native_clients_see_the_same_records(kafka: Listener, root: Root) -> None:
+    aiokafka = pytest.importorskip("aiokafka")
+    with Admin(root.path) as admin:
+        admin.create_topic("aiomix", partitions=2)
+    sent = _native_send(root, "aiomix", 400, 1_700_000_000_000)
+
+    async def run() -> Tuple[dict, dict]:
+        # shmq.Producer -> aiokafka consumer: same offsets, keys, headers, timestamps.
+        c = aiokafka.AIOKafkaConsumer(bootstrap_servers=kafka.bootstrap, enable_auto_commit=False,
+                                      auto_offset_reset="earliest")
+        await c.start()
+        got = {}
+        try:
+            c.assign([aiokafka.TopicPartition("aiomix", 0), aiokafka.TopicPartition("aiomix", 1)])
+            await c.seek_to_beginning()
+            deadline = time.monotonic() + TIMEOUT
+            while len(got) < len(sent) and time.monotonic() < deadline:
+                for msgs in (await c.getmany(timeout_ms=500)).values():
+                    for m in msgs:
+                        got[(m.partition, m.offset)] = (m.key, m.value, list(m.headers), m.timestamp)
+        finally:
+            await c.stop()
+        # aiokafka producer -> shmq.Consumer.
+        p = aiokafka.AIOKafkaProducer(bootstrap_servers=kafka.bootstrap, acks="all", enable_idempotence=True)
+        await p.start()
+        kmeta = {}
+        try:
+            for i in range(300):
+                hdrs = [("src", b"aiokafka"), ("j", b"%d" % i)]
+                md = await p.send_and_wait("aiomix", key=b"ak%d" % i, value=b"a%d" % i, headers=hdrs,
+                                           timestamp_ms=1_800_000_000_000 + i)
+                kmeta[(md.partition, md.offset)] = (b"ak%d" % i, b"a%d" % i, hdrs, 1_800_000_000_000 + i)
+        finally:
+            await p.stop()
+        return got, kmeta
+    got, kmeta = asyncio.run(asyncio.wait_for(run(), 2 * TIMEOUT))
+    assert got == sent
+    assert {pp for pp, _o in kmeta} == {0, 1}
+    assert _native_read(root, "aiomix", kmeta) == kmeta
+
+
+def test_confluent_kafka_records_read_by_native_consumer(kafka: Listener, root: Root) -> None:
+    ck = pytest.importorskip("confluent_kafka")
+    with Admin(root.path) as admin:
+        admin.create_topic("ckmix", partitions=2)
+    p = ck.Producer({"bootstrap.servers": kafka.bootstrap, "acks": "all", "enable.idempotence": True,
+                     "linger.ms": 5})
+    kmeta: Dict[Tuple[int, int], tuple] = {}
+    errors: List[str] = []
+
+    def report(want: tuple):  # type: ignore[no-untyped-def]
+        def cb(err, msg) -> None:  # type: ignore[no-untyped-def]
+            if err is not None:
+                errors.append(str(err))
+            else:
+                kmeta[(msg.partition(), msg.offset())] = want
+        return cb
+    for i in range(500):
+        hdrs = [("src", b"librdkafka"), ("i", b"%d" % i)]
+        want = (b"ck%d" % i, b"c%d" % i, hdrs, 1_750_000_000_000 + i)
+        p.produce("ckmix", key=want[0], value=want[1], headers=hdrs, timestamp=want[3], on_delivery=report(want))
+    assert p.flush(TIMEOUT) == 0 and errors == []
+    assert len(kmeta) == 500 and {pp for pp, _o in kmeta} == {0, 1}
+    assert _native_read(root, "ckmix", kmeta) == kmeta
+
+
 def test_compressed_batches_from_librdkafka_are_stored_uncompressed(kafka: Listener, root: Root) -> None:
     """Every codec librdkafka has: the records arrive, for Kafka clients and native consumers alike."""
     ck = pytest.importorskip("confluent_kafka")
