@@ -6,7 +6,14 @@ partition.
 Truncation past a page a process touches raises SIGBUS inside the C core,
 which turns it into the error (shmq/native/log_guard.c); a file that is
 unlinked, or shrunk within its last page, is found by the periodic check of
-the files against what was mapped (at most a second apart)."""
+the files against what was mapped (at most a second apart).
+
+The same through the default clients (Producer with the C send and with
+SHMQ_FASTPATH=0, Consumer poll and consume_arrays) on a topic of two
+partitions: each gets the error, the coordinator and every client live on,
+and partition 1 keeps working for all of them; a consumer still has to
+pause the failed partition for that (the "keep polling" case is a strict
+xfail until the Consumer sets a failed partition aside by itself)."""
 from __future__ import annotations
 
 import mmap
@@ -197,3 +204,149 @@ def test_a_consumer_waiting_on_two_partitions_gets_a_storage_error_when_a_contro
     assert p.exitcode == 0, f"the consumer ended with {p.exitcode} (negative: killed by a signal)"
     assert what[:2] == ("error", "KafkaStorageError"), what
     assert ctl in what[2], what
+
+
+# ---------------------------------------------------------------------------
+# The default clients: Producer (the C send, and SHMQ_FASTPATH=0) and
+# Consumer (poll and consume_arrays) on a topic of two partitions, each in
+# its own process, while one partition's files are damaged.
+
+TOPIC = "sf"
+CLIENTS = [("producer", True), ("producer", False), ("poll", True), ("poll", False), ("arrays", True)]
+
+
+def _client(root: str, role: str, fast: bool, pause: bool, q: Any, stop: Any) -> None:
+    if not fast:
+        os.environ["SHMQ_FASTPATH"] = "0"        # read when a client attaches (shmq/native/fastpath.py)
+    from shmq import Consumer, Producer, TopicPartition
+    from shmq.native import fastpath
+    name = f"{role}{'' if fast else ' (SHMQ_FASTPATH=0)'}"
+    assert fastpath.enabled() == fast
+    err: Optional[Tuple[str, str]] = None
+    after = errors = 0                           # records of partition 1 after the error, errors seen
+    end = time.monotonic() + BUDGET
+    if role == "producer":
+        p = Producer(root)
+        assert (p._fast is not None) == fast, name
+        q.put(("ready", name, None))
+        i = 0
+        while time.monotonic() < end and not stop.is_set():
+            if err is None:
+                try:
+                    p.send(TOPIC, b"a%d" % i, partition=0)
+                except ShmqError as e:
+                    err = (type(e).__name__, str(e))
+                    q.put(("error", name, err))
+            p.send(TOPIC, b"b%d" % i, partition=1)
+            i += 1
+            if err is not None:
+                after += 1
+            if i % 10 == 0:
+                time.sleep(0.001)
+        p.close()
+    else:
+        c = Consumer(root=root, enable_auto_commit=False, auto_offset_reset="earliest")
+        c.assign([TopicPartition(TOPIC, 0), TopicPartition(TOPIC, 1)])
+        seen = [0, 0]
+        ready = False
+        while time.monotonic() < end and not stop.is_set():
+            try:
+                if role == "poll":
+                    m = c.poll(0.05)
+                    got = [(m.partition, 1)] if m is not None else []
+                else:
+                    r = c.consume_arrays(1000, 0.05)
+                    got = [(r[0].partition, len(r[1].offsets))] if r is not None else []
+            except ShmqError as e:
+                errors += 1
+                if err is None:
+                    err = (type(e).__name__, str(e))
+                    q.put(("error", name, err))
+                    if pause:                    # what a user can do: set the failed partition aside
+                        assert (e.topic, e.partition) == (TOPIC, 0), (e.topic, e.partition, str(e))
+                        c.pause([TopicPartition(TOPIC, 0)])
+                continue
+            for part, n in got:
+                seen[part] += n
+                if err is not None and part == 1:
+                    after += n
+            if not ready and all(seen):
+                ready = True
+                q.put(("ready", name, None))
+        c.close()
+    q.put(("done", name, (after, errors)))
+
+
+def _damage_partition(path: str, damage: str) -> List[str]:
+    """Damage one partition's files; returns the paths damaged."""
+    if damage == "unlink":
+        paths = [os.path.join(path, n) for n in sorted(os.listdir(path))
+                 if n == "partition.ctl" or n.endswith((".log", ".index", ".timeindex"))]
+        for p in paths:
+            os.unlink(p)
+        return paths
+    if damage == "segment":
+        paths = [os.path.join(path, n) for n in sorted(os.listdir(path)) if n.endswith(".log")]
+        for p in paths:
+            os.truncate(p, 4096)                 # as `truncate -s 4096 <slot>.log`
+        return paths
+    paths = [os.path.join(path, "partition.ctl")]
+    os.truncate(paths[0], 0)
+    return paths
+
+
+STARVED = ("a Consumer raises the KafkaStorageError of the failed partition on every poll / consume_arrays "
+           "and never returns the healthy partition's records again (unless the failed one is paused)")
+
+
+@pytest.mark.timeout(90)
+@pytest.mark.parametrize("consumers", ["pause the failed partition",
+                                       pytest.param("keep polling", marks=pytest.mark.xfail(strict=True,
+                                                                                            reason=STARVED))])
+@pytest.mark.parametrize("damage", ["segment", "control", "unlink"])
+def test_default_producers_and_consumers_get_a_storage_error_and_keep_the_other_partition(
+        root: Any, reaper: Any, damage: str, consumers: str) -> None:
+    from shmq import Admin
+    with Admin(root.path) as admin:
+        admin.create_topic(TOPIC, 2, {"segment_bytes": 1 << 20, "segment_count": 4})
+    coordinator = root.coordinator_pid()
+    assert coordinator is not None
+    q, stop = CTX.Queue(), CTX.Event()
+    procs = {f"{r}{'' if f else ' (SHMQ_FASTPATH=0)'}": reaper.start(_client, root.path, r, f, consumers.startswith("pause"), q, stop)
+             for r, f in CLIENTS}
+    ready: set = set()
+    while len(ready) < len(procs):
+        what, name, _ = q.get(timeout=30)
+        assert what == "ready", (what, name, _)
+        ready.add(name)
+    time.sleep(0.3)                              # every client is busy with both partitions
+    damaged = _damage_partition(root.partition_dir(TOPIC, 0), damage)
+    t0 = time.monotonic()
+    errors: Dict[str, Tuple[str, str]] = {}
+    done: Dict[str, Tuple[int, int]] = {}
+    while len(errors) < len(procs) and time.monotonic() < t0 + 10:
+        try:
+            what, name, arg = q.get(timeout=0.5)
+        except queue.Empty:
+            continue
+        (errors if what == "error" else done)[name] = arg
+    took = time.monotonic() - t0
+    time.sleep(1.0)                              # and every client goes on with partition 1
+    stop.set()
+    while len(done) < len(procs):
+        try:
+            what, name, arg = q.get(timeout=15)
+        except queue.Empty:
+            break
+        (errors if what == "error" else done)[name] = arg
+    for name, p in procs.items():
+        p.join(15)
+        assert p.exitcode == 0, f"{damage}: {name} ended with {p.exitcode} (negative: killed by a signal)"
+    assert root.coordinator_pid() == coordinator, f"{damage}: the coordinator died"
+    assert set(errors) == set(procs), f"{damage}: errors after {took:.1f} s: {errors}"
+    for name, (cls, msg) in errors.items():
+        assert cls == "KafkaStorageError", f"{damage}: {name}: {cls}: {msg}"
+        assert any(p in msg for p in damaged), f"{damage}: {name}: {msg} names none of {damaged}"
+        assert done[name][0] > 0, f"{damage}: {name}: nothing of partition 1 after the error ({done})"
+    print(f"{damage}: every client failed within {took:.2f} s; after the error (records of partition 1, "
+          f"errors): {done}")
