@@ -1,22 +1,28 @@
 """Property test: random interleavings of begin / send / commit / abort /
-crash (a new instance of the transactional id takes over) of two
-transactional producers and a plain one, against a model of what each
-isolation level must return. One coordinator process for all examples, a
-fresh topic per example."""
+crash of two transactional producers, each in its own process, and a plain
+one, against a model of what each isolation level must return. A crash is a
+new process with the same transactional id taking over, the old one either
+SIGKILLed or left running as a zombie (its next send and its commit then
+fail with ProducerFenced and nothing it wrote is visible). One coordinator
+process for all examples, a fresh topic per example."""
 from __future__ import annotations
 
-from typing import Dict, List, Optional, Tuple
+import multiprocessing as mp
+import os
+import signal
+from typing import Any, Dict, List, Optional, Tuple
 
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 from shmq import Admin, Consumer, Producer, TopicPartition
-from shmq.errors import IllegalState
+from shmq.errors import ShmqError
 
 PARTS = 2
 TIDS = 2
 
+EXAMPLES = 100
 KINDS = ["begin"] * 3 + ["send"] * 8 + ["commit", "abort", "crash"] + ["plain"] * 2
 OPS = st.tuples(st.sampled_from(KINDS), st.integers(0, TIDS - 1), st.integers(0, PARTS - 1))
 
@@ -36,6 +42,48 @@ class Model:
         recs = self.parts[p]
         stop = next((i for i, (_v, o) in enumerate(recs) if o is not None and self.fate[o] == "open"), len(recs))
         return [v for v, o in recs[:stop] if o is None or self.fate[o] == "commit"]
+
+
+def _worker(root: str, tid: str, conn: Any) -> None:
+    """A transactional producer run by commands from the test over a pipe;
+    each answer is "ok" or the name of the error raised."""
+    p = Producer(root, transactional_id=tid)
+    p.init_transactions()
+    conn.send("ok")
+    calls = {"begin": p.begin_transaction, "commit": p.commit_transaction, "abort": p.abort_transaction,
+             "send": lambda topic, v, part: p.send(topic, v, partition=part)}
+    while True:
+        op, args = conn.recv()
+        try:
+            calls[op](*args)
+            conn.send("ok")
+        except ShmqError as e:
+            conn.send(type(e).__name__)
+
+
+class Instance:
+    """One process of a transactional id (started with init_transactions done)."""
+
+    def __init__(self, root: str, tid: str) -> None:
+        self.conn, child = mp.get_context("fork").Pipe()
+        self.proc = mp.get_context("fork").Process(target=_worker, args=(root, tid, child), daemon=True)
+        self.proc.start()
+        child.close()
+        self._answer("init_transactions")
+
+    def _answer(self, what: str) -> str:
+        assert self.conn.poll(30), f"the producer process did not answer {what} within 30 s"
+        return self.conn.recv()
+
+    def __call__(self, op: str, *args: Any) -> str:
+        self.conn.send((op, args))
+        return self._answer(op)
+
+    def kill(self) -> None:
+        if self.proc.is_alive():
+            os.kill(self.proc.pid, signal.SIGKILL)
+        self.proc.join(5)
+        self.conn.close()
 
 
 def read_all(root: str, topic: str, isolation: str, p: int, want: int) -> List[bytes]:
@@ -61,7 +109,7 @@ def txn_root(module_root: str) -> str:
 _example = [0]
 
 
-@settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=EXAMPLES, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(ops=st.lists(OPS, min_size=10, max_size=40))
 def test_random_interleavings_match_the_model(txn_root: str, ops: List[Tuple]) -> None:  # type: ignore[type-arg]
     _example[0] += 1
@@ -69,10 +117,13 @@ def test_random_interleavings_match_the_model(txn_root: str, ops: List[Tuple]) -
     with Admin(txn_root) as admin:
         admin.create_topic(topic, PARTS, config={"segment_bytes": 1 << 20, "segment_count": 4})
     model = Model()
-    prods = {}
-    for k in range(TIDS):
-        prods[k] = Producer(txn_root, transactional_id=f"{topic}-tid-{k}")
-        prods[k].init_transactions()
+    procs: List[Instance] = []
+
+    def start(k: int) -> Instance:
+        procs.append(Instance(txn_root, f"{topic}-tid-{k}"))
+        return procs[-1]
+
+    prods = {k: start(k) for k in range(TIDS)}
     plain = Producer(txn_root)
     n_txn = 0
     try:
@@ -88,43 +139,49 @@ def test_random_interleavings_match_the_model(txn_root: str, ops: List[Tuple]) -
             cur = model.current[k]
             if kind == "begin":
                 if cur is None:
-                    prods[k].begin_transaction()
+                    assert prods[k]("begin") == "ok"
                     n_txn += 1
                     model.current[k] = n_txn
                     model.fate[(k, n_txn)] = "open"
                 else:
-                    with pytest.raises(IllegalState):
-                        prods[k].begin_transaction()
+                    assert prods[k]("begin") == "IllegalState"
             elif kind == "send":
                 v = b"t%d" % model.count
                 model.count += 1
                 if cur is None:
-                    with pytest.raises(IllegalState):
-                        prods[k].send(topic, v, partition=op[2])
+                    assert prods[k]("send", topic, v, op[2]) == "IllegalState"
                 else:
-                    prods[k].send(topic, v, partition=op[2])
+                    assert prods[k]("send", topic, v, op[2]) == "ok"
                     model.parts[op[2]].append((v, (k, cur)))
             elif kind in ("commit", "abort"):
                 if cur is None:
-                    with pytest.raises(IllegalState):
-                        (prods[k].commit_transaction if kind == "commit" else prods[k].abort_transaction)()
+                    assert prods[k](kind) == "IllegalState"
                 else:
-                    (prods[k].commit_transaction if kind == "commit" else prods[k].abort_transaction)()
+                    assert prods[k](kind) == "ok"
                     model.fate[(k, cur)] = kind
                     model.current[k] = None
             elif kind == "crash":
-                prods[k].close()
-                prods[k] = Producer(txn_root, transactional_id=f"{topic}-tid-{k}")
-                prods[k].init_transactions()             # the predecessor's transaction is aborted
+                old = prods[k]
+                event(f"crash: {'SIGKILL' if op[2] == 0 else 'zombie'}, {'in' if cur is not None else 'outside'} "
+                      f"a transaction")
+                if op[2] == 0:
+                    old.kill()                           # SIGKILLed, mid-transaction or not
+                prods[k] = start(k)                      # init_transactions: the old transaction is aborted
                 if cur is not None:
                     model.fate[(k, cur)] = "abort"
                     model.current[k] = None
+                if op[2] == 1:                           # the old process lives on as a zombie
+                    if cur is None:
+                        assert old("begin") == "ok"
+                    assert old("send", topic, b"zombie", 0) == "ProducerFenced"
+                    assert old("commit") == "ProducerFenced"
+                    old.kill()
         for p in range(PARTS):
             everything = [v for v, _o in model.parts[p]]
             assert read_all(txn_root, topic, "read_uncommitted", p, len(everything)) == everything
             committed = model.committed_view(p)
             assert read_all(txn_root, topic, "read_committed", p, len(committed)) == committed
     finally:
-        for prod in prods.values():
-            prod.close()
+        for inst in procs:
+            inst.kill()
         plain.close()
