@@ -96,6 +96,31 @@ def _damage(path: str, kind: str, action: str) -> List[str]:
     return paths
 
 
+def _errors_then_done(q: Any, stop: Any, n: int, settle: float) -> Tuple[Dict[str, Any], Dict[str, Any], float]:
+    """After the damage: the ("error", who, what) of n processes (10 s at
+    most), then settle seconds more of work, then stop and their ("done",
+    who, what). Returns errors, done and how long the errors took."""
+    t0 = time.monotonic()
+    errors: Dict[str, Any] = {}
+    done: Dict[str, Any] = {}
+    while len(errors) < n and time.monotonic() < t0 + 10:
+        try:
+            what, who, arg = q.get(timeout=0.5)
+        except queue.Empty:
+            continue
+        (errors if what == "error" else done)[who] = arg
+    took = time.monotonic() - t0
+    time.sleep(settle)
+    stop.set()
+    while len(done) < n:
+        try:
+            what, who, arg = q.get(timeout=15)
+        except queue.Empty:
+            break
+        (errors if what == "error" else done)[who] = arg
+    return errors, done, took
+
+
 @pytest.mark.timeout(60)
 @pytest.mark.parametrize("action", ["truncate", "zero", "unlink"])
 @pytest.mark.parametrize("kind", ["segment", "index", "timeindex", "control"])
@@ -111,24 +136,7 @@ def test_damaged_file_is_a_storage_error_in_live_processes_never_a_signal(
         assert q.get(timeout=15)[0] == "ready"
     time.sleep(0.3)                          # both are busy with both partitions
     damaged = _damage(a, kind, action)
-    t0 = time.monotonic()
-    errors: Dict[str, Tuple[str, str]] = {}
-    done: Dict[str, int] = {}
-    while len(errors) < 2 and time.monotonic() < t0 + 10:
-        try:
-            what, role, arg = q.get(timeout=0.5)
-        except queue.Empty:
-            continue
-        (errors if what == "error" else done)[role] = arg
-    took = time.monotonic() - t0
-    time.sleep(0.5)                          # and both go on with partition b
-    stop.set()
-    while len(done) < 2:
-        try:
-            what, role, arg = q.get(timeout=10)
-        except queue.Empty:
-            break
-        (errors if what == "error" else done)[role] = arg
+    errors, done, took = _errors_then_done(q, stop, 2, 0.5)   # both go on with partition b for 0.5 s
     for p in procs:
         p.join(10)
         assert p.exitcode == 0, f"{kind}/{action}: a process ended with {p.exitcode} (negative: killed by a signal)"
@@ -312,7 +320,8 @@ def test_default_producers_and_consumers_get_a_storage_error_and_keep_the_other_
     coordinator = root.coordinator_pid()
     assert coordinator is not None
     q, stop = CTX.Queue(), CTX.Event()
-    procs = {f"{r}{'' if f else ' (SHMQ_FASTPATH=0)'}": reaper.start(_client, root.path, r, f, consumers.startswith("pause"), q, stop)
+    pause = consumers.startswith("pause")
+    procs = {f"{r}{'' if f else ' (SHMQ_FASTPATH=0)'}": reaper.start(_client, root.path, r, f, pause, q, stop)
              for r, f in CLIENTS}
     ready: set = set()
     while len(ready) < len(procs):
@@ -321,24 +330,7 @@ def test_default_producers_and_consumers_get_a_storage_error_and_keep_the_other_
         ready.add(name)
     time.sleep(0.3)                              # every client is busy with both partitions
     damaged = _damage_partition(root.partition_dir(TOPIC, 0), damage)
-    t0 = time.monotonic()
-    errors: Dict[str, Tuple[str, str]] = {}
-    done: Dict[str, Tuple[int, int]] = {}
-    while len(errors) < len(procs) and time.monotonic() < t0 + 10:
-        try:
-            what, name, arg = q.get(timeout=0.5)
-        except queue.Empty:
-            continue
-        (errors if what == "error" else done)[name] = arg
-    took = time.monotonic() - t0
-    time.sleep(1.0)                              # and every client goes on with partition 1
-    stop.set()
-    while len(done) < len(procs):
-        try:
-            what, name, arg = q.get(timeout=15)
-        except queue.Empty:
-            break
-        (errors if what == "error" else done)[name] = arg
+    errors, done, took = _errors_then_done(q, stop, len(procs), 1.0)   # every client goes on with partition 1
     for name, p in procs.items():
         p.join(15)
         assert p.exitcode == 0, f"{damage}: {name} ended with {p.exitcode} (negative: killed by a signal)"
