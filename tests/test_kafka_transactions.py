@@ -142,7 +142,11 @@ def test_confluent_kafka_read_uncommitted_sees_every_data_record(kafka: Listener
     assert ordered(got) == ordered(scenario.everything)
 
 
-def test_read_committed_moves_on_when_the_open_transaction_commits(kafka: Listener, scenario: Scenario) -> None:
+@pytest.mark.parametrize("end", ["commit", "abort"])
+def test_read_committed_moves_on_when_the_open_transaction_ends(kafka: Listener, scenario: Scenario,
+                                                                end: str) -> None:
+    """A consumer waiting at the LSO: when D ends, it reads on from there (D's
+    record only if D committed) to the plain records after it."""
     ck = pytest.importorskip("confluent_kafka")
     c = ck.Consumer({"bootstrap.servers": kafka.bootstrap, "group.id": "waiter", "auto.offset.reset": "earliest",
                      "enable.auto.commit": False})
@@ -154,15 +158,24 @@ def test_read_committed_moves_on_when_the_open_transaction_commits(kafka: Listen
             got += [(m.partition(), m.offset(), m.value()) for m in c.consume(500, timeout=0.5) if m.error() is None]
         assert ordered(got) == ordered(scenario.committed)
         lo, hi = c.get_watermark_offsets(ck.TopicPartition(TOPIC, 0), timeout=10, cached=False)
-        scenario.txp.commit_transaction()           # D commits: its record and the plain ones after it appear
-        want = scenario.committed + [r for r in scenario.everything if r[2].startswith(b"D-")] + scenario.after_open
+        time.sleep(0.5)                             # the client is fetching at the LSO meanwhile
+        if end == "commit":
+            scenario.txp.commit_transaction()
+        else:
+            scenario.txp.abort_transaction()
+        want = scenario.committed + scenario.after_open
+        if end == "commit":
+            want += [r for r in scenario.everything if r[2].startswith(b"D-")]
         deadline = time.monotonic() + TIMEOUT
         while len(got) < len(want) and time.monotonic() < deadline:
             got += [(m.partition(), m.offset(), m.value()) for m in c.consume(500, timeout=0.5) if m.error() is None]
+        end_at = time.monotonic() + 1.0
+        while time.monotonic() < end_at:
+            got += [(m.partition(), m.offset(), m.value()) for m in c.consume(500, timeout=0.2) if m.error() is None]
         assert ordered(got) == ordered(want)
     finally:
         c.close()
-    assert lo == 0 and hi >= scenario.open_first[0]
+    assert (lo, hi) == (0, scenario.open_first[0])      # ListOffsets latest, read_committed: the LSO
 
 
 def test_kafka_python_read_committed_and_list_offsets(kafka: Listener, scenario: Scenario) -> None:
