@@ -157,6 +157,14 @@ static int as_handle(PyObject *o, void **out)
     return 0;
 }
 
+/* A method of an object made with __new__ whose __init__ never succeeded. */
+static PyObject *not_ready(void *self)
+{
+    PyErr_Format(PyExc_TypeError, "%s object is not initialized (its __init__ did not succeed)",
+                 Py_TYPE((PyObject *)self)->tp_name);
+    return NULL;
+}
+
 /* --------------------------------------------------------- Partitioner */
 
 enum { PART_MURMUR2_RANDOM, PART_MURMUR2, PART_XXHASH, PART_ROUNDROBIN };
@@ -245,6 +253,8 @@ static PyObject *Partitioner_call(Partitioner *self, PyObject *args, PyObject *k
 {
     PyObject *key;
     long long n;
+    if (self->randrange == NULL || self->hash == NULL)
+        return not_ready(self);
     if (kw != NULL || !PyArg_ParseTuple(args, "OL", &key, &n))
         return kw != NULL ? PyErr_Format(PyExc_TypeError, "a partitioner takes (key, n)") : NULL;
     int64_t p = choose(self, key == Py_None ? NULL : key, n);
@@ -422,6 +432,9 @@ static PyObject *FastProducer_send(FastProducer *self, PyObject *const *args, si
     Py_ssize_t nargs = PyVectorcall_NARGS(nargsf);
     PyObject *topic = NULL, *value = Py_None, *key = Py_None, *partition = Py_None, *headers = Py_None,
              *timestamp = Py_None;
+    if (self->fallback == NULL || self->route_fn == NULL || self->partitioner == NULL || self->md_type == NULL ||
+        self->routes == NULL)
+        return not_ready(self);
     if (nargs < 1 || nargs > 3 || self->closed)
         goto slow;
     topic = args[0];
@@ -716,6 +729,13 @@ typedef struct {
 typedef struct {
     int64_t offset_word, generation_word, generation;
 } CommitEntry;
+
+/* Every object __init__ sets is there (else not_ready()). */
+static int fc_ready(FastConsumer *self)
+{
+    return self->consumer && self->fallback && self->fallback_consume && self->arm_fn && self->part_fn &&
+           self->msg_type && self->commit_fn && self->entry_fn && self->entries && self->tp_type;
+}
 
 static void part_clear(Part *p)
 {
@@ -1181,6 +1201,8 @@ static int fetch(FastConsumer *self, int64_t max, double timeout, Part **got, in
 /* poll(timeout=1.0) */
 static PyObject *FastConsumer_poll(FastConsumer *self, PyObject *const *args, size_t nargsf, PyObject *kwnames)
 {
+    if (!fc_ready(self))
+        return not_ready(self);
     Py_ssize_t nargs = PyVectorcall_NARGS(nargsf);
     PyObject *t = nargs ? args[0] : NULL;
     double timeout = 1.0;
@@ -1242,6 +1264,8 @@ static int append_range(FastConsumer *self, PyObject *list, Part *p, int64_t fro
  * without waiting (as the Python consume). */
 static PyObject *FastConsumer_consume(FastConsumer *self, PyObject *const *args, size_t nargsf, PyObject *kwnames)
 {
+    if (!fc_ready(self))
+        return not_ready(self);
     Py_ssize_t nargs = PyVectorcall_NARGS(nargsf);
     PyObject *num = nargs > 0 ? args[0] : NULL, *t = nargs > 1 ? args[1] : NULL;
     double timeout = -1;
@@ -1486,6 +1510,8 @@ static int commit_check(FastConsumer *self, const CommitEntry *e, PyObject *offs
 
 static PyObject *FastConsumer_commit(FastConsumer *self, PyObject *const *args, size_t nargsf, PyObject *kwnames)
 {
+    if (!fc_ready(self))
+        return not_ready(self);
     static PyObject *s_message, *s_offsets, *s_asynchronous;
     if (s_message == NULL && (!(s_message = PyUnicode_InternFromString("message")) ||
                               !(s_offsets = PyUnicode_InternFromString("offsets")) ||
