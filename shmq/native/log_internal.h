@@ -159,7 +159,10 @@ static inline void relax(int round)
 
 static inline int pid_dead(uint32_t pid)
 {
-    if (pid == 0)
+    /* Above Linux's PID_MAX_LIMIT no process can have it: a scribbled word.
+     * (kill() would take it as a negative pid_t, a process group; -1 is
+     * "every process", always alive: the lock would never be taken over.) */
+    if (pid == 0 || pid > (1u << 22))
         return 1;
     return kill((pid_t)pid, 0) == -1 && errno == ESRCH;
 }

@@ -113,9 +113,7 @@ static uint64_t my_start_time(void)
 static int owner_alive(const shmq_reader_slot *r, uint64_t owner)
 {
     uint32_t pid = owner_pid(owner);
-    if (pid == 0)
-        return 0;
-    if (kill((pid_t)pid, 0) == -1 && errno == ESRCH)
+    if (pid_dead(pid))                  /* 0, out of range (scribbled) or gone */
         return 0;
     uint64_t want = __atomic_load_n(&r->start_time, __ATOMIC_ACQUIRE);
     uint64_t have = process_start_time(pid);
