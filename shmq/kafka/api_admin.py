@@ -2,10 +2,13 @@
 FindCoordinator, InitProducerId, CreateTopics, DeleteTopics,
 CreatePartitions, DescribeConfigs, SaslHandshake, SaslAuthenticate.
 
-The listener presents the root as a one-broker cluster (node 0 at the
-listener's address) that leads every partition: a replicated shmq topic's
-replicas live on this host and the listener always writes to and reads from
-the current leader's log. Topic administration goes to the coordinator.
+The listener presents the root as a cluster whose node 0 (the listener's
+address) leads every partition: a replicated shmq topic's replicas live on
+this host and the listener always writes to and reads from the current
+leader's log. The only other brokers are follower-read ones (KIP-392, see
+``server.py``): a follower replica with a rack in ``replica_racks`` is listed
+among the partition's replicas (and in-sync replicas while it is in sync) as
+its own node. Topic administration goes to the coordinator.
 """
 from __future__ import annotations
 
@@ -79,12 +82,19 @@ def _topic_metadata(conn: "Connection", name: str, auto_create: bool) -> Dict[st
         return {"error_code": error_code_for(e), "name": name, "topic_id": uuid.UUID(int=0), "is_internal": False,
                 "partitions": [], "topic_authorized_operations": NO_AUTH_OPS}
     parts = []
+    racks = (info.config.get("replica_racks") or {}) if info.replicated and info.replicas and info.isr else {}
     for p in range(info.partitions):
         has_leader = info.paths[p] is not None
         epoch = info.leader_epochs[p] if info.leader_epochs else 0
+        replicas, isr = [0], [0] if has_leader else []
+        if racks:
+            leader = info.leaders[p] if info.leaders else -1
+            followers = [r for r in info.replicas[p] if r != leader and str(r) in racks]
+            replicas += [conn.listener.replica_node(r) for r in followers]
+            isr += [conn.listener.replica_node(r) for r in followers if r in info.isr[p]]
         parts.append({"error_code": 0 if has_leader else 5, "partition_index": p,
                       "leader_id": 0 if has_leader else -1, "leader_epoch": epoch,
-                      "replica_nodes": [0], "isr_nodes": [0] if has_leader else [], "offline_replicas": []})
+                      "replica_nodes": replicas, "isr_nodes": isr, "offline_replicas": []})
     return {"error_code": 0, "name": name, "topic_id": _topic_uuid(info.topic_id), "is_internal": False,
             "partitions": parts, "topic_authorized_operations": NO_AUTH_OPS}
 
@@ -114,7 +124,7 @@ def metadata(conn: "Connection", req: Any, version: int) -> Dict[str, Any]:
                            "partitions": []})
             continue
         topics.append(_topic_metadata(conn, n, auto))
-    return {"brokers": [{"node_id": L.node_id, "host": L.advertised_host, "port": L.port, "rack": None}],
+    return {"brokers": L.brokers(),
             "cluster_id": L.cluster_id, "controller_id": L.node_id, "topics": topics,
             "cluster_authorized_operations": NO_AUTH_OPS}
 

@@ -36,6 +36,14 @@ one per ABORT marker. Loads come in the order the index's writer needs:
 high watermark, LSO, then the aborted runs (a transaction's runs are
 published before the LSO moves past it). ListOffsets with READ_COMMITTED
 answers the LSO for latest and never a time lookup at or past it.
+
+Follower reads (KIP-392, ``server.py``): a Fetch to node 0 that carries a
+rack_id, for a partition with an in-sync follower in that rack (the
+selector of ``TopicInfo.preferred_read_replica``), is answered at once with
+that follower's node as ``preferred_read_replica`` and no records, as Kafka's
+leader does; a Fetch on a follower node's connection reads that replica's
+log (NOT_LEADER_OR_FOLLOWER once it is no longer in sync, and the client
+goes back to node 0). Produce there is refused the same way.
 """
 from __future__ import annotations
 
@@ -46,7 +54,8 @@ from typing import TYPE_CHECKING, Any, Dict, List, Optional, Tuple
 
 import numpy as np
 
-from ..errors import InvalidRecord, MessageSizeTooLarge, NotEnoughReplicas, OffsetOutOfRange, ShmqError
+from ..errors import (InvalidRecord, MessageSizeTooLarge, NotEnoughReplicas, NotLeaderForPartition, OffsetOutOfRange,
+                      ShmqError)
 from ..native import ffi, lib
 from ..ringlog import PartitionLog
 from ..ringlog.producer_state import ProducerStateTable
@@ -59,6 +68,7 @@ if TYPE_CHECKING:
     from .server import Connection, KafkaListener
 
 CORRUPT_MESSAGE = 2
+NOT_LEADER_OR_FOLLOWER = 6
 REQUEST_TIMED_OUT = 7
 INVALID_PRODUCER_EPOCH = 47
 UNSUPPORTED_FOR_MESSAGE_FORMAT = 43
@@ -246,7 +256,10 @@ def produce(conn: "Connection", req: Any, version: int) -> Optional[Dict[str, An
     for td in req.topic_data:
         parts = []
         for pd in td.partition_data:
-            if req.transactional_id is not None:
+            if conn.replica is not None:
+                code, base, start, msg = (NOT_LEADER_OR_FOLLOWER, -1, -1,
+                                          "this node serves follower reads only; node 0 leads every partition")
+            elif req.transactional_id is not None:
                 code, base, start, msg = (TRANSACTIONAL_ID_AUTHORIZATION_FAILED, -1, -1,
                                           "transactions are not supported by the shmq Kafka listener")
             else:
@@ -262,7 +275,7 @@ def produce(conn: "Connection", req: Any, version: int) -> Optional[Dict[str, An
 # -------------------------------------------------------------------- Fetch
 class _Part:
     __slots__ = ("topic", "partition", "offset", "max_bytes", "committed", "plog", "reader", "txn", "error", "hw",
-                 "lso", "start", "chunks", "size")
+                 "lso", "start", "chunks", "size", "preferred")
 
     def __init__(self, topic: str, partition: int, offset: int, max_bytes: int, committed: bool) -> None:
         self.topic, self.partition, self.offset, self.max_bytes = topic, partition, offset, max_bytes
@@ -274,6 +287,7 @@ class _Part:
         self.hw = self.lso = self.start = -1
         self.chunks: List[bytes] = []
         self.size = 0
+        self.preferred = -1                      # KIP-392: the node the client should fetch this from
 
     def load_limits(self) -> int:
         """Load the high watermark, then the LSO; returns what may be served."""
@@ -288,7 +302,7 @@ def _read_part(conn: "Connection", p: _Part, limit: int) -> None:
     data = conn.data
     try:
         if p.plog is None:
-            p.plog = conn.listener.cluster.log(p.topic, p.partition)
+            p.plog = _part_log(conn, p.topic, p.partition)
             p.txn = data.txn(p.plog, p.topic, p.partition)
         plog = p.plog
         top = p.load_limits()
@@ -296,6 +310,8 @@ def _read_part(conn: "Connection", p: _Part, limit: int) -> None:
         end = plog.end_offset
         if p.offset < p.start or p.offset > end:
             raise OffsetOutOfRange(f"offset {p.offset} of {p.topic}-{p.partition} is outside [{p.start}, {end}]")
+        if p.preferred >= 0:                     # redirected: offsets and watermarks only
+            return
         p.reader = data.reader(plog, p.topic, p.partition, p.offset)
         if p.offset >= top:
             return
@@ -326,6 +342,39 @@ def _read_part(conn: "Connection", p: _Part, limit: int) -> None:
         # The reader moved past what was copied; the next fetch seeks to where the client is.
     except ShmqError as e:
         p.error = error_code_for(e)
+
+
+def _part_log(conn: "Connection", topic: str, partition: int) -> PartitionLog:
+    """The log a Fetch on this connection reads: the leader's, or on a
+    follower-read node's connection that replica's while it is in sync."""
+    cluster = conn.listener.cluster
+    r = conn.replica
+    if r is None:
+        return cluster.log(topic, partition)
+    info = cluster.topic(topic)
+    rack = (info.config.get("replica_racks") or {}).get(str(r)) if info.replicated else None
+    if rack and info.replicas and info.replica_paths and 0 <= partition < info.partitions \
+            and r in info.replicas[partition]:
+        plog = cluster.read_log(topic, partition, rack)
+        if plog.path == info.replica_paths[partition][info.replicas[partition].index(r)]:
+            return plog
+    raise NotLeaderForPartition(f"replica {r} is not an in-sync follower of {topic}-{partition} in a rack now")
+
+
+def _preferred_node(conn: "Connection", topic: str, partition: int, rack: str) -> int:
+    """KIP-392 on node 0: the follower-read node a client in ``rack`` should
+    fetch ``topic``-``partition`` from (-1: from here, the leader)."""
+    try:
+        info = conn.listener.cluster.topic(topic)
+    except ShmqError:
+        return -1
+    if not info.replicated or not info.config.get("replica_racks") or not 0 <= partition < info.partitions:
+        return -1
+    rid = info.preferred_read_replica(partition, rack)
+    leader = info.leaders[partition] if info.leaders else None
+    if rid is None or rid == leader:
+        return -1
+    return conn.listener.replica_node(rid)
 
 
 def _aborted_transactions(p: _Part) -> List[Dict[str, int]]:
@@ -415,6 +464,12 @@ def fetch(conn: "Connection", req: Any, version: int) -> Dict[str, Any]:
     committed = int(getattr(req, "isolation_level", 0)) == READ_COMMITTED
     parts = [_Part(t.topic, fp.partition, fp.fetch_offset, fp.partition_max_bytes, committed)
              for t in req.topics for fp in t.partitions]
+    rack = getattr(req, "rack_id", None)
+    if rack and conn.replica is None:
+        for p in parts:
+            p.preferred = _preferred_node(conn, p.topic, p.partition, rack)
+        if any(p.preferred >= 0 for p in parts):
+            max_wait = 0.0                       # the client is told where to fetch at once
     deadline = time.monotonic() + max_wait
     while True:
         total = 0
@@ -437,7 +492,7 @@ def fetch(conn: "Connection", req: Any, version: int) -> Dict[str, Any]:
             "partition_index": p.partition, "error_code": p.error, "high_watermark": p.hw,
             "last_stable_offset": p.lso, "log_start_offset": p.start,
             "aborted_transactions": _aborted_transactions(p) if committed and not p.error else None,
-            "preferred_read_replica": -1, "records": b"".join(p.chunks)})
+            "preferred_read_replica": p.preferred, "records": b"".join(p.chunks)})
     return {"error_code": 0, "session_id": 0,
             "responses": [{"topic": t, "partitions": ps} for t, ps in responses.items()]}
 

@@ -14,6 +14,16 @@ offsets table like native consumers'; groups are proxied into the
 coordinator's group logic (``groups.py``), so Kafka clients and
 ``shmq.Consumer`` share groups.
 
+Follower reads (KIP-392): the listener is node 0, leader of every
+partition. A replica process that is some topic's follower in a rack
+(topic config ``replica_racks``) also gets a broker of its own in Metadata,
+node ``REPLICA_NODE_BASE + replica id``, served by this same process on a
+port of its own (bound the first time it is named), so that a Fetch there
+can be told from one sent to the leader: a client that sends a rack is
+answered ``preferred_read_replica`` by node 0 when an in-sync follower of
+that rack exists, and its Fetch to that node is served from that replica's
+log, never above the high watermark (``api_data.fetch``).
+
 Robustness: a frame whose size is negative, too small or above
 ``max_request_bytes``, that arrives truncated, or that does not parse closes
 that one connection with a log line; every other failure of a request is
@@ -35,7 +45,7 @@ import socket
 import struct
 import threading
 import time
-from typing import Any, Callable, Dict, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 from ..cluster import Cluster
 from ..errors import ShmqError
@@ -55,6 +65,7 @@ DEFAULT_PORT = 9092
 MAX_REQUEST_BYTES = 100 * 1024 * 1024        # Kafka's socket.request.max.bytes
 BODY_TIMEOUT = 30.0                           # a started frame must arrive within this
 IDLE_TIMEOUT = 600.0                          # Kafka's connections.max.idle.ms
+REPLICA_NODE_BASE = 1000                      # node id of replica r's follower-read broker: 1000 + r
 SASL_AUTHENTICATION_FAILED = 58
 ILLEGAL_SASL_STATE = 34
 
@@ -96,6 +107,9 @@ class KafkaListener:
         self._sock.listen(128)
         self.host, self.port = self._sock.getsockname()[:2]
         self.advertised_host = advertised_host or (socket.gethostname() if host in ("0.0.0.0", "::") else host)
+        self._bind_host = host
+        self._replica_socks: Dict[int, socket.socket] = {}      # replica id -> its follower-read socket
+        self.replica_ports: Dict[int, int] = {}
         self.groups = GroupProxy(self)
         self.pstates = api_data.ProducerStates()
         self._closed = False
@@ -109,19 +123,46 @@ class KafkaListener:
     def serve_forever(self) -> None:
         """Accept and serve connections until ``close``."""
         self.groups.start()
+        self._accept(self._sock, None)
+
+    def _accept(self, sock: socket.socket, replica: Optional[int]) -> None:
         while not self._closed:
             try:
-                s, peer = self._sock.accept()
+                s, peer = sock.accept()
             except OSError:
                 if self._closed:
                     break
                 time.sleep(0.01)       # e.g. EMFILE: keep serving the others
                 continue
-            conn = Connection(self, s, peer)
+            conn = Connection(self, s, peer, replica)
             conn.thread = threading.Thread(target=conn.run, name=f"kafka-{peer[0]}:{peer[1]}", daemon=True)
             with self._lock:
                 self._conns[id(conn)] = conn
             conn.thread.start()
+
+    def replica_node(self, replica: int) -> int:
+        """The node id of ``replica``'s follower-read broker, its port bound now if it is not yet."""
+        if replica not in self.replica_ports:
+            with self._lock:
+                if replica not in self.replica_ports and not self._closed:
+                    sock = socket.socket(self._sock.family, socket.SOCK_STREAM)
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                    sock.bind((self._bind_host, 0))
+                    sock.listen(128)
+                    self._replica_socks[replica] = sock
+                    self.replica_ports[replica] = sock.getsockname()[1]
+                    threading.Thread(target=self._accept, args=(sock, replica), name=f"kafka-accept-r{replica}",
+                                     daemon=True).start()
+                    log.info("kafka listener: follower reads of replica %d on port %d (node %d)", replica,
+                             self.replica_ports[replica], REPLICA_NODE_BASE + replica)
+        return REPLICA_NODE_BASE + replica
+
+    def brokers(self) -> List[Dict[str, Any]]:
+        """Metadata's broker list: node 0, then the follower-read brokers bound so far."""
+        out = [{"node_id": self.node_id, "host": self.advertised_host, "port": self.port, "rack": None}]
+        for r, port in sorted(self.replica_ports.items()):
+            out.append({"node_id": REPLICA_NODE_BASE + r, "host": self.advertised_host, "port": port, "rack": None})
+        return out
 
     def start(self) -> "KafkaListener":
         """Serve in a background thread (tests, embedding)."""
@@ -134,10 +175,13 @@ class KafkaListener:
 
     def close(self) -> None:
         self._closed = True
-        try:
-            self._sock.close()
-        except OSError:
-            pass
+        with self._lock:
+            socks = [self._sock, *self._replica_socks.values()]
+        for sock in socks:
+            try:
+                sock.close()
+            except OSError:
+                pass
         with self._lock:
             conns = list(self._conns.values())
         for c in conns:
@@ -157,8 +201,10 @@ class KafkaListener:
 class Connection:
     """One client connection: reads requests and answers them in order."""
 
-    def __init__(self, listener: KafkaListener, sock: socket.socket, peer: Tuple[Any, ...]) -> None:
+    def __init__(self, listener: KafkaListener, sock: socket.socket, peer: Tuple[Any, ...],
+                 replica: Optional[int] = None) -> None:
         self.listener = listener
+        self.replica = replica             # a follower-read broker's connection: that replica's id
         self.sock = sock
         self.peer = f"{peer[0]}:{peer[1]}"
         self.client_id = ""

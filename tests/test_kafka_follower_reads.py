@@ -1,0 +1,84 @@
+"""KIP-392 over the wire: a confluent-kafka consumer with ``client.rack`` is
+told by the listener's node 0 (the leader of every partition) to fetch from
+the follower-read node of an in-sync replica in its rack, and that node
+serves the replica's own log, never above the high watermark; a consumer
+without a rack reads the leader's log. Real replica processes."""
+from __future__ import annotations
+
+import time
+from typing import Iterator, List
+
+import pytest
+
+from kafka_support import Listener, listener_for
+from shmq import Admin, Producer
+from shmq.cluster import Cluster
+from shmq.root import Root
+from tests.test_replication import replica_dirs, wait_isr
+
+pytest.importorskip("kio", reason="the Kafka listener needs kio (pip install shmq[kafka])")
+
+CONFIG = {"replication_factor": 3, "min_insync_replicas": 2, "segment_bytes": 1 << 20, "segment_count": 4}
+TIMEOUT = 60.0
+N = 500
+
+
+@pytest.fixture
+def kafka(root: Root) -> Iterator[Listener]:
+    yield from listener_for(root.path)
+
+
+def _consume(bs: str, n: int, **conf: str) -> "tuple[List[bytes], object]":
+    ck = pytest.importorskip("confluent_kafka")
+    c = ck.Consumer({"bootstrap.servers": bs, "group.id": "near-readers", "enable.auto.commit": False,
+                     "auto.offset.reset": "earliest", "topic.metadata.refresh.interval.ms": 1000, **conf})
+    c.assign([ck.TopicPartition("near", 0, ck.OFFSET_BEGINNING)])
+    got: List[bytes] = []
+    deadline = time.monotonic() + TIMEOUT
+    while len(got) < n and time.monotonic() < deadline:
+        for m in c.consume(500, timeout=0.5):
+            assert m.error() is None, m.error()
+            got.append(m.value())
+    return got, c
+
+
+@pytest.mark.timeout(180)
+def test_a_kafka_client_in_a_followers_rack_fetches_from_that_follower(kafka: Listener, root: Root) -> None:
+    with Admin(root.path) as admin:
+        admin.create_topic("near", 1, CONFIG)
+        d = wait_isr(admin, "near", 3)
+        follower = next(r for r in d.replicas if r != d.leader)
+        admin.alter_config("near", {"replica_racks": {str(follower): "rack-b"}})
+        paths = replica_dirs(root, admin, "near")
+    with Producer(root.path, acks="all") as p:
+        for i in range(N):
+            p.send("near", b"%06d" % i, partition=0)
+    want = [b"%06d" % i for i in range(N)]
+    cluster = Cluster(root.path)
+    try:
+        def listener_positions(path: str) -> List[int]:
+            plog = cluster.read_log("near", 0, None) if path == paths[d.leader] else cluster.read_log("near", 0,
+                                                                                                       "rack-b")
+            assert plog.path == path
+            return [r.position for r in plog.readers() if r.pid == kafka.proc.pid]
+
+        got, c = _consume(kafka.bootstrap, N, **{"client.rack": "rack-b"})
+        try:
+            assert got == want
+            # The listener read the follower's log for this client, not the leader's.
+            assert listener_positions(paths[follower]) == [N]
+            assert listener_positions(paths[d.leader]) == []
+            md = c.list_topics("near", timeout=10)
+            nodes = set(md.brokers)
+            assert 0 in nodes and 1000 + follower in nodes
+            assert sorted(md.topics["near"].partitions[0].replicas) == [0, 1000 + follower]
+        finally:
+            c.close()
+        got, c = _consume(kafka.bootstrap, N)         # no rack: the leader's log
+        try:
+            assert got == want
+            assert listener_positions(paths[d.leader]) == [N]
+        finally:
+            c.close()
+    finally:
+        cluster.close()
