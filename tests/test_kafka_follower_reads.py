@@ -42,6 +42,17 @@ def _consume(bs: str, n: int, **conf: str) -> "tuple[List[bytes], object]":
     return got, c
 
 
+def more(root: Root, c, got: List[bytes], lo: int, hi: int) -> None:  # type: ignore[no-untyped-def]
+    """Produce records lo..hi-1 (acks=all) and consume until ``got`` holds exactly 0..hi-1."""
+    with Producer(root.path, acks="all") as p:
+        for i in range(lo, hi):
+            p.send("near", b"%06d" % i, partition=0)
+    deadline = time.monotonic() + TIMEOUT
+    while len(got) < hi and time.monotonic() < deadline:
+        got += [m.value() for m in c.consume(500, timeout=0.5) if m.error() is None]
+    assert got == [b"%06d" % i for i in range(hi)]
+
+
 @pytest.mark.timeout(180)
 def test_a_kafka_client_in_a_followers_rack_fetches_from_that_follower(kafka: Listener, root: Root) -> None:
     with Admin(root.path) as admin:
@@ -72,12 +83,19 @@ def test_a_kafka_client_in_a_followers_rack_fetches_from_that_follower(kafka: Li
             nodes = set(md.brokers)
             assert 0 in nodes and 1000 + follower in nodes
             assert sorted(md.topics["near"].partitions[0].replicas) == [0, 1000 + follower]
+            more(root, c, got, N, 2 * N)                # it keeps reading the follower
+            assert listener_positions(paths[follower]) == [2 * N]
+            # The follower has no rack any more: its node answers NOT_LEADER_OR_FOLLOWER and the
+            # client goes back to the leader.
+            with Admin(root.path) as admin:
+                admin.alter_config("near", {"replica_racks": {}})
+            more(root, c, got, 2 * N, 3 * N)
+            assert 3 * N in listener_positions(paths[d.leader])
         finally:
             c.close()
-        got, c = _consume(kafka.bootstrap, N)         # no rack: the leader's log
+        got, c = _consume(kafka.bootstrap, 3 * N)     # no rack: the leader's log
         try:
-            assert got == want
-            assert listener_positions(paths[d.leader]) == [N]
+            assert got == [b"%06d" % i for i in range(3 * N)]
         finally:
             c.close()
     finally:
