@@ -4,7 +4,7 @@ its regression corpus (tests/fuzz/corpus/<harness>/) and mutates its seeds
 for a bounded time; any sanitizer report, crash or hang fails the test and
 leaves the input in the test's crash directory.
 
-``SHMQ_FUZZ_SECONDS`` (default 12 per harness) sets the budget and
+``SHMQ_FUZZ_SECONDS`` (default 10 per harness) sets the budget and
 ``SHMQ_FUZZ_SEED`` the PRNG seed (default: the day number, printed, so a
 failure is reproducible and CI covers a new stretch every day).
 
@@ -30,7 +30,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 FUZZ = os.path.join(HERE, "fuzz")
 HARNESSES = sorted(f[5:-2] for f in os.listdir(FUZZ)
                    if f.startswith("fuzz_") and f.endswith(".c") and f not in ("fuzz_common.c", "fuzz_driver.c"))
-SECONDS = float(os.environ.get("SHMQ_FUZZ_SECONDS", "12"))
+SECONDS = float(os.environ.get("SHMQ_FUZZ_SECONDS", "10"))
 SEED = int(os.environ.get("SHMQ_FUZZ_SEED", str(int(time.time()) // 86400)))
 SAN_ENV = {"ASAN_OPTIONS": "detect_leaks=1:abort_on_error=0:allocator_may_return_null=0",
            "UBSAN_OPTIONS": "print_stacktrace=1:halt_on_error=1"}

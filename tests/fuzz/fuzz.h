@@ -36,6 +36,9 @@ size_t fuzz_seeds(fuzz_input *out, size_t max);
 /* A fresh private directory (mode 0700) under /dev/shm (or $TMPDIR), whose
  * files are removed at exit. Aborts on failure. */
 const char *fuzz_dir(const char *tag);
+/* Remove those directories now (at exit, and when a crash ends the
+ * process without exit handlers). */
+void fuzz_remove_dirs(void);
 /* Abort with a message naming what failed (harness setup, not the input). */
 void fuzz_die(const char *what, int64_t rc);
 /* Create a log of `slots` slots of `seg` bytes in dir and open it (flags:

@@ -20,7 +20,7 @@ static char dirs[MAX_DIRS][256];
 static int ndirs;
 static pid_t owner;
 
-static void remove_dirs(void)
+void fuzz_remove_dirs(void)
 {
     if (getpid() != owner)
         return;
@@ -35,6 +35,7 @@ static void remove_dirs(void)
         }
         rmdir(dirs[d]);
     }
+    ndirs = 0;
 }
 
 void fuzz_die(const char *what, int64_t rc)
@@ -54,7 +55,7 @@ const char *fuzz_dir(const char *tag)
         fuzz_die("mkdtemp", -1);
     if (ndirs++ == 0) {
         owner = getpid();
-        atexit(remove_dirs);
+        atexit(fuzz_remove_dirs);
     }
     return d;
 }

@@ -50,6 +50,7 @@ static uint64_t fnv(const uint8_t *p, size_t n)
 
 static void save_current(void)
 {
+    fuzz_remove_dirs();                     /* the process is ending: leave nothing in /dev/shm */
     if (!current)
         return;
     char path[4096];
