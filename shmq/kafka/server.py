@@ -160,7 +160,9 @@ class KafkaListener:
     def brokers(self) -> List[Dict[str, Any]]:
         """Metadata's broker list: node 0, then the follower-read brokers bound so far."""
         out = [{"node_id": self.node_id, "host": self.advertised_host, "port": self.port, "rack": None}]
-        for r, port in sorted(self.replica_ports.items()):
+        with self._lock:
+            ports = sorted(self.replica_ports.items())
+        for r, port in ports:
             out.append({"node_id": REPLICA_NODE_BASE + r, "host": self.advertised_host, "port": port, "rack": None})
         return out
 
