@@ -236,3 +236,43 @@ def test_aiokafka_read_committed(kafka: Listener, scenario: Scenario) -> None:
         return got
     got = asyncio.run(asyncio.wait_for(run(), 2 * TIMEOUT))
     assert ordered(got) == ordered(scenario.committed)
+
+
+# ------------------------------------------------- the aborted list, batch by batch
+def _batch(base: int, pid: int, transactional: bool = True) -> bytes:
+    """A RecordBatch v2 header with no records (what the aborted list reads of a batch)."""
+    import struct
+    from shmq.ringlog.txn import ATTR_TRANSACTIONAL
+    attrs = ATTR_TRANSACTIONAL if transactional else 0
+    return struct.pack(">qiibIhiqqqhii", base, 49, 0, 2, 0, attrs, 0, 0, 0, pid, 0, 0, 0)
+
+
+def _marker(marker: int, base: int, pid: int) -> bytes:
+    import struct
+    from shmq.ringlog.txn import control_batch
+    return struct.pack(">q", base) + control_batch(marker, pid, 0)[8:]
+
+
+@pytest.mark.parametrize("start, want", [(10, [(7, 10)]), (12, [(7, 12)]), (13, [(7, 13)]), (14, [])])
+def test_aborted_list_has_one_entry_per_aborted_transaction(start: int, want: List[Tuple[int, int]]) -> None:
+    """pid 7: an aborted transaction in two runs (10, 12) around a plain batch
+    (11), its ABORT at 13, then a committed one (14, COMMIT at 15). librdkafka
+    pops one entry per ABORT marker, so the list names each aborted
+    transaction once, a fetch starting at its marker included."""
+    import numpy as np
+    from shmq.kafka.api_data import _aborted_transactions, _Part
+    from shmq.ringlog.txn import ABORT, COMMIT
+    log = {10: _batch(10, 7), 11: _batch(11, -1, False), 12: _batch(12, 7), 13: _marker(ABORT, 13, 7),
+           14: _batch(14, 7), 15: _marker(COMMIT, 15, 7)}
+    runs = np.array([[7, 10, 10], [7, 12, 12]], dtype=np.int64)
+
+    class Txn:
+        seen = 2
+        index = object()
+
+        def aborted_runs(self, lo: int, hi: int) -> Any:
+            return runs[(runs[:, 2] >= lo) & (runs[:, 1] <= hi)]
+    p = _Part(TOPIC, 0, start, 1 << 20, True)
+    p.txn = Txn()  # type: ignore[assignment]
+    p.chunks = [b for off, b in sorted(log.items()) if off >= start]
+    assert [(e["producer_id"], e["first_offset"]) for e in _aborted_transactions(p)] == want
