@@ -9,6 +9,10 @@ The issue's figures: 3 stage processes, 300,000 input records, 30 s of
 chaos. The test writes the input during the chaos (at the rate that spreads
 it over FEED_S), so that the kills land while the stages are busy however
 fast they are; the stages run unthrottled and catch up after the chaos.
+A successor coordinator is started by the first client that finds none,
+which takes seconds on a loaded host: the nemesis kills a coordinator only
+once it has served COORDINATOR_UP_S, so that the stages get work done
+between coordinator kills.
 """
 from __future__ import annotations
 
@@ -16,8 +20,9 @@ import collections
 import os
 import random
 import signal
+import threading
 import time
-from typing import Any, Dict, List
+from typing import Any, Dict, List, Optional, Tuple
 
 from shmq import Admin, Consumer, Producer, TopicPartition
 from shmq.errors import CommitFailed, IllegalState, InvalidTxnState, NotCoordinator, ProducerFenced, ShmqError
@@ -32,6 +37,7 @@ CHAOS_S = 30.0
 FEED_S = 27.0                    # the input is written over this much of the chaos
 CHUNK = 600                      # input records per write (100 per partition)
 MAX_BATCH = 1000                 # input records per transaction, at most
+COORDINATOR_UP_S = 1.0           # a coordinator is killed only after it served this long
 FINISH_S = 45.0                  # after the chaos, the stages must commit the rest within this
 
 
@@ -107,6 +113,18 @@ def test_exactly_once_through_stage_and_coordinator_kills(root: Root, reaper: An
         admin.create_topic(IN, IN_PARTS, config={"segment_bytes": 4 << 20, "segment_count": 4})
         admin.create_topic(OUT, OUT_PARTS, config={"segment_bytes": 8 << 20, "segment_count": 8})
     feeder = Producer(root.path)
+    tps = [TopicPartition(IN, p) for p in range(IN_PARTS)]
+    probe = Consumer(root=root.path, group_id=GROUP, enable_auto_commit=False)
+    # Committed inputs each second, for the report; in a thread, so that its
+    # calls to the coordinator never hold up the nemesis or the input.
+    progress: List[int] = []
+    chaos_over = threading.Event()
+
+    def sample() -> None:
+        while not chaos_over.wait(1.0):
+            progress.append(sum(probe.committed(tp) or 0 for tp in tps))
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
     stages = {i: reaper.start(_stage, root.path, i, notes) for i in range(STAGES)}
     rng = random.Random(1313)
     kills = {"stage": 0, "coordinator": 0, "exited": 0}
@@ -114,6 +132,8 @@ def test_exactly_once_through_stage_and_coordinator_kills(root: Root, reaper: An
     t0 = time.monotonic()
     next_kill = t0 + rng.uniform(0.4, 1.2)
     event = 0
+    coordinator: Tuple[Optional[int], float] = (root.coordinator_pid(), t0)
+    kill_coordinator_next = False
     while True:
         now = time.monotonic()
         if now - t0 >= CHAOS_S:
@@ -125,13 +145,21 @@ def test_exactly_once_through_stage_and_coordinator_kills(root: Root, reaper: An
             for part in range(IN_PARTS):
                 feeder.send_batch(IN, vals[part::IN_PARTS], partition=part)
             written += CHUNK
+        pid = root.coordinator_pid()
+        if pid != coordinator[0]:
+            coordinator = (pid, now)                  # a successor is serving since about now
+        if kill_coordinator_next and pid is not None and now - coordinator[1] >= COORDINATOR_UP_S:
+            _note(notes, f"nemesis: SIGKILL coordinator pid {pid}")
+            kill_coordinator(root)                    # the next client call starts a successor
+            kills["coordinator"] += 1
+            kill_coordinator_next = False
         if now >= next_kill:
             event += 1
             if event % 3 == 2:
-                kill_coordinator(root)                # the next client call starts a successor
-                kills["coordinator"] += 1
+                kill_coordinator_next = True          # once the current one has served a while
             else:
                 i = rng.randrange(STAGES)
+                _note(notes, f"nemesis: SIGKILL stage {i} pid {stages[i].pid}")
                 _kill(stages[i])
                 kills["stage"] += 1
                 time.sleep(rng.uniform(0.0, 0.3))
@@ -139,11 +167,11 @@ def test_exactly_once_through_stage_and_coordinator_kills(root: Root, reaper: An
             next_kill = time.monotonic() + rng.uniform(0.4, 1.2)
         _restart_exited(stages, root.path, notes, reaper, kills)
         time.sleep(0.01)
+    chaos_over.set()
+    sampler.join(30)
     feeder.close()
     chaos_end = time.monotonic()
     # Let the stages finish the input.
-    tps = [TopicPartition(IN, p) for p in range(IN_PARTS)]
-    probe = Consumer(root=root.path, group_id=GROUP, enable_auto_commit=False)
     ends = {tp: probe.get_watermark_offsets(tp)[1] for tp in tps}
     assert written == RECORDS and sum(ends.values()) == RECORDS
     at_chaos_end = sum(probe.committed(tp) or 0 for tp in tps)
@@ -157,7 +185,7 @@ def test_exactly_once_through_stage_and_coordinator_kills(root: Root, reaper: An
                 group = admin.describe_group(GROUP)
             tail = open(notes).read().splitlines()[-15:] if os.path.exists(notes) else []
             raise AssertionError(f"the stages did not finish: committed {committed} of {ends}; group {group}; "
-                                 f"stage errors (last 15): {tail}")
+                                 f"stage errors and kills (last 15): {tail}")
         _restart_exited(stages, root.path, notes, reaper, kills)
         time.sleep(0.2)
     probe.close()
@@ -189,7 +217,9 @@ def test_exactly_once_through_stage_and_coordinator_kills(root: Root, reaper: An
           f"{at_chaos_end} inputs committed when the chaos ended, all {finished:.1f} s after the start "
           f"({time.monotonic() - chaos_end:.1f} s of catching up and checking), "
           f"{len(dups)} duplicated, {missing} missing; output log end offsets {ends_out} "
-          f"(aborted records and markers included)")
+          f"(aborted records and markers included); thousands of inputs committed "
+          f"after each second of chaos (of {RECORDS * 1e-3 / FEED_S:.1f} more written each second): "
+          f"{' '.join(str(n // 1000) for n in progress)}")
     assert kills["stage"] > 0 and kills["coordinator"] > 0
     assert not dups, f"inputs processed more than once: {list(dups.items())[:5]}"
     assert set(counts) == set(range(RECORDS))
