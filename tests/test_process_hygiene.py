@@ -87,23 +87,21 @@ def test_idle_coordinator_and_replica_processes_use_almost_no_cpu(root: Root) ->
         return sum(sum(p.cpu_times()[:2]) for p in procs)
 
     # Other processes on a busy host only add to what is measured (cold caches,
-    # shared cores): the least of two windows is the figure.
-    # The bound here is 5%: issue 10 asks for under 1% in this test (0.2% in
-    # the benchmark) and that is NOT met yet with replicated topics: measured
-    # 0.7-3.5% on this 2-vCPU host. One thread per process spends 4-5 ms of
-    # Python per wake-up (periodic duties, about 2 wake-ups/s each; profile:
-    # the interpreter loop and shmq_log_read). perf/bench_idle.py gives the
-    # precise figure. The bound still catches a return to polling (16% before
-    # the idle work).
+    # shared cores): the least of two windows is the figure. The bound is the
+    # issue's 1% (0.2% is the benchmark's target: perf/bench_idle.py). Idle, a
+    # replica process wakes once per 2 s for all its partitions' duties, its
+    # waiters once per 2 s each; the coordinator's replication supervision
+    # every replica_lag_time_max_ms / 2 (5 s), housekeeping every 2 s, offsets
+    # every 1 s. Measured here: 0.10-0.20% (load average 2-5).
     shares = []
     for _ in range(2):
         t0, c0 = time.monotonic(), cpu()
         time.sleep(10.0)
         shares.append((cpu() - c0) / (time.monotonic() - t0))
         print(f"idle CPU of the coordinator and 2 replica processes over 10 s: {shares[-1] * 100:.3f}% of a core")
-        if shares[-1] < 0.01:
+        if shares[-1] < 0.005:
             break
-    assert min(shares) < 0.05, shares
+    assert min(shares) < 0.01, shares
 
 
 def _wait_gone(root: Root, timeout: float) -> None:

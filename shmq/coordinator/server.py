@@ -21,8 +21,10 @@ Theory of operation:
 5. A thread journals hot-path offset commits from ``<root>/offsets.table``
    every 10 ms while they come in (``offsets_sync``); ``sync_offsets`` does
    it at once. Every supervision loop (housekeeping, offsets, groups,
-   replication) backs off to ``IDLE_S`` while it finds nothing to do, so an
-   idle coordinator wakes only a few times a second.
+   replication) backs off while it finds nothing to do (``IDLE_S``;
+   housekeeping ``HOUSEKEEP_IDLE_S``; replication half the shortest
+   ``replica_lag_time_max_ms``, at most ``EMPTY_S``; transactions ``EMPTY_S``
+   while none is open), so an idle coordinator wakes about three times a second.
 6. It exits on SIGTERM/SIGINT (``shmq stop``), when its root directory
    disappears, or (``idle_exit_ms``, set for the embedded coordinator) once
    no client has been connected for that long. On the way out it stops its
@@ -78,7 +80,7 @@ log = logging.getLogger("shmq.coordinator")
 _UCRED = struct.Struct("3i")      # pid, uid, gid
 IDLE_S = 1.0                      # the slowest pace of an idle supervision loop
 EMPTY_S = 5.0                     # ... of one with nothing to supervise (it is woken when that changes)
-HOUSEKEEP_IDLE_S = 1.0            # ... of idle housekeeping (a burst after it prepares its own slot)
+HOUSEKEEP_IDLE_S = 2.0            # ... of idle housekeeping (a burst prepares its own slot, a reader pads a dead claim)
 
 
 def acquire_lock(root: Root, *, wait: bool) -> Optional[int]:
@@ -138,7 +140,8 @@ class Coordinator:
             log.info("coordinator pid %d active on %s", os.getpid(), self.root.path)
             self.db = DurableStore.open(self.root)
             open_all_logs(self.root, self.db.store, self.registry)
-            self.replication = ReplicationManager(self.root, self.db, self._publish, lock=self._lock, stop=self._stop)
+            self.replication = ReplicationManager(self.root, self.db, self._publish_replication, lock=self._lock,
+                                                  stop=self._stop)
             self.replication.open_logs()
             for name, t in self.db.store.topics.items():
                 self._update_slowest(name, range(len(t["partitions"])))
@@ -271,11 +274,15 @@ class Coordinator:
                 changed = self._sync_offsets()
             pause = backoff.next(changed > 0)
 
-    def _replication_loop(self, idle: float = IDLE_S) -> None:
+    def _replication_loop(self, idle: Optional[float] = None) -> None:
         """Replica supervision, ISR and elections (``ReplicationManager.tick``),
-        every ``TICK`` while anything is unsettled or moving, else backing off to ``idle``."""
+        every ``TICK`` while anything is unsettled or moving, else backing off to
+        the idle pace: half the shortest ``replica_lag_time_max_ms`` (Kafka's ISR
+        check period), within [IDLE_S, EMPTY_S]. Events wake it at once: a
+        replicated topic created, a leader or ISR change (``_publish_replication``),
+        stop. A replica process's death is handled by its lifeline watcher."""
         from .replication import TICK
-        backoff = Backoff(TICK, idle)
+        backoff = Backoff(TICK, IDLE_S if idle is None else idle)
         pause, slowest_at = TICK, 0.0
         while True:
             self._replication_wake.wait(pause)
@@ -298,7 +305,17 @@ class Coordinator:
                     log.exception("replication supervision failed")
                     busy = True
                 empty = not self.replication.replicas and not self.replication.replicated_partitions()
+                if idle is None:
+                    backoff.idle = self._isr_check_pace()
             pause = EMPTY_S if empty else backoff.next(busy)
+
+    def _isr_check_pace(self) -> float:
+        """Seconds between idle ISR checks: half the shortest replica_lag_time_max_ms
+        of a replicated topic, within [IDLE_S, EMPTY_S]. (Followers of an idle
+        leader report "caught up" every lag/4, see shmq.replica.partition.)"""
+        lags = [int(t["config"].get("replica_lag_time_max_ms") or 10_000)
+                for t in self.db.store.topics.values() if is_replicated(t)]
+        return max(IDLE_S, min(EMPTY_S, min(lags, default=10_000) / 2000))
 
     def _groups_loop(self, interval: float = 0.02, pid_every: int = 5, idle: float = IDLE_S) -> None:
         """Group supervision: heartbeats, stuck revocations, process liveness
@@ -324,10 +341,11 @@ class Coordinator:
             self._send_pushes(pushes)
             pause = backoff.next(True) if busy else EMPTY_S     # a join wakes it
 
-    def _txn_loop(self, interval: float = 0.1, idle: float = IDLE_S) -> None:
+    def _txn_loop(self, interval: float = 0.1, idle: float = EMPTY_S) -> None:
         """Transaction timeouts (``transaction_timeout_ms``) and retried
         completions: every ``interval`` while a transaction is open, else
-        asleep until one begins (``_txn_wake``) or ``idle`` passes."""
+        asleep until one begins (``_txn_wake``: adding partitions or offsets
+        wakes it) or ``idle`` passes (``EMPTY_S``)."""
         pause = interval
         while not self._stop.is_set():
             self._txn_wake.wait(pause)
@@ -499,6 +517,12 @@ class Coordinator:
 
     def _publish(self) -> None:
         self.publisher.publish(self._payload())
+
+    def _publish_replication(self) -> None:
+        """A leader or ISR change: publish it, and supervise again at once (a new
+        leader of a block-mode topic learns what groups committed, whatever the idle pace)."""
+        self._publish()
+        self._replication_wake.set()
 
     # ----------------------------------------------------------- operations
     def op_ping(self) -> Dict[str, Any]:

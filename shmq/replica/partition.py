@@ -44,7 +44,8 @@ COPY_BYTES = 1 << 20
 HOUSEKEEP_NS = 2_000_000          # a busy leader's housekeeping pace
 STORAGE_CHECK_NS = 20_000_000     # a busy replica checks its files are still there this often
 ACTIVE_NS = 2_000_000_000         # a replica is busy this long after it last saw its log move (>= SLICE_S)
-IDLE_NS = 1_000_000_000           # an idle replica's pace for housekeeping and storage checks
+IDLE_NS = 2_000_000_000           # an idle replica's pace for housekeeping, storage checks, "caught up" reports
+RETRY_NS = 500_000_000            # a follower that cannot follow yet tries again this often
 SLACK_NS = IDLE_NS // 2            # an idle duty this close to due is done with the others: one wake-up does all
 
 
@@ -84,7 +85,9 @@ class PartitionReplica:
         self._mark: Any = None                 # the leader log's activity mark last seen
         # An idle follower re-reports "caught up" well within replica_lag_time_max_ms.
         lag_ms = int(config.get("replica_lag_time_max_ms") or 10_000)
-        self.idle_publish_ns = min(max(lag_ms // 4, 50), 1000) * 1_000_000
+        # An idle follower says "caught up" every lag/4 (at most every IDLE_NS): the
+        # coordinator's ISR check (every lag/2 when idle) always finds a fresh report.
+        self.idle_publish_ns = min(max(lag_ms // 4, 50) * 1_000_000, IDLE_NS)
         self.log: Optional[PartitionLog] = None
         self.pstate: Optional[ProducerStateTable] = None
         self.cache: Optional[LeaderEpochCache] = None
@@ -215,8 +218,11 @@ class PartitionReplica:
         if self.role == "leader":
             due = min(due, self._housekept + IDLE_NS)
         elif self.role == "follower" and self.ready:
-            # (A follower not ready yet retries at the idle pace: its report is not due.)
             due = min(due, self._last_publish + self.idle_publish_ns)
+        elif self.role == "follower":
+            # Not following yet (the leader has not opened its log in this epoch, or it
+            # starts over): try again soon, not at the idle pace. Nothing to report yet.
+            due = min(due, now + RETRY_NS)
         fms = self.config.get("flush_ms")
         if fms is not None and self._unflushed:
             due = min(due, self._last_flush + int(fms * 1_000_000))

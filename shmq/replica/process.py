@@ -21,7 +21,8 @@ Theory of operation:
    log's commit futex (rotating). Otherwise it is idle: it sleeps on its bell
    (``waiters``: rung by a commit on any log it waits for, by a metadata
    publish, or by stop) until the next periodic duty (at most ``IDLE_NS``),
-   so an idle process wakes about once a second and still reacts at once.
+   so an idle process wakes about once every 2 s (all partitions' duties and
+   the root check in one wake-up) and still reacts at once.
 
 Started by the coordinator as ``python -m shmq.replica --root R --id N``.
 """
@@ -45,11 +46,11 @@ __all__ = ["ReplicaProcess"]
 
 log = logging.getLogger("shmq.replica")
 
-PING_S = 2.0                  # the lifeline thread's poll timeout on the coordinator connection
+PING_S = 10.0                 # the lifeline thread's poll timeout (its EOF wakes it at once; this only re-checks stop)
 ORPHAN_S = 10.0
 FAST_NS = 1_000_000           # the wait of a busy process between rounds
-IDLE_NS = 1_000_000_000       # the longest sleep of an idle process
-ROOT_CHECK_NS = 500_000_000
+IDLE_NS = 2_000_000_000       # the longest sleep of an idle process
+ROOT_CHECK_NS = 500_000_000   # the root's removal is checked at a wake-up at least this far from the last check
 
 
 class ReplicaProcess:
@@ -220,4 +221,4 @@ class ReplicaProcess:
             self._bell.clear()
             self._arm()
             if self.view.version() == self._version and not self._stop.is_set():
-                self._bell.wait(max(FAST_NS, min(due - now, IDLE_NS, ROOT_CHECK_NS)) / 1e9)
+                self._bell.wait(max(FAST_NS, min(due - now, IDLE_NS)) / 1e9)
