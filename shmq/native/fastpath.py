@@ -6,9 +6,16 @@ when they are made; with the extension in use their ``send`` / ``poll`` are
 C functions that handle the common case themselves and hand every other case
 (and every error) to the Python methods, which stay the reference.
 
+The numpy bulk path calls the extension's functions directly:
+``LogReader.read_arrays`` (so ``Consumer.consume_arrays``) is one
+``_ext.read_arrays`` call (read, wait and the arrays), and
+``Producer.send_batch`` of a C-contiguous 2-D uint8 array one
+``_ext.append_fixed`` call per batch.
+
 The switch: ``SHMQ_FASTPATH=0`` in the environment turns the extension off
-(checked when each client object is made); so does a platform where it could
-not be built. Everything works either way.
+(checked when each client object is made, and by a log reader on its first
+bulk read); so does a platform where it could not be built. Everything works
+either way.
 """
 from __future__ import annotations
 
