@@ -348,7 +348,7 @@ class LogReader:
             if c_read is _UNSET or (c_read is not None and c_read[0] is not views):
                 c_read = self.__dict__["_c_read"] = self._c_read_args(views, want if bulk is not None else self._max)
             if c_read is not None:
-                got = c_read[1](max_records, int(timeout * 1e9) if timeout > 0 else 0)
+                got = c_read[1](want, int(min(timeout, 1e9) * 1e9) if timeout > 0 else 0)
                 if type(got) is int:
                     if got == lib.SHMQ_ERR_OUT_OF_RANGE:
                         self._overrun()
