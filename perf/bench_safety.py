@@ -1,6 +1,6 @@
 """What safety costs: the default (block, CRC checked) against overwrite with CRC off.
 
-    python -m perf.bench_safety [--quick] [--repeats 3] [--scale 1.0] [--json out.json]
+    python -m perf.bench_safety [--quick] [--repeats 3] [--scale 1.0] [--split] [--json out.json]
 
 One producer process, one consumer process, one partition with the default
 ring (8 x 8 MiB), enough records to lap the ring several times:
@@ -16,7 +16,9 @@ the consumer's reader holds the producer back) read with the default
 ``check_crcs=False``, where a consumer that falls behind loses records (the
 count delivered is reported). Throughput is records delivered per second,
 measured at the consumer from its first record to its last. Medians of
-``--repeats`` runs; the figure to read is safe / unsafe.
+``--repeats`` runs; the figure to read is safe / unsafe. ``--split`` also
+runs block with CRC off and overwrite with CRC on, so the cost of the
+back-pressure and that of the CRC check are seen apart.
 """
 from __future__ import annotations
 
@@ -34,6 +36,8 @@ from .bench_api import _Root
 
 _SEQ = struct.Struct("<Q")
 MODES = {"safe": ("block", True), "unsafe": ("overwrite", False)}
+# --split: each half of safety on its own, to tell what costs what.
+SPLIT_MODES = {"block, CRC off": ("block", False), "overwrite, CRC on": ("overwrite", True)}
 RING = {"segment_bytes": 8 << 20, "segment_count": 8}
 
 
@@ -92,7 +96,7 @@ def _consume(root: str, n: int, batch: bool, check_crcs: bool, out: Any) -> None
 def run_once(mode: str, n: int, size: int, batch: bool) -> Tuple[float, int]:
     """(records delivered per second, records delivered) for one run."""
     from shmq import Admin
-    overflow, crcs = MODES[mode]
+    overflow, crcs = {**MODES, **SPLIT_MODES}[mode]
     ctx = mp.get_context("fork")
     with _Root() as root:
         with Admin(root) as admin:
@@ -118,6 +122,8 @@ def main(argv: Any = None) -> Dict[str, Any]:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--scale", type=float, default=1.0,
                     help="multiply the record counts (e.g. 0.01 to check that the benchmark runs)")
+    ap.add_argument("--split", action="store_true",
+                    help="also block with CRC off and overwrite with CRC on (what each half costs)")
     ap.add_argument("--json", help="write the results here")
     args = ap.parse_args(argv)
     repeats = 1 if args.quick else args.repeats
@@ -133,7 +139,7 @@ def main(argv: Any = None) -> Dict[str, Any]:
           f"{'unsafe delivered':>17}")
     for name, size, n, batch in rows:
         res = {}
-        for mode in MODES:
+        for mode in [*MODES, *(SPLIT_MODES if args.split else ())]:
             runs = [run_once(mode, n, size, batch) for _ in range(repeats)]
             res[mode] = (statistics.median(r[0] for r in runs), min(r[1] for r in runs))
         ratio = res["safe"][0] / res["unsafe"][0] if res["unsafe"][0] else float("nan")
@@ -141,6 +147,11 @@ def main(argv: Any = None) -> Dict[str, Any]:
                          "ratio": ratio, "safe_delivered": res["safe"][1], "unsafe_delivered": res["unsafe"][1]}
         print(f"{name:<14} {n:>10} {res['safe'][0] / 1e3:>10.1f} k {res['unsafe'][0] / 1e3:>11.1f} k "
               f"{ratio:>11.2f} {res['unsafe'][1]:>17}")
+        for mode in SPLIT_MODES if args.split else ():
+            results[name][mode] = {"per_s": res[mode][0], "delivered": res[mode][1]}
+            print(f"{'':<14} {mode:>22}: {res[mode][0] / 1e3:.1f} k rec/s "
+                  f"({res[mode][0] / res['unsafe'][0] if res['unsafe'][0] else float('nan'):.2f} of unsafe), "
+                  f"{res[mode][1]} delivered")
         assert res["safe"][1] == n, f"{name}: the safe mode delivered {res['safe'][1]} of {n}"
     if args.json:
         with open(args.json, "w") as f:
