@@ -31,6 +31,16 @@ high watermark (``get_watermark_offsets``, ``lag``, ``seek_to_end``) is the LSO.
 ``consumer_group_metadata()`` is what ``Producer.send_offsets_to_transaction``
 takes.
 
+Storage faults (Kafka's KAFKA_STORAGE_ERROR handling): a partition whose
+read fails with ``KafkaStorageError`` (a file truncated, shrunk or unlinked)
+is raised to the caller once, then set aside: ``poll``, ``consume`` and
+``consume_arrays`` go on delivering the other partitions and retry the
+failed one after ``retry_backoff_ms`` (default 100), or at once when
+metadata names a new log for it (a new leader). A retry that fails raises
+again, so a permanently broken partition is raised at most once per backoff
+and never starves the others. ``seek``, ``seek_to_*`` and ``assign`` of the
+partition clear that state.
+
 A Consumer is used by one thread at a time.
 """
 from __future__ import annotations
@@ -42,8 +52,8 @@ from collections import deque
 from typing import Any, Callable, Deque, Dict, Iterable, List, NamedTuple, Optional, Sequence, Tuple
 
 from .cluster import Cluster
-from .errors import (CommitFailed, IllegalState, InvalidConfig, LeaderNotAvailable, NoOffsetForPartition,
-                     OffsetOutOfRange, ShmqError, UnknownTopicOrPartition)
+from .errors import (CommitFailed, IllegalState, InvalidConfig, KafkaStorageError, LeaderNotAvailable,
+                     NoOffsetForPartition, OffsetOutOfRange, ShmqError, UnknownTopicOrPartition)
 from .message import Message, OffsetAndTimestamp, TopicPartition
 from .native import fastpath, lib
 from .ringlog import LogReader, RecordArrays
@@ -70,7 +80,7 @@ class ConsumerGroupMetadata(NamedTuple):
 class _Assigned:
     """State of one assigned partition."""
 
-    __slots__ = ("tp", "log", "reader", "paused", "position", "out_of_range")
+    __slots__ = ("tp", "log", "reader", "paused", "position", "out_of_range", "retry_at")
 
     def __init__(self, tp: TopicPartition, plog: Any, reader: Optional[LogReader]) -> None:
         self.tp = tp
@@ -82,6 +92,9 @@ class _Assigned:
         # end, or a commit below the log start): the next fetch applies
         # auto_offset_reset, as Kafka does.
         self.out_of_range = False
+        # A read of this partition failed with KafkaStorageError: it is set
+        # aside (not read) until this time.monotonic(); 0.0: not set aside.
+        self.retry_at = 0.0
 
 
 class Consumer:
@@ -102,6 +115,9 @@ class Consumer:
     ``client_rack`` (Kafka's ``client.rack``, KIP-392): read a replicated
     partition from an in-sync replica in that rack (topic config
     ``replica_racks``) instead of the leader, never above the high watermark.
+    ``retry_backoff_ms`` (Kafka's ``retry.backoff.ms``, default 100): how
+    long a partition whose read failed with ``KafkaStorageError`` is set
+    aside before it is read again (see the module doc).
     """
 
     def __init__(self, *topics: str, group_id: Optional[str] = None, root: Any = None,
@@ -115,7 +131,7 @@ class Consumer:
                  group_instance_id: Optional[str] = None, session_timeout_ms: int = 10000,
                  max_poll_interval_ms: int = 300000, heartbeat_interval_ms: Optional[int] = None,
                  partition_assignment_strategy: str = "sticky", isolation_level: str = "read_uncommitted",
-                 **unknown: Any) -> None:
+                 retry_backoff_ms: int = 100, **unknown: Any) -> None:
         if unknown:
             raise InvalidConfig(f"unknown Consumer option(s): {', '.join(sorted(unknown))}")
         if isolation_level not in ISOLATION_LEVELS:
@@ -123,7 +139,8 @@ class Consumer:
         self.isolation_level = isolation_level
         if auto_offset_reset not in RESETS:
             raise InvalidConfig(f"auto_offset_reset={auto_offset_reset!r} must be one of {RESETS}")
-        for name, v in (("auto_commit_interval_ms", auto_commit_interval_ms), ("max_poll_records", max_poll_records)):
+        for name, v in (("auto_commit_interval_ms", auto_commit_interval_ms), ("max_poll_records", max_poll_records),
+                        ("retry_backoff_ms", retry_backoff_ms)):
             if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
                 raise InvalidConfig(f"{name}={v!r} must be a positive int")
         self._cluster = Cluster(root)
@@ -138,6 +155,11 @@ class Consumer:
         self._auto_commit_s = auto_commit_interval_ms / 1000
         self._next_auto_commit = time.monotonic() + self._auto_commit_s
         self.max_poll_records = max_poll_records
+        self._retry_backoff_s = retry_backoff_ms / 1000
+        # The C poll names here a partition whose read failed (it hands the
+        # call to the Python path, which reads that partition first to raise
+        # its error); the Python consume's top-up does the same.
+        self._read_failed: Optional[_Assigned] = None
         self._value_de = value_deserializer
         self._key_de = key_deserializer
         self._check_crcs = check_crcs
@@ -319,6 +341,8 @@ class Consumer:
             self._drop_buffer()
         for tp in tps:
             _close_reader(self._assigned.pop(tp, None))
+        if self._read_failed is not None and self._read_failed.tp in tps:
+            self._read_failed = None
         self._order = [st for st in self._order if st.tp not in tps]
         self._changed()
 
@@ -350,6 +374,8 @@ class Consumer:
         for tp in wanted:
             if tp not in keep:
                 keep[tp] = _Assigned(tp, self._read_log(tp), None)
+            keep[tp].retry_at = 0.0          # assigning a set-aside partition again retries it
+        self._read_failed = None
         self._assigned = keep
         self._order = list(keep.values())
         self._drop_buffer()
@@ -383,6 +409,7 @@ class Consumer:
         if self._buffer_tp is st:
             self._drop_buffer()
         st.out_of_range = False
+        st.retry_at = 0.0                # a seek (or a new log) reads the partition again at once
         self._changed()
         try:
             if st.reader is None:
@@ -529,63 +556,126 @@ class Consumer:
         position (offsets are the same in every replica)."""
         self._leaders_version = self._cluster.version()
         self._changed()
+        failed: Optional[KafkaStorageError] = None
         for st in self._order:
             try:
                 plog = self._read_log(st.tp)
             except (LeaderNotAvailable, UnknownTopicOrPartition):
                 continue                 # keep reading what the old leader had below its high watermark
+            except KafkaStorageError as e:
+                self._set_aside(st, e)
+                failed = failed or e
+                continue
             if plog is not st.log:
                 log.info("%s-%d: reading from the log %s", st.tp.topic, st.tp.partition, plog.path)
                 if self._buffer_tp is st:
                     self._drop_buffer()
                 _close_reader(st)
                 st.log = plog
+                st.retry_at = 0.0        # a set-aside partition is retried on its new log
                 if st.position is not None:
-                    self._seek_state(st, st.position)
+                    try:
+                        self._seek_state(st, st.position)
+                    except KafkaStorageError as e:
+                        self._set_aside(st, e)
+                        failed = failed or e
+        if failed is not None:
+            raise failed
 
-    def _fetch_from(self, st: _Assigned, max_records: int, timeout: float) -> List[Message]:
-        if self._leaders_version != self._cluster.version():
-            self._follow_leaders()
+    def _set_aside(self, st: _Assigned, e: KafkaStorageError) -> KafkaStorageError:
+        """A read of ``st`` failed with ``e`` (raised by the caller): set the
+        partition aside for retry_backoff_ms; the others go on (the C poll
+        re-arms without it)."""
+        (log.warning if st.retry_at == 0.0 else log.debug)(
+            "%s-%d: %s; set aside, read again in %d ms", st.tp.topic, st.tp.partition, e,
+            round(self._retry_backoff_s * 1000))
+        st.retry_at = time.monotonic() + self._retry_backoff_s
+        if self._read_failed is st:
+            self._read_failed = None
+        self._changed()
+        return e
+
+    def _ready(self, st: _Assigned) -> LogReader:
+        """The reader of ``st`` at its position: set up when the partition is
+        first read, auto_offset_reset applied to a position out of range."""
         if st.position is None:
             self._init_position(st)
         if st.out_of_range:
             self._check_range(st)
         assert st.reader is not None
-        try:
-            return st.reader.read_as(Message, st.tp.topic, st.tp.partition, max_records, timeout)
-        except OffsetOutOfRange as e:
-            self._overrun(st, e)
-            return []
+        return st.reader
 
-    def _fetch(self, max_records: int, timeout: float) -> Tuple[Optional[_Assigned], List[Message]]:
-        """Records from the next partition that has some, waiting up to timeout."""
+    def _fetch_from(self, st: _Assigned, max_records: int, timeout: float, defer: bool = False) -> List[Message]:
+        """Records of ``st``, waiting up to timeout. A KafkaStorageError sets
+        the partition aside and is raised; with ``defer`` it is not raised
+        but left for the next call to raise (``_read_failed``)."""
+        try:
+            try:
+                return self._ready(st).read_as(Message, st.tp.topic, st.tp.partition, max_records, timeout)
+            except OffsetOutOfRange as e:
+                self._overrun(st, e)
+                return []
+        except KafkaStorageError as e:
+            if defer:
+                self._read_failed = st
+                return []
+            raise self._set_aside(st, e)
+
+    def _fetch(self, max_records: int, timeout: float, defer: bool = False
+               ) -> Tuple[Optional[_Assigned], List[Message]]:
+        """Records from the next partition that has some, waiting up to
+        timeout. Set-aside partitions (see ``_set_aside``) are skipped until
+        their retry time, which bounds a wait."""
         deadline = time.monotonic() + timeout
+        st = self._read_failed
+        if st is not None:               # named by the C poll: read it first, to raise its error
+            self._read_failed = None
+            if not st.paused and any(s is st for s in self._order):
+                recs = self._fetch_from(st, max_records, 0.0, defer)
+                if recs:
+                    return st, recs
         while True:
-            active = [st for st in self._order if not st.paused]
+            if self._leaders_version != self._cluster.version():
+                self._follow_leaders()
+            now = time.monotonic()
+            retry = deadline             # the first retry time of a set-aside partition, if sooner
+            active = []
+            for st in self._order:
+                if st.paused:
+                    continue
+                if st.retry_at > now:
+                    retry = min(retry, st.retry_at)
+                    continue
+                active.append(st)
             n = len(active)
             if n == 0:
                 if timeout > 0:
-                    time.sleep(max(0.0, min(deadline - time.monotonic(), 0.01)))
+                    time.sleep(max(0.0, min(retry - now, 0.01)))
                 if time.monotonic() >= deadline:
                     return None, []
                 continue
             for k in range(n):
                 st = active[(self._rr + k) % n]
-                recs = self._fetch_from(st, max_records, 0.0)
+                recs = self._fetch_from(st, max_records, 0.0, defer)
                 if recs:
                     self._rr = (self._rr + k + 1) % n
                     return st, recs
             left = deadline - time.monotonic()
             if left <= 0:
                 return None, []
+            wait = min(left, retry - now)
             if n == 1:
                 st = active[0]
-                recs = self._fetch_from(st, max_records, left)
-                return (st, recs) if recs else (None, [])
+                recs = self._fetch_from(st, max_records, max(wait, 0.0), defer)
+                if recs:
+                    return st, recs
+                if wait >= left:
+                    return None, []
+                continue                 # a set-aside partition is due: read it again
             # Several partitions: wait on each in turn for a short slice.
             st = active[self._rr % n]
             self._rr = (self._rr + 1) % n
-            recs = self._fetch_from(st, max_records, min(left, 0.001))
+            recs = self._fetch_from(st, max_records, max(0.0, min(wait, 0.001)), defer)
             if recs:
                 return st, recs
 
@@ -674,7 +764,10 @@ class Consumer:
         for _ in range(len(self._order) - 1):
             if len(out) >= num_messages:
                 break
-            st3, more = self._fetch(num_messages - len(out), 0.0)
+            try:                         # a read error: the next call raises it (defer)
+                st3, more = self._fetch(num_messages - len(out), 0.0, defer=True)
+            except KafkaStorageError:    # from _follow_leaders: set aside, raised on its retry
+                break
             if not more:
                 break
             out.extend(self._deliver(st3, more))  # type: ignore[arg-type]
@@ -691,24 +784,25 @@ class Consumer:
         deadline = time.monotonic() + timeout
         rr = 0
         while True:
-            active = [s for s in self._order if not s.paused]
-            left = deadline - time.monotonic()
             if self._leaders_version != self._cluster.version():
                 self._follow_leaders()
+            now = time.monotonic()
+            left = deadline - now
+            active = [s for s in self._order if not s.paused and s.retry_at <= now]
+            # A set-aside partition due before the deadline bounds the wait (then it is read again).
+            left = min([left] + [s.retry_at - now for s in self._order if s.retry_at > now and not s.paused])
             for k, st in enumerate(active):
-                if st.position is None:
-                    self._init_position(st)
-                if st.out_of_range:
-                    self._check_range(st)
-                assert st.reader is not None
                 # After a full empty round, block on one partition (its futex):
                 # the whole wait when it is the only one, else a short slice.
                 wait = 0.0 if k or rr == 0 or left <= 0 else (left if len(active) == 1 else min(left, 0.001))
                 try:
-                    arrs = st.reader.read_arrays(num_messages, timeout=wait)
-                except OffsetOutOfRange as e:
-                    self._overrun(st, e)
-                    continue
+                    try:
+                        arrs = self._ready(st).read_arrays(num_messages, timeout=wait)
+                    except OffsetOutOfRange as e:
+                        self._overrun(st, e)
+                        continue
+                except KafkaStorageError as e:
+                    raise self._set_aside(st, e)
                 if arrs is not None:
                     st.position = int(arrs.offsets[-1]) + 1
                     if len(active) > 1:  # the next call starts with the next partition

@@ -9,15 +9,19 @@ the module's coordinator is killed at teardown.
 from __future__ import annotations
 
 import itertools
+import os
 import time
-from typing import Iterator, List
+from typing import Any, Iterator, List
 
 import numpy as np
 import pytest
 
-from shmq import (Admin, Consumer, IllegalState, InvalidConfig, InvalidGroupId, InvalidTopic, Message,
-                  NoOffsetForPartition, OffsetAndTimestamp, Producer, TopicPartition, UnknownTopicOrPartition)
+from shmq import (Admin, Consumer, IllegalState, InvalidConfig, InvalidGroupId, InvalidTopic, KafkaStorageError,
+                  Message, NoOffsetForPartition, OffsetAndTimestamp, Producer, TopicPartition,
+                  UnknownTopicOrPartition)
 from shmq.coordinator import CoordinatorClient
+from shmq.native import fastpath
+from shmq.root import Root
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -113,6 +117,8 @@ def test_assign_bad_input_raises(root: str, topic: str) -> None:
     (dict(max_poll_records=0), InvalidConfig),
     (dict(auto_commit_interval_ms=-5), InvalidConfig),
     (dict(max_poll_records="10"), InvalidConfig),
+    (dict(retry_backoff_ms=0), InvalidConfig),
+    (dict(retry_backoff_ms=0.1), InvalidConfig),
     (dict(bootstrap_servers="x:9092"), InvalidConfig),
     (dict(group_id="../g"), InvalidGroupId),
     (dict(group_id=""), InvalidGroupId),
@@ -424,3 +430,95 @@ def test_lag(root: str, topic: str, producer: Producer) -> None:
         assert c.lag(tp(topic, 1)) == 8
         c.consume(3, timeout=1.0)
         assert c.lag(tp(topic, 1)) == 5
+
+
+# ------------------------------------------------------------ storage faults
+@pytest.mark.parametrize("fast", [True, False], ids=["fastpath", "SHMQ_FASTPATH=0"])
+@pytest.mark.parametrize("api", ["poll", "consume", "consume_arrays"])
+def test_a_truncated_partition_is_raised_then_set_aside_while_the_other_keeps_delivering(
+        root: str, topic: str, producer: Producer, monkeypatch: pytest.MonkeyPatch, api: str, fast: bool) -> None:
+    """Partition 0's segments truncated under a consumer of both partitions:
+    its KafkaStorageError (naming the file) is raised, then the partition is
+    set aside; partition 1's new records keep coming across many calls, and
+    the error comes back at most once per retry_backoff_ms; a seek retries
+    at once."""
+    if not fast:
+        monkeypatch.setenv("SHMQ_FASTPATH", "0")
+    elif not fastpath.enabled():
+        pytest.skip("the C fast path is off here")
+    backoff = 0.2
+    t0, t1 = tp(topic, 0), tp(topic, 1)
+    fill(producer, topic, 50, partition=0)
+    fill(producer, topic, 5, partition=1)
+    with Consumer(root=root, auto_offset_reset="earliest", retry_backoff_ms=int(backoff * 1000)) as c:
+        assert (c._fast is not None) == fast
+        c.assign([t0, t1])
+        c.seek(t0, 40)                                 # partition 0 still has records to read
+
+        def call() -> List[Any]:
+            if api == "poll":
+                m = c.poll(0.01)
+                return [] if m is None else [(m.partition, m.value)]
+            if api == "consume":
+                return [(m.partition, m.value) for m in c.consume(100, timeout=0.01)]
+            r = c.consume_arrays(1000, 0.01)
+            return [] if r is None else [(r[0].partition, v if isinstance(v, bytes) else v.tobytes())
+                                         for v in r[1].values]
+
+        pdir = Root(root).partition_dir(topic, 0)
+        segments = [os.path.join(pdir, n) for n in sorted(os.listdir(pdir)) if n.endswith(".log")]
+        for path in segments:
+            os.truncate(path, 0)
+        errors: List[float] = []
+        got: List[bytes] = []
+        sent: List[bytes] = []
+        calls = 0
+        end = time.monotonic() + 1.5
+        while time.monotonic() < end:
+            v = b"n%06d" % len(sent)                    # fixed width: consume_arrays gives a 2-D array
+            producer.send(topic, v, partition=1)
+            sent.append(v)
+            calls += 1
+            try:
+                recs = call()
+            except KafkaStorageError as e:
+                errors.append(time.monotonic())
+                assert (e.topic, e.partition) == (topic, 0), (e.topic, e.partition, str(e))
+                assert any(path in str(e) for path in segments), str(e)
+                continue
+            assert all(part == 1 for part, _ in recs), recs
+            got.extend(v for _, v in recs if v.startswith(b"n"))
+        got.extend(v for part, v in drain_values(call) if part == 1)
+        assert got == sent, f"partition 1: {len(got)} of {len(sent)} records, errors: {len(errors)}"
+        assert errors and errors[0] - (end - 1.5) < 0.5, errors
+        gaps = [b - a for a, b in zip(errors, errors[1:])]
+        assert len(errors) >= 3, f"the set-aside partition is retried every {backoff} s: {len(errors)} errors"
+        assert min(gaps) >= backoff * 0.9, f"raised more than once per backoff: {gaps}"
+        assert calls > 5 * len(errors), (calls, len(errors))
+        print(f"{api}: {len(got)} records of partition 1 in {calls} calls, {len(errors)} errors, "
+              f"{min(gaps):.3f} s apart at least")
+        # A seek of the partition clears its state: the next call reads it (and fails) at once.
+        while True:
+            try:
+                call()
+            except KafkaStorageError:
+                break
+        raised = time.monotonic()
+        with pytest.raises(KafkaStorageError):
+            c.seek(t0, 40)
+            for _ in range(3):
+                call()
+        assert time.monotonic() - raised < backoff / 2, "seek did not retry the partition at once"
+
+
+def drain_values(call: Any) -> List[Any]:
+    out: List[Any] = []
+    for _ in range(100):
+        try:
+            got = call()
+        except KafkaStorageError:
+            continue
+        if not got:
+            return out
+        out.extend(got)
+    return out

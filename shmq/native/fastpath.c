@@ -643,6 +643,13 @@ static PyTypeObject FastProducerType = {
  * leader changes, initial positions) and hands over the active partitions;
  * any change of the assignment, pause state or readers disarms (disarm()).
  *
+ * Failed reads: a read (or the unblock check) of a partition that fails
+ * names the partition in consumer._read_failed and hands the call to the
+ * Python path, which reads that partition first and raises its error (a
+ * KafkaStorageError sets it aside for retry_backoff_ms, so the next arm
+ * leaves it out and the others go on); nothing is done for it while reads
+ * succeed.
+ *
  * Pending records: a read may return several records; the ones not yet
  * returned stay in the reader's buffer ("pending"). While some are pending,
  * consumer._buffer_tp names their partition, exactly as the Python path's
@@ -679,7 +686,7 @@ struct waitv_entry {   /* struct futex_waitv of linux/futex.h (5.16+) */
     uint32_t reserved;
 };
 
-static PyObject *s_position, *s_buffer_tp, *s_timeout, *s_num_messages;
+static PyObject *s_position, *s_buffer_tp, *s_timeout, *s_num_messages, *s_read_failed;
 
 typedef struct {
     PyObject *st;          /* the consumer's _Assigned */
@@ -1134,6 +1141,13 @@ static PyObject *call_fallback(PyObject *fn, double timeout)
     return r;
 }
 
+/* A read of part p failed: name it for the Python path (see "Failed
+ * reads" above). Returns fetch()'s 2, or -1 on an exception. */
+static int read_failed(FastConsumer *self, Part *p)
+{
+    return PyObject_SetAttr(self->consumer, s_read_failed, p->st) < 0 ? -1 : 2;
+}
+
 /* Read from the next partition (round-robin) that has records, waiting up
  * to timeout. Returns 1 with *got_part/n/used set, 0 on timeout, 2: leave
  * the call to Python (an error to report, or the arm function said so), -1
@@ -1152,7 +1166,7 @@ static int fetch(FastConsumer *self, int64_t max, double timeout, Part **got, in
             int64_t used = 0;
             int64_t r = part_read(p, max, &used);
             if (r < 0)
-                return 2;   /* the Python path reads again and reports (or resets) */
+                return read_failed(self, p);   /* the Python path reads it again and reports (or resets) */
             if (r > 0) {
                 self->rr = (idx + 1) % n;
                 *got = p;
@@ -1167,7 +1181,7 @@ static int fetch(FastConsumer *self, int64_t max, double timeout, Part **got, in
             for (Py_ssize_t k = 0; k < n; k++) {
                 Part *p = &self->parts[k];
                 if (shmq_log_unblock_cursor(p->h, p->cur, p->unblock) < 0)
-                    return 2;
+                    return read_failed(self, p);
             }
         }
         now = shmq_now_ns();
@@ -2082,7 +2096,8 @@ PyMODINIT_FUNC PyInit__fastpath(void)
         !(s_position = PyUnicode_InternFromString("position")) ||
         !(s_buffer_tp = PyUnicode_InternFromString("_buffer_tp")) ||
         !(s_timeout = PyUnicode_InternFromString("timeout")) ||
-        !(s_num_messages = PyUnicode_InternFromString("num_messages")))
+        !(s_num_messages = PyUnicode_InternFromString("num_messages")) ||
+        !(s_read_failed = PyUnicode_InternFromString("_read_failed")))
         return NULL;
     PyTypeObject *types[] = { &PartitionerType, &RouteType, &FastProducerType, &FastConsumerType };
     for (size_t i = 0; i < sizeof types / sizeof *types; i++)

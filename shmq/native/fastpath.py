@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import os
 import random
+import time
 from typing import Any, List, Optional, Tuple
 
 import xxhash
@@ -83,18 +84,18 @@ def attach_consumer(consumer: Any) -> None:
             or consumer.isolation_level == "read_committed":   # the LSO and aborted ranges: the Python poll
         return
     from ..coordinator.metamap import _W_MOVED, _W_VERSION
+    from ..errors import KafkaStorageError
     from ..message import Message, TopicPartition
     from ..offsets_table import F_GENERATION, F_OFFSET, GEN_SHIFT
 
     def part(st: Any) -> Tuple[Any, ...]:
         """What the C poll reads of one partition: its reader's cursor,
         buffer and views (as ``_fetch_from`` does, the position is set up
-        when the partition is first read)."""
-        if st.position is None:
-            consumer._init_position(st)
-        if st.out_of_range:
-            consumer._check_range(st)
-        r = st.reader
+        when the partition is first read; a KafkaStorageError sets it aside)."""
+        try:
+            r = consumer._ready(st)
+        except KafkaStorageError as e:
+            raise consumer._set_aside(st, e)
         if r._buf is None:
             r._buf = ffi.new("uint8_t[]", r._buf_len)
         return (st, r, st.tp.topic, st.tp.partition, handle(r._h), handle(r._cur), handle(r._buf), r._buf_len,
@@ -104,18 +105,23 @@ def attach_consumer(consumer: Any) -> None:
     def arm() -> Optional[Tuple[List[Tuple[Any, ...]], int]]:
         """The Python poll prelude, then the active partitions for the C poll:
         ``part(st)`` of each, or ``(st,)`` for one whose position is not set
-        up yet (the C poll calls ``part`` when it first reads it). None: the
-        Python poll serves (its record buffer)."""
+        up yet (the C poll calls ``part`` when it first reads it). Partitions
+        set aside after a storage error are left out until their retry time
+        (the lease re-arms often enough to take them back). None: the Python
+        poll serves (its record buffer, or a partition whose read failed in
+        the C poll, named in ``_read_failed``: the Python read raises its
+        error and sets it aside)."""
         c = consumer
-        if c._buffer:
+        if c._buffer or c._read_failed is not None:
             return None
         c._begin_poll(spill=False)
         if c._buffer:
             return None
         if c._leaders_version != c._cluster.version():
             c._follow_leaders()
+        now = time.monotonic()
         return [part(st) if st.position is not None and not st.out_of_range else (st,)
-                for st in c._order if not st.paused], c.max_poll_records
+                for st in c._order if not st.paused and st.retry_at <= now], c.max_poll_records
 
     def commit_entry(tp: Any) -> Optional[Tuple[Any, ...]]:
         """Where the C commit stores ``tp``'s offset and checks its fencing:
