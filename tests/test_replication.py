@@ -426,3 +426,68 @@ def _describe_lines(root: Root, topic: str) -> List[str]:
     out = subprocess.run([sys.executable, "-m", "shmq", "--root", root.path, "topics", "describe", topic],
                          capture_output=True, text=True, timeout=30, check=True).stdout
     return out.strip().split("\n")
+
+
+# ------------------------------------------- a follower killed in mid-copy
+
+def _replica_log(path: str, epoch: int, leader: bool) -> PartitionLog:
+    from shmq.ringlog.producer_state import ProducerStateTable
+    plog = PartitionLog.create(path, segment_bytes=1 << 16, segment_count=4)
+    ProducerStateTable.create(path).close()
+    plog.set_replication(True, epoch, 0, 0b11, 0)
+    plog.set_append_state(0 if leader else 2)        # OPEN / NOT_LEADER
+    return plog
+
+
+def _follow_until_killed(follower_path: str, leader_path: str, claims: int) -> None:
+    """A replica process copying the leader's log dies (SIGKILL) right after
+    claiming its ``claims``-th frame, before committing it."""
+    from shmq.replica.partition import PartitionReplica
+    os.environ["SHMQ_FAULT_INJECT"] = f"kill_after_claim:{claims}"
+    pr = PartitionReplica(1, "t", 0, follower_path, {}, lambda *a, **k: None)
+    pr.update(0, 0, 1, leader_path, False)
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        pr.step()
+    os._exit(3)                                       # not killed: the fault did not fire
+
+
+def test_follower_killed_between_claim_and_commit_copies_that_batch_again_after_restart(shm_dir: str,
+                                                                                     reaper: Any) -> None:
+    """The claim a killed follower left uncommitted counts in its log end: the
+    restarted follower must not resume copying past it (that batch would be
+    missing from its log and its producer state, while its published log end
+    says it holds it; elected leader, it loses an acknowledged batch and the
+    producer's next batch fails with OutOfOrderSequenceNumber)."""
+    from shmq.replica.epoch_cache import LeaderEpochCache
+    from shmq.replica.partition import PartitionReplica
+    from shmq.ringlog.producer_state import ProducerStateTable
+    lpath, fpath = os.path.join(shm_dir, "leader"), os.path.join(shm_dir, "follower")
+    leader = _replica_log(lpath, 0, True)
+    follower = _replica_log(fpath, 0, False)
+    LeaderEpochCache(lpath).assign(0, 0)
+    lstate = ProducerStateTable(lpath)
+    pid = 4242
+    for k in range(3):
+        lstate.append(leader, [b"%d-%d" % (k, i) for i in range(4)], producer_id=pid, epoch=0, base_sequence=4 * k)
+    victim = reaper.start(_follow_until_killed, fpath, lpath, 3)
+    victim.join(20)
+    assert victim.exitcode == -signal.SIGKILL
+    assert follower.end_offset == 12                  # the dead claim's offsets count in the end
+
+    pr = PartitionReplica(1, "t", 0, fpath, {}, lambda *a, **k: None)   # the restarted process
+    try:
+        pr.update(0, 0, 1, lpath, False)
+        wait_until(lambda: pr.step() == 0 and pr.ready and pr.reader.position == 12, 10, "the follower to catch up")
+        assert records_of(fpath) == records_of(lpath)
+        assert pr.pstate.lookup(pid) == lstate.lookup(pid) == (0, 8, 11, 8)
+        # Elected leader (the old one died), it takes the producer's next batch.
+        leader.set_append_state(2)
+        follower.set_replication(True, 1, 1, 0b10, follower.end_offset)
+        pr.update(1, 1, 1, None, False)
+        assert pr.pstate.append(follower, [b"next"], producer_id=pid, epoch=0, base_sequence=12)[0] == 12
+    finally:
+        pr.close()
+        lstate.close()
+        leader.close()
+        follower.close()

@@ -91,6 +91,7 @@ class PartitionReplica:
         self.log: Optional[PartitionLog] = None
         self.pstate: Optional[ProducerStateTable] = None
         self.cache: Optional[LeaderEpochCache] = None
+        self._rescan = False                   # own log to re-scan before following (see _open_own)
         self._open_own()
 
     # ------------------------------------------------------------ own files
@@ -102,7 +103,12 @@ class PartitionReplica:
             self._ino = ctl_inode(self.path)
             # A previous process may have died in the middle of recording a
             # batch: the table is rebuilt from the log, which is the truth.
-            self._rebuild_producer_state()
+            committed = self._rebuild_producer_state()
+            # Or in the middle of copying one: its claim, never committed, still
+            # counts in the log end. Following from that end would skip the batch
+            # (missing from the log and the producer state, yet published as
+            # held): the log is cut back to its committed end before it follows.
+            self._rescan = committed < self.log.end_offset
         except ShmqError as e:
             log.error("replica %d: log of %s at %s is unusable (%s); recreating it", self.rid, self.name,
                       self.path, e)
@@ -120,6 +126,7 @@ class PartitionReplica:
         self.cache = LeaderEpochCache(self.path)
         self._ino = ctl_inode(self.path)
         self.role, self.epoch, self.ready = None, -1, False
+        self._rescan = False
         self.report("replica_storage_recovered", topic=self.topic, partition=self.partition, replica_id=self.rid)
 
     def close(self) -> None:
@@ -288,6 +295,8 @@ class PartitionReplica:
         ll = self.leader_log
         if ll.append_state != OPEN or ll.leader_epoch != self.epoch:
             return False
+        if self._rescan:
+            self._rescan_own()
         my_end = self.log.end_offset
         if my_end > 0 and self.cache.entries:
             my_epoch = self.cache.latest_epoch
@@ -302,9 +311,7 @@ class PartitionReplica:
                 if found < my_epoch:
                     target = min(target, self.cache.end_offset_for(found, my_end)[1])
             if target < my_end:
-                new_end = self.log.truncate(target)
-                self.cache.truncate_from_end(new_end)
-                self._rebuild_producer_state()
+                new_end = self._truncate(target)
                 log.warning("replica %d truncated %s from %d to %d (epoch %d ended there on the leader)",
                             self.rid, self.name, my_end, new_end, found)
                 my_end = new_end
@@ -330,7 +337,9 @@ class PartitionReplica:
         return LogReader(leader_log, offset, buffer_bytes=64 << 10, check_crc=True, tether=False,
                          kind=lib.SHMQ_READER_KIND_FOLLOWER, label=f"replica-{self.rid}")
 
-    def _rebuild_producer_state(self) -> None:
+    def _rebuild_producer_state(self) -> int:
+        """Rebuild the producer-state table from this log; returns the committed
+        end (where the scan stopped: below the log end while a claim is open)."""
         assert self.pstate is not None and self.log is not None
         self.pstate.clear()
         r = LogReader(self.log, self.log.start_offset, buffer_bytes=1 << 20, tether=False)
@@ -339,6 +348,29 @@ class PartitionReplica:
             if not n:
                 break
             self.pstate.observe_frames(self.buf, n)
+        return r.position
+
+    def _truncate(self, offset: int) -> int:
+        """Drop this log's records from ``offset`` on, with their epochs and producer state."""
+        assert self.log is not None and self.cache is not None
+        new_end = self.log.truncate(offset)
+        self.cache.truncate_from_end(new_end)
+        self._rebuild_producer_state()
+        return new_end
+
+    def _rescan_own(self) -> None:
+        """Rebuild the producer state from this log and drop the claim left
+        uncommitted at its end by a previous process of this replica (killed
+        while copying, or a producer's while it led) or by a copy that failed
+        midway: nothing was published for it; the batch is copied again."""
+        assert self.log is not None and self.cache is not None
+        self._rescan = False
+        end = self.log.end_offset
+        committed = self._rebuild_producer_state()
+        if committed < end:
+            new_end = self._truncate(committed)
+            log.warning("replica %d: %s ended in a claim never committed (%d to %d): cut back to %d",
+                        self.rid, self.name, committed, end, new_end)
 
     def _follow(self, now: int) -> int:
         if not self.ready and not self._start_following():
@@ -369,6 +401,7 @@ class PartitionReplica:
             except ShmqError as e:
                 log.error("replica %d: copying %s failed (%s); re-checking divergence", self.rid, self.name, e)
                 self.ready = False
+                self._rescan = True           # frames copied before the failure are not in the producer state
                 return 0
             assert self.cache is not None and self.pstate is not None
             for epoch, start in frame_epochs(self.buf, n, self.cache.latest_epoch):
