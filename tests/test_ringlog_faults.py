@@ -7,7 +7,9 @@ switch, read from the environment when a process opens the log:
 SHMQ_FAULT_INJECT=kill_after_claim:N (SIGKILL after this process's Nth claim:
 header claimed, batch written, commit not done), stop_after_claim:N (SIGSTOP
 at the same point), kill_before_header:N (SIGKILL after the fetch-add, before
-the header CAS).
+the header CAS), stop_after_add:N (SIGSTOP once, right after the fetch-add
+of the claim that would be the Nth, before the producer checks the slot's
+generation again).
 """
 from __future__ import annotations
 
@@ -27,6 +29,7 @@ import psutil
 import pytest
 
 from shmq.errors import (CorruptRecord, KafkaStorageError, KafkaTimeoutError, OffsetOutOfRange)
+from shmq.native import lib
 from shmq.ringlog import PartitionLog
 
 CTX = mp.get_context("fork")
@@ -125,6 +128,16 @@ def _check_reader(reader: tuple, producers: Dict[int, List[int]], end: int) -> T
     return missing, pids, seqs
 
 
+def _await_self_stop(pid: int) -> psutil.Process:
+    """Wait (20 s at most) until process pid has SIGSTOPped itself."""
+    proc = psutil.Process(pid)
+    deadline = time.monotonic() + 20
+    while proc.status() != psutil.STATUS_STOPPED:
+        assert time.monotonic() < deadline, "the producer never stopped itself"
+        time.sleep(0.002)
+    return proc
+
+
 # ------------------------------------------------------ dead claims
 
 @pytest.mark.timeout(60)
@@ -183,11 +196,7 @@ def test_stopped_producer_is_fenced_and_appends_again_at_a_later_offset(shm_dir,
     survivors = [reaper.start(_producer, path, p, 6000, None, q, go) for p in (1, 2)]
     reader = reaper.start(_collector, path, True, q, stop, 40)
     go.set()
-    proc = psutil.Process(victim.pid)
-    deadline = time.monotonic() + 20
-    while proc.status() != psutil.STATUS_STOPPED:
-        assert time.monotonic() < deadline, "the producer never stopped itself"
-        time.sleep(0.002)
+    proc = _await_self_stop(victim.pid)
     # the housekeeper pads over the stopped producer's claim
     padded = 0
     t0 = time.monotonic()
@@ -217,6 +226,61 @@ def test_stopped_producer_is_fenced_and_appends_again_at_a_later_offset(shm_dir,
     assert retried > first_attempt, "appended again at a later offset"
     assert (seqs[pids == 9] == n_stop - 1).sum() == 1
     reader.join(5)
+    log.close()
+
+
+@pytest.mark.timeout(60)
+def test_producer_stopped_between_its_add_and_check_while_the_ring_turns_appends_in_the_new_segment(
+        shm_dir, reaper):
+    """A producer stops right after its fetch-add on the active segment; the
+    overwriting ring then turns a whole lap and the same slot is ACTIVE again
+    (a new generation, few records). Resumed, the producer must not take its
+    old position as a claim in the new generation (it would write a frame
+    into bytes another producer claims, losing one of the two): its add is
+    void and it appends again at the log end. Every record is read back at
+    the offset its append returned, CRCs checked, nothing reported corrupt."""
+    path = os.path.join(shm_dir, "lapped-0")
+    segs = 4
+    log = PartitionLog.create(path, segment_bytes=64 << 10, segment_count=segs, overflow="overwrite",
+                              unblock_timeout_ms=UNBLOCK_MS)
+    q, go = CTX.Queue(), CTX.Event()
+    n_stop = 300  # the first segment holds ~680 of the victim's records: the stop is mid-segment
+    victim = reaper.start(_producer, path, 9, n_stop + 1, f"stop_after_add:{n_stop}", q, go)
+    go.set()
+    _await_self_stop(victim.pid)
+    hdr = lib.shmq_log_header(log._h)
+    assert int(hdr.active_seq) == 0
+    # Other records, of another size (so frames of the two never line up),
+    # until the victim's slot holds segment `segs` with a few records.
+    mine: Dict[int, int] = {}
+    seq = 0
+    while int(hdr.active_seq) < segs:
+        mine[log.append(struct.pack("<Q", seq) * 6)] = seq
+        seq += 1
+    for _ in range(10):
+        mine[log.append(struct.pack("<Q", seq) * 6)] = seq
+        seq += 1
+    os.kill(victim.pid, signal.SIGCONT)
+    kind, pid, offs = q.get(timeout=20)
+    victim.join(10)
+    assert victim.exitcode == 0 and kind == "producer"
+    late = offs[n_stop]
+    assert late >= max(mine), "the resumed append lands at the log end"
+    for _ in range(800):  # fill the new segment past where the victim had stopped
+        mine[log.append(struct.pack("<Q", seq) * 6)] = seq
+        seq += 1
+    r = log.reader(log.start_offset, check_crc=True)
+    seen = {}
+    while True:
+        recs = r.read(4096)
+        if not recs:
+            break
+        seen.update((x.offset, x.value) for x in recs)
+    assert r.position == log.end_offset
+    assert seen[late] == VALUE.pack(9, n_stop)
+    for off, s in mine.items():
+        if off >= log.start_offset:
+            assert seen.get(off) == struct.pack("<Q", s) * 6, f"record at offset {off}"
     log.close()
 
 

@@ -5,10 +5,11 @@
  *
  * Invariants relied on (see log_internal.h for the full list):
  *  - slot.claim: any producer, one fetch-add (acq_rel) of
- *    (count << 32 | frame_len). A producer re-checks state_seq after its
- *    fetch-add: an add on a slot that is not ACTIVE is stale and is wiped by
- *    the activator's exchange while the slot is ACTIVATING, before the
- *    release store that publishes it ACTIVE.
+ *    (count << 32 | frame_len), between two acquire loads of state_seq that
+ *    must both read the same ACTIVE generation, else the add is void (it
+ *    may belong to the generation after a whole ring turn). An add on a
+ *    slot that is not ACTIVE is wiped by the activator's exchange while the
+ *    slot is ACTIVATING, before the release store that publishes it ACTIVE.
  *  - slot.state_seq: changed only by CAS (cleaner, activator) or a release
  *    store by the CAS winner. clean_slot issues a fence after the new
  *    generation is visible and before zeroing any byte (seqlock writer).
@@ -199,7 +200,10 @@ static void fault_point(shmq_log *log, int kind)
 {
     if (log->fault_kind != kind || log->claims != log->fault_after)
         return;
-    if (kind == FAULT_STOP_AFTER_CLAIM)
+    if (kind == FAULT_STOP_AFTER_ADD) {
+        log->fault_kind = FAULT_NONE; /* once: the add it stops after may be void */
+        raise(SIGSTOP);
+    } else if (kind == FAULT_STOP_AFTER_CLAIM)
         raise(SIGSTOP);
     else
         raise(SIGKILL);
@@ -227,10 +231,24 @@ int shmq__claim_frame(shmq_log *log, uint32_t frame_len, uint32_t count, int64_t
                 return rc;
             continue;
         }
-        uint64_t old = __atomic_fetch_add(&slot->claim, add, __ATOMIC_ACQ_REL);
+        /* The generation is read on both sides of the fetch-add: a producer
+         * that sleeps between its look at active_seq and its add (or between
+         * the add and the check) can see the slot go round the ring. Equal
+         * reads mean one generation throughout (seq only grows), so the add
+         * landed in that generation's claim word: its exchange (ACTIVATING)
+         * came before the first read and the next one's after the second.
+         * Different reads leave it unknown which generation took the add:
+         * it is given up (a hole the unblocker pads, or an add on a slot
+         * being recycled, which the activator's exchange wipes). */
         uint64_t ss = ld_acq(&slot->state_seq);
-        if (ss_state(ss) != SHMQ_SLOT_ACTIVE)
-            continue; /* stale: the slot is being recycled; our add is wiped */
+        if (ss_state(ss) != SHMQ_SLOT_ACTIVE) {
+            relax(0);
+            continue; /* being recycled: look at active_seq again */
+        }
+        uint64_t old = __atomic_fetch_add(&slot->claim, add, __ATOMIC_ACQ_REL);
+        fault_point(log, FAULT_STOP_AFTER_ADD);
+        if (ld_acq(&slot->state_seq) != ss)
+            continue; /* the slot turned under the add: the claim is void */
         uint64_t seq = ss_seq(ss);
         uint64_t pos = claim_pos(old);
         uint32_t rel = claim_count(old);

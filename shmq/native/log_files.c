@@ -172,6 +172,7 @@ static void read_fault_config(shmq_log *log)
         { "kill_after_claim:", FAULT_KILL_AFTER_CLAIM },
         { "stop_after_claim:", FAULT_STOP_AFTER_CLAIM },
         { "kill_before_header:", FAULT_KILL_BEFORE_HEADER },
+        { "stop_after_add:", FAULT_STOP_AFTER_ADD },
     };
     for (size_t k = 0; k < sizeof kinds / sizeof kinds[0]; k++) {
         size_t len = strlen(kinds[k].name);

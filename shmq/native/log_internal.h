@@ -10,9 +10,11 @@
  * Memory-ordering invariants of the shared words (x86 makes most of these
  * free; the code states them in C11 terms so it stays right elsewhere). Each
  * log_*.c file repeats the ones it relies on.
- *  - slot.claim: any producer, one fetch-add (acq_rel). The activator resets
- *    it with an exchange while the slot is ACTIVATING, before publishing the
- *    slot ACTIVE with a release store of state_seq.
+ *  - slot.claim: any producer, one fetch-add (acq_rel) between two acquire
+ *    loads of state_seq that must read the same ACTIVE generation, else the
+ *    add is void (after a whole ring turn it may belong to a later one). The
+ *    activator resets it with an exchange while the slot is ACTIVATING,
+ *    before publishing the slot ACTIVE with a release store of state_seq.
  *  - slot.state_seq: changed only by CAS (cleaner, activator), or a release
  *    store by the CAS winner. Writers of segment bytes for a new generation
  *    issue a release fence after changing it and before touching the bytes;
@@ -96,7 +98,7 @@ struct shmq_log {
     char fault_name[32];
 };
 
-enum { FAULT_NONE, FAULT_KILL_AFTER_CLAIM, FAULT_STOP_AFTER_CLAIM, FAULT_KILL_BEFORE_HEADER };
+enum { FAULT_NONE, FAULT_KILL_AFTER_CLAIM, FAULT_STOP_AFTER_CLAIM, FAULT_KILL_BEFORE_HEADER, FAULT_STOP_AFTER_ADD };
 
 /* ------------------------------------------------------------------ words */
 
