@@ -224,6 +224,27 @@ def test_crc32c_hardware_equals_portable(data, align, split):
     assert lib.shmq_crc32c_portable(lib.shmq_crc32c_portable(0, p, split), p + split, rest) == expected
 
 
+@pytest.mark.parametrize("length", [767, 768, 769, 1100, 3 * 8192 - 1, 3 * 8192, 3 * 8192 + 771,
+                                    2 * 3 * 8192 + 3 * 256 + 5, 600_000])
+def test_crc32c_of_long_buffers_equals_portable_at_every_alignment_and_split(length):
+    """Long buffers take the three-stream hardware path (768 bytes and up,
+    and 24 KiB and up): same answers as the portable tables and as
+    kafka-python, whatever the alignment and wherever a chained call splits."""
+    import random
+    rng = random.Random(length)
+    data = bytes(rng.getrandbits(8) for _ in range(length))
+    buf = ffi.new("uint8_t[]", length + 16)
+    for align in (0, 1, 5, 8):
+        ffi.memmove(buf + align, data, length)
+        p = buf + align
+        expected = lib.shmq_crc32c_portable(0, p, length)
+        assert lib.shmq_crc32c(0, p, length) == expected
+        split = rng.randrange(length)
+        assert lib.shmq_crc32c(lib.shmq_crc32c(0, p, split), p + split, length - split) == expected
+    if length <= 30_000:
+        assert expected == calc_crc32c(data)
+
+
 # ---- murmur2 ----------------------------------------------------------------------
 
 KAFKA_MURMUR2 = {  # from Kafka's UtilsTest

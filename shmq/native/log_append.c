@@ -215,6 +215,7 @@ static void fault_point(shmq_log *log, int kind)
 int shmq__claim_frame(shmq_log *log, uint32_t frame_len, uint32_t count, int64_t deadline, claim_t *c, int copy)
 {
     const uint64_t add = ((uint64_t)count << 32) | frame_len;
+    int inactive = 0; /* looks at a slot that was not ACTIVE */
     for (;;) {
         /* Written rarely, read-mostly: this line stays shared in every cache.
          * The replication copy (copy != 0) appends whatever the state. */
@@ -242,8 +243,16 @@ int shmq__claim_frame(shmq_log *log, uint32_t frame_len, uint32_t count, int64_t
          * being recycled, which the activator's exchange wipes). */
         uint64_t ss = ld_acq(&slot->state_seq);
         if (ss_state(ss) != SHMQ_SLOT_ACTIVE) {
-            relax(0);
-            continue; /* being recycled: look at active_seq again */
+            /* Being recycled: look at active_seq again. If that lasts (a
+             * garbage control block), wait as for a full segment: bounded by
+             * the deadline, helping housekeeping along. */
+            if (++inactive % 64 == 0) {
+                int rc = await_next_segment(log, s, deadline);
+                if (rc != SHMQ_OK)
+                    return rc;
+            }
+            relax(inactive);
+            continue;
         }
         uint64_t old = __atomic_fetch_add(&slot->claim, add, __ATOMIC_ACQ_REL);
         fault_point(log, FAULT_STOP_AFTER_ADD);
