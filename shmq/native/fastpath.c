@@ -1037,6 +1037,18 @@ static PyObject *first_of_read(FastConsumer *self, Part *p, int64_t n, int64_t u
 
 static inline int64_t min64(int64_t a, int64_t b) { return a < b ? a : b; }
 
+/* The clock of the lease check and of the poll's remaining timeout:
+ * CLOCK_MONOTONIC_COARSE, a read of the vDSO page without the time-stamp
+ * counter (a few ns instead of ~20 here, per poll), on the same base as
+ * shmq_now_ns() but a scheduler tick (1-4 ms) behind at most: a lease runs
+ * out up to a tick late, which arming every lease_ns does not mind. */
+static inline int64_t lease_clock_ns(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC_COARSE, &ts);
+    return (int64_t)ts.tv_sec * 1000000000LL + ts.tv_nsec;
+}
+
 static void sleep_ns(int64_t ns)
 {
     struct timespec ts = { ns / 1000000000LL, ns % 1000000000LL };
@@ -1229,7 +1241,7 @@ static PyObject *FastConsumer_poll(FastConsumer *self, PyObject *const *args, si
     }
     if (t != NULL && parse_timeout(t, &timeout) < 0)
         goto slow;
-    if (!self->armed || shmq_now_ns() >= self->lease_until) {
+    if (!self->armed || lease_clock_ns() >= self->lease_until) {
         int rc = arm(self);
         if (rc < 0)
             return NULL;
@@ -1240,7 +1252,7 @@ static PyObject *FastConsumer_poll(FastConsumer *self, PyObject *const *args, si
         return next_pending(self);
     Part *p;
     int64_t n, used;
-    int64_t start = shmq_now_ns();
+    int64_t start = lease_clock_ns();
     switch (fetch(self, self->max_records, timeout, &p, &n, &used)) {
     case 1:
         return first_of_read(self, p, n, used);
@@ -1248,7 +1260,7 @@ static PyObject *FastConsumer_poll(FastConsumer *self, PyObject *const *args, si
         Py_RETURN_NONE;
     case 2:
         self->armed = 0;
-        return call_fallback(self->fallback, fmax(0.0, timeout - (double)(shmq_now_ns() - start) / 1e9));
+        return call_fallback(self->fallback, fmax(0.0, timeout - (double)(lease_clock_ns() - start) / 1e9));
     default:
         return NULL;
     }
@@ -1309,7 +1321,7 @@ static PyObject *FastConsumer_consume(FastConsumer *self, PyObject *const *args,
         goto slow;
     if (t == Py_None || timeout < 0)
         timeout = 1e9;
-    if (!self->armed || shmq_now_ns() >= self->lease_until) {
+    if (!self->armed || lease_clock_ns() >= self->lease_until) {
         int rc = arm(self);
         if (rc < 0)
             return NULL;
