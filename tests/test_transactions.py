@@ -509,3 +509,57 @@ def test_send_async_inside_a_transaction(root: Root) -> None:
     assert by_partition(recs) == expected
     assert len(drain(root, "read_uncommitted", 183, tps=tps)) == 3 * 61
     prod.close()
+
+
+def test_read_committed_c_poll_stops_at_the_lso_and_leaves_aborted_ranges_to_python(root: Root) -> None:
+    """The C poll serves read_committed: it stops at an open transaction's
+    first offset (the plain records behind it wait too), goes on once it
+    commits, hands reads with an aborted range ahead to the Python filter,
+    and serves again once the range is behind the position."""
+    from shmq.native import fastpath
+    with Admin(root.path) as admin:
+        admin.create_topic("rc", 1)
+    plain = Producer(root.path)
+    prod = Producer(root.path, transactional_id="tx-c-poll")
+    prod.init_transactions()
+    c = Consumer(root=root.path, isolation_level="read_committed", auto_offset_reset="earliest")
+    c.assign([TopicPartition("rc", 0)])
+
+    def read_all(timeout: float = 0.3) -> List[bytes]:
+        out: List[bytes] = []
+        end = time.monotonic() + timeout
+        while time.monotonic() < end:
+            out.extend(m.value for m in c.consume(100, timeout=0.02))
+        return out
+
+    try:
+        for i in range(10):
+            plain.send("rc", f"p{i}".encode(), partition=0)
+        prod.begin_transaction()
+        for i in range(5):
+            prod.send("rc", f"t{i}".encode(), partition=0)
+        for i in range(10, 15):
+            plain.send("rc", f"p{i}".encode(), partition=0)
+        assert read_all() == [f"p{i}".encode() for i in range(10)]       # held at the LSO
+        served = c._fast.fallbacks if c._fast is not None else None
+        prod.commit_transaction()
+        assert read_all() == [f"t{i}".encode() for i in range(5)] + [f"p{i}".encode() for i in range(10, 15)]
+        if fastpath.enabled():
+            assert c._fast.fallbacks == served, "the C poll served read_committed with no aborted range"
+        prod.begin_transaction()
+        for i in range(3):
+            prod.send("rc", f"a{i}".encode(), partition=0)
+        plain.send("rc", b"after-abort", partition=0)
+        prod.abort_transaction()
+        assert read_all() == [b"after-abort"]
+        handed = c._fast.fallbacks if c._fast is not None else None
+        for i in range(20):
+            plain.send("rc", f"q{i}".encode(), partition=0)
+        assert read_all() == [f"q{i}".encode() for i in range(20)]
+        if fastpath.enabled():
+            assert handed > served, "the aborted range went to the Python filter"
+            assert c._fast.fallbacks <= handed + 2, "past the aborted range the C poll serves again"
+    finally:
+        c.close()
+        prod.close()
+        plain.close()

@@ -147,6 +147,7 @@ class TransactionCoordinator:
     # ------------------------------------------------------------ start-up
     def recover(self) -> None:
         """Finish what a predecessor decided, then publish every partition's LSO."""
+        self.root.makedirs(self.root.txn_dir)   # read_committed readers make their indexes in it
         for tid, txn in list(self.txns.items()):
             if txn["state"] in (PREPARE_COMMIT, PREPARE_ABORT):
                 log.info("completing transaction %r (%s) left by the previous coordinator", tid, txn["state"])

@@ -658,6 +658,12 @@ static PyTypeObject FastProducerType = {
  *
  * Positions: every returned record stores st.position = offset + 1.
  *
+ * Isolation: a read_committed part reads below min(high watermark, LSO)
+ * of its transaction index while no aborted range lies ahead of it (the
+ * arm function checks; a new aborted range hands the call to Python, which
+ * filters). Held at the LSO, the wait is a 0.5 ms sleep: an open
+ * transaction's end rings no futex.
+ *
  * Waiting on many partitions (the doorbell): the sleeper reads each log's
  * commit_seq, increments each log's waiters (seq_cst), re-checks every
  * cursor, then sleeps in one futex_waitv on all the commit_seq words. A
@@ -677,6 +683,10 @@ static PyTypeObject FastProducerType = {
 #endif
 
 #define MAX_WAITV 128
+/* The transaction index header words (shmq/ringlog/txn.py: F_LSO, F_COUNT). */
+#define TXN_F_LSO 1
+#define TXN_F_COUNT 2
+#define LSO_POLL_NS 500000   /* a read_committed reader held at the LSO looks again this often (as Python) */
 #define FUTEX2_SIZE_U32 0x02
 
 struct waitv_entry {   /* struct futex_waitv of linux/futex.h (5.16+) */
@@ -700,6 +710,12 @@ typedef struct {
     int64_t read_len, buf_len, max_views, spin_ns, slice_ns;
     int check_crc;
     int lazy;              /* only st is set: part_fn(st) sets the partition up when it is first read */
+    /* read_committed (see "Isolation" above): */
+    int committed;
+    int lso_blocked;       /* the last read stopped at the LSO with records past it */
+    PyObject *txn_obj;     /* the transaction index's header words (keeps the mapping alive), or NULL */
+    const int64_t *txn_words;
+    int64_t aborted_seen;  /* aborted ranges the reader may ignore (all end below its position); -1: none */
     PyMemberDef *position; /* the "position" slot of st's type, or NULL: set through setattr */
 } Part;
 
@@ -717,6 +733,7 @@ typedef struct {
     int64_t pend_i, pend_n, pend_used;
     int64_t lease_ns, lease_until;
     int64_t max_records;
+    long long fallbacks;     /* calls handed to the Python poll / consume (tests look) */
     int armed;
     int doorbell;            /* 0 once futex_waitv was found missing */
     int closed;
@@ -746,6 +763,7 @@ static int fc_ready(FastConsumer *self)
 
 static void part_clear(Part *p)
 {
+    Py_CLEAR(p->txn_obj);
     Py_CLEAR(p->st);
     Py_CLEAR(p->reader);
     Py_CLEAR(p->topic);
@@ -755,6 +773,7 @@ static void part_clear(Part *p)
 static void part_copy(Part *dst, const Part *src)
 {
     *dst = *src;
+    Py_XINCREF(dst->txn_obj);
     Py_XINCREF(dst->st);
     Py_XINCREF(dst->reader);
     Py_XINCREF(dst->topic);
@@ -778,7 +797,8 @@ static void pend_clear(FastConsumer *self)
 
 /* One part from the arm function's tuple:
  * (st, reader, topic, partition, h, cur, buf, buf_len, read_len, views, max_views, unblock, check_crc,
- *  spin_ns, slice_ns) */
+ *  spin_ns, slice_ns, committed, txn_words, aborted_seen); txn_words is a C-contiguous int64 buffer of
+ *  the transaction index header (shmq/ringlog/txn.py) or None */
 static int part_parse(PyObject *t, Part *p)
 {
     if (PyTuple_Check(t) && PyTuple_GET_SIZE(t) == 1) {
@@ -786,13 +806,28 @@ static int part_parse(PyObject *t, Part *p)
         p->lazy = 1;
         return 0;
     }
-    PyObject *st, *reader, *topic, *partition, *h, *cur, *buf, *views, *unblock;
-    long long buf_len, read_len, max_views, spin_ns, slice_ns;
-    int crc;
-    if (!PyArg_ParseTuple(t, "OOO!O!OOOLLOLOiLL", &st, &reader, &PyUnicode_Type, &topic, &PyLong_Type, &partition,
-                          &h, &cur, &buf, &buf_len, &read_len, &views, &max_views, &unblock, &crc, &spin_ns,
-                          &slice_ns))
+    PyObject *st, *reader, *topic, *partition, *h, *cur, *buf, *views, *unblock, *words;
+    long long buf_len, read_len, max_views, spin_ns, slice_ns, aborted_seen;
+    int crc, committed;
+    if (!PyArg_ParseTuple(t, "OOO!O!OOOLLOLOiLLiOL", &st, &reader, &PyUnicode_Type, &topic, &PyLong_Type,
+                          &partition, &h, &cur, &buf, &buf_len, &read_len, &views, &max_views, &unblock, &crc,
+                          &spin_ns, &slice_ns, &committed, &words, &aborted_seen))
         return -1;
+    if (words != Py_None) {
+        Py_buffer b;
+        if (PyObject_GetBuffer(words, &b, PyBUF_C_CONTIGUOUS) < 0)
+            return -1;
+        int ok = b.len >= (Py_ssize_t)(TXN_F_COUNT + 1) * 8 && ((uintptr_t)b.buf & 7) == 0;
+        p->txn_words = (const int64_t *)b.buf;
+        PyBuffer_Release(&b);   /* p->txn_obj keeps the exporter (and its mapping) alive */
+        if (!ok) {
+            PyErr_SetString(PyExc_ValueError, "txn_words: not an aligned transaction index header");
+            return -1;
+        }
+        p->txn_obj = Py_NewRef(words);
+    }
+    p->committed = committed != 0;
+    p->aborted_seen = p->txn_words != NULL ? aborted_seen : -1;
     if (as_handle(h, (void **)&p->h) < 0 || as_handle(cur, (void **)&p->cur) < 0 ||
         as_handle(buf, (void **)&p->buf) < 0 || as_handle(views, (void **)&p->views) < 0 ||
         as_handle(unblock, (void **)&p->unblock) < 0)
@@ -891,13 +926,50 @@ static int part_setup(FastConsumer *self, Part *p)
     return 0;
 }
 
+/* part_read's answer for "leave this call to the Python path" (not an error). */
+#define PART_HANDOFF INT64_MIN
+
+/* Read up to max records of part p; 0 when nothing is there yet, < 0 an
+ * error, PART_HANDOFF for the Python path.
+ *
+ * read_committed: the high watermark is loaded before the index's LSO word
+ * (acquire; the writer publishes a transaction's start before the
+ * transaction's first append, so min(hw, lso) never lets an open
+ * transaction's record through: shmq/ringlog/txn.py). Records at or past
+ * that limit are cut off and the cursor goes back to it (the LSO is a batch
+ * start). A change of the aborted-range count since arming hands the call
+ * to Python, whose filter drops aborted records. */
 static int64_t part_read(Part *p, int64_t max, int64_t *used)
 {
     if (max > p->max_views)
         max = p->max_views;
+    int64_t limit = INT64_MAX;
+    if (p->committed) {
+        if (p->txn_words == NULL ||
+            __atomic_load_n(&p->txn_words[TXN_F_COUNT], __ATOMIC_ACQUIRE) != p->aborted_seen)
+            return PART_HANDOFF;
+        int64_t hw = shmq_log_high_watermark(p->h);
+        int64_t lso = __atomic_load_n(&p->txn_words[TXN_F_LSO], __ATOMIC_ACQUIRE);
+        limit = lso < 0 || lso > hw ? hw : lso;
+        p->lso_blocked = 0;
+        if (p->cur->next_offset >= limit) {
+            p->lso_blocked = limit < hw;
+            return 0;
+        }
+    }
     int64_t n = shmq_log_read(p->h, p->cur, p->buf, p->read_len, p->views, max, p->check_crc, used);
     if (n == SHMQ_ERR_TOO_LARGE && p->read_len < p->buf_len)   /* one frame bigger than read_len */
         n = shmq_log_read(p->h, p->cur, p->buf, p->buf_len, p->views, max, p->check_crc, used);
+    if (n > 0 && p->views[n - 1].offset >= limit) {
+        int64_t k = 0;
+        while (k < n && p->views[k].offset < limit)
+            k++;
+        int rc = shmq_log_seek(p->h, p->cur, limit);
+        if (rc < 0)
+            return rc;
+        p->lso_blocked = k == 0;
+        n = k;
+    }
     return n;
 }
 
@@ -1177,6 +1249,8 @@ static int fetch(FastConsumer *self, int64_t max, double timeout, Part **got, in
                 return -1;
             int64_t used = 0;
             int64_t r = part_read(p, max, &used);
+            if (r == PART_HANDOFF)
+                return 2;
             if (r < 0)
                 return read_failed(self, p);   /* the Python path reads it again and reports (or resets) */
             if (r > 0) {
@@ -1215,8 +1289,14 @@ static int fetch(FastConsumer *self, int64_t max, double timeout, Part **got, in
                 spin = self->parts[k].spin_ns;
         }
         Part *parts = self->parts;
+        int blocked = 0;   /* a partition waits for an open transaction: no futex tells its end */
+        for (Py_ssize_t k = 0; k < n; k++)
+            blocked |= parts[k].lso_blocked;
         Py_BEGIN_ALLOW_THREADS
-        wait_parts(self, parts, n, spin, slice);
+        if (blocked)
+            sleep_ns(min64(slice, LSO_POLL_NS));
+        else
+            wait_parts(self, parts, n, spin, slice);
         Py_END_ALLOW_THREADS
         waited = 1;
         if (PyErr_CheckSignals() < 0)   /* Ctrl-C ends a long poll */
@@ -1260,12 +1340,14 @@ static PyObject *FastConsumer_poll(FastConsumer *self, PyObject *const *args, si
         Py_RETURN_NONE;
     case 2:
         self->armed = 0;
+        self->fallbacks++;
         return call_fallback(self->fallback, fmax(0.0, timeout - (double)(lease_clock_ns() - start) / 1e9));
     default:
         return NULL;
     }
 slow:
     self->armed = 0;
+    self->fallbacks++;
     return PyObject_Vectorcall(self->fallback, args, nargsf, kwnames);
 }
 
@@ -1359,6 +1441,7 @@ static PyObject *FastConsumer_consume(FastConsumer *self, PyObject *const *args,
             if (PyList_GET_SIZE(out))
                 break;   /* what was read is returned; the next call reports */
             Py_DECREF(out);
+            self->fallbacks++;
             double left = timeout - (double)(shmq_now_ns() - start) / 1e9;
             return PyObject_CallFunction(self->fallback_consume, "Ld", want, left > 0 ? left : 0.0);
         }
@@ -1371,6 +1454,7 @@ fail:
     return NULL;
 slow:
     self->armed = 0;
+    self->fallbacks++;
     return PyObject_Vectorcall(self->fallback_consume, args, nargsf, kwnames);
 }
 
@@ -1730,6 +1814,7 @@ static PyMethodDef FastConsumer_methods[] = {
 static PyMemberDef FastConsumer_members[] = {
     { "pending", T_LONGLONG, offsetof(FastConsumer, pend_n), READONLY, "records of the last read (see pending_at)" },
     { "pending_at", T_LONGLONG, offsetof(FastConsumer, pend_i), READONLY, "records of it already returned" },
+    { "fallbacks", T_LONGLONG, offsetof(FastConsumer, fallbacks), READONLY, "calls handed to the Python path" },
     { NULL }
 };
 

@@ -80,9 +80,9 @@ def attach_producer(producer: Any) -> None:
 
 def attach_consumer(consumer: Any) -> None:
     """Make ``consumer.poll`` / ``consume`` the C ones when the consumer can use them."""
-    if not enabled() or consumer._value_de is not None or consumer._key_de is not None \
-            or consumer.isolation_level == "read_committed":   # the LSO and aborted ranges: the Python poll
+    if not enabled() or consumer._value_de is not None or consumer._key_de is not None:
         return
+    committed = consumer.isolation_level == "read_committed"
     from ..coordinator.metamap import _W_MOVED, _W_VERSION
     from ..errors import KafkaStorageError
     from ..message import Message, TopicPartition
@@ -98,16 +98,20 @@ def attach_consumer(consumer: Any) -> None:
             raise consumer._set_aside(st, e)
         if r._buf is None:
             r._buf = ffi.new("uint8_t[]", r._buf_len)
+        words, aborted_seen = r.committed_words() if committed else (None, 0)
         return (st, r, st.tp.topic, st.tp.partition, handle(r._h), handle(r._cur), handle(r._buf), r._buf_len,
                 r._read_len, handle(r._views), r._max, handle(r._unblock), r.check_crc, r.spin_ns,
-                r.log.config.unblock_timeout_ms * 1_000_000 // 2 + 1)
+                r.log.config.unblock_timeout_ms * 1_000_000 // 2 + 1, int(committed), words, aborted_seen)
 
     def arm() -> Optional[Tuple[List[Tuple[Any, ...]], int]]:
         """The Python poll prelude, then the active partitions for the C poll:
         ``part(st)`` of each, or ``(st,)`` for one whose position is not set
         up yet (the C poll calls ``part`` when it first reads it). Partitions
         set aside after a storage error are left out until their retry time
-        (the lease re-arms often enough to take them back). None: the Python
+        (the lease re-arms often enough to take them back). read_committed
+        partitions carry their transaction index (``committed_words``): the
+        C poll reads below the LSO and hands the call back here when an
+        aborted range lies ahead. None: the Python
         poll serves (its record buffer, or a partition whose read failed in
         the C poll, named in ``_read_failed``: the Python read raises its
         error and sets it aside)."""

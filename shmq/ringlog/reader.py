@@ -31,6 +31,8 @@ A reader is used by one thread at a time.
 """
 from __future__ import annotations
 
+import os
+
 import time
 from functools import partial
 from itertools import repeat
@@ -164,6 +166,27 @@ class LogReader:
                 return end, end
             self._aborted = AbortedFilter(idx)
         return lso_limit(end, idx), end
+
+    def committed_words(self) -> Tuple[Any, int]:
+        """What the C poll (``shmq/native/fastpath.c``) needs to read
+        read_committed without this Python path: the index's header words
+        (an int64 numpy array over the mapping; it keeps the mapping alive)
+        and the count of aborted ranges it may ignore, or -1 when an aborted
+        range ends at or past the position (this path filters those). The
+        index is made if it is missing, so a transaction that starts later
+        publishes its LSO where the C poll looks. (None, -1) when the
+        transaction directory does not exist yet."""
+        if self._txn is None:
+            assert self._txn_path is not None
+            if not os.path.isdir(os.path.dirname(self._txn_path)):
+                return None, -1
+            TxnIndex.ensure(self._txn_path)
+            self.stable_offsets()                # opens it and its filter
+        idx, f = self._txn, self._aborted
+        assert idx is not None and f is not None
+        count = idx.count
+        f.refresh()
+        return idx.words, (count if f.max_end < self._cur.next_offset else -1)
 
     def _fill_committed(self, max_records: int, timeout: float, views: Any = None) -> int:
         """``_fill`` for read_committed: up to the LSO, aborted records dropped."""

@@ -182,25 +182,53 @@ class TxnIndex:
 
     @classmethod
     def open(cls, path: str, create: bool = False) -> Optional["TxnIndex"]:
+        """The index at ``path`` mapped read-write (``create``: the writer, which
+        makes it first if it is missing) or read-only (None while it does not exist)."""
+        if create:
+            cls.ensure(path)
         flags = (os.O_RDWR if create else os.O_RDONLY) | os.O_NOFOLLOW | os.O_CLOEXEC
         try:
             fd = os.open(path, flags)
         except FileNotFoundError:
-            if not create:
-                return None
-            tmp = f"{path}.{os.getpid()}.tmp"
-            fd = os.open(tmp, flags | os.O_CREAT | os.O_EXCL, 0o600)
-            cap = 64
-            os.ftruncate(fd, HEADER + cap * ENTRY)
-            head = np.zeros(HEADER // 8, dtype=np.int64)
-            head[F_LSO], head[F_CAPACITY] = -1, cap
-            raw = bytearray(head.tobytes())
-            raw[0:8] = MAGIC
-            os.pwrite(fd, bytes(raw), 0)
-            os.rename(tmp, path)                 # complete before anyone can open it
+            return None
         except OSError as e:
             raise KafkaStorageError(f"cannot open transaction index {path}: {e}") from None
         return cls(path, fd, create)
+
+    @staticmethod
+    def ensure(path: str) -> None:
+        """Make an empty index at ``path`` unless one exists. Anyone may: a
+        read_committed reader makes it before it reads without the Python
+        path (a transaction that starts later then finds the file it reads),
+        the coordinator before its first write. The file is complete before
+        it has its name, and ``link`` never replaces an existing index (two
+        makers race harmlessly: one name, one inode)."""
+        if os.path.exists(path):
+            return
+        tmp = f"{path}.{os.getpid()}.{time.monotonic_ns()}.tmp"
+        try:
+            fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+            try:
+                cap = 64
+                os.ftruncate(fd, HEADER + cap * ENTRY)
+                head = np.zeros(HEADER // 8, dtype=np.int64)
+                head[F_LSO], head[F_CAPACITY] = -1, cap
+                raw = bytearray(head.tobytes())
+                raw[0:8] = MAGIC
+                os.pwrite(fd, bytes(raw), 0)
+            finally:
+                os.close(fd)
+            try:
+                os.link(tmp, path)
+            except FileExistsError:
+                pass
+        except OSError as e:
+            raise KafkaStorageError(f"cannot create transaction index {path}: {e}") from None
+        finally:
+            try:
+                os.unlink(tmp)
+            except OSError:
+                pass
 
     def _map(self) -> None:
         size = os.fstat(self._fd).st_size
@@ -296,6 +324,11 @@ class AbortedFilter:
         self._starts = np.empty(0, dtype=np.int64)
         self._ends = np.empty(0, dtype=np.int64)
         self._max_end = -1
+
+    @property
+    def max_end(self) -> int:
+        """The last offset of any aborted range refreshed in, -1 when none."""
+        return self._max_end
 
     def refresh(self) -> None:
         n = self.index.count
