@@ -26,8 +26,10 @@ once, then ``begin_transaction()``, sends, optionally
 and ``commit_transaction()`` or ``abort_transaction()``. Records are
 appended at once, as transactional batches with the producer's id, epoch
 and sequences (through the partition's producer-state table, which fences
-an older instance); the coordinator writes the COMMIT/ABORT markers. Sends
-of a transactional producer always take the Python path below.
+an older instance); the coordinator writes the COMMIT/ABORT markers. On
+unreplicated partitions already added to the open transaction, ``send`` is
+the C send (``shmq/native/fastpath.c``); the first send to a partition,
+and replicated topics, take the Python path below.
 """
 from __future__ import annotations
 
@@ -134,8 +136,8 @@ class _TopicRoute:
         return table
 
     def close(self) -> None:
-        for table in self.pstates.values():
-            table.close()
+        # Dropped, not closed: a C send route (a transactional producer's) may
+        # still hold a table; the last reference closes it.
         self.pstates.clear()
 
 
@@ -228,7 +230,7 @@ class Producer:
             route = _TopicRoute(topic, logs, info.max_message_bytes, info.replicated, info.min_insync_replicas,
                                 self.acks == "all")
             if self.transactional_id is not None:
-                route.fast = False          # transactional sends take the Python path
+                route.fast = False          # not this Python fast path: the C send takes transactions
             self._routes[topic] = route
             self._cluster.prewarm_replicas(topic)
         return route
@@ -470,7 +472,9 @@ class Producer:
                     self._drain(key, deadline)    # a new leader: replay what is in flight first
                 if self.enable_idempotence:
                     with self._seq_lock:          # one batch in flight per partition keeps sequences in order
-                        seq = self._sequences.get(key, 0)
+                        # Unreplicated (a transactional producer's): the table numbers the batches, as
+                        # for the C send (no append there is retried). Replicated: ours, for retries.
+                        seq = self._sequences.get(key, 0) if route.replicated else lib.SHMQ_SEQ_NEXT
                         if records[4]:                # one record from send: one C call
                             hb = encode_headers(records[2]) if records[2] else None
                             off, _dup = route.pstate(partition).append1(
@@ -482,13 +486,16 @@ class Producer:
                                 epoch=self._producer_epoch, base_sequence=seq, timeout=remaining,
                                 timestamp_ms=records[3], headers=None if records[2] is None else [records[2]],
                                 attributes=self._attributes)
-                        self._sequences[key] = (seq + count) & 0x7FFFFFFF
+                        if route.replicated:
+                            self._sequences[key] = (seq + count) & 0x7FFFFFFF
                 else:
                     off = append(plog, remaining)
                 if asynchronous:
                     assert pending_out is not None
                     p = _Pending(seq, count, records, off, plog)
                     self._inflight.setdefault(key, deque()).append(p)
+                    if self.transactional_id is not None:
+                        self._reroute()           # the C send leaves the partition until these are acknowledged
                     pending_out.append(p)
                     if len(self._inflight[key]) > MAX_IN_FLIGHT:
                         self._drain(key, deadline, upto=self._inflight[key][MAX_IN_FLIGHT // 2])
@@ -510,7 +517,7 @@ class Producer:
                     self._txn_fatal(e)
                 raise
             except (NotLeaderForPartition, LeaderNotAvailable, _InDoubt) as e:
-                if self.enable_idempotence and isinstance(e, NotLeaderForPartition):
+                if self.enable_idempotence and isinstance(e, NotLeaderForPartition) and seq != lib.SHMQ_SEQ_NEXT:
                     # The batch may or may not be stored: resend it with the same sequence.
                     with self._seq_lock:
                         if self._sequences.get(key, 0) == (seq + count) & 0x7FFFFFFF:
@@ -644,6 +651,15 @@ class Producer:
         self._attributes = lib.SHMQ_BATCH_ATTR_TRANSACTIONAL
         self._txn_state, self._txn_error = "ready", None
         self._txn_parts = set()
+        self._reroute()
+
+    def _reroute(self) -> None:
+        """Drop the C send's routes (a transactional producer's carry the open
+        transaction's partitions, producer id and epoch): called whenever one
+        of those changes, and before a transaction ends, so that no record is
+        appended to a transaction that is over."""
+        if self._fast is not None:
+            self._fast.invalidate()
 
     def _txn_check(self, what: str, *states: str) -> None:
         if self._txn_state == "fatal":
@@ -658,6 +674,7 @@ class Producer:
 
     def _txn_fatal(self, e: BaseException) -> None:
         self._txn_state, self._txn_error = "fatal", e
+        self._reroute()
 
     def _txn_call(self, what: str, op: str, **args: Any) -> None:
         try:
@@ -672,6 +689,7 @@ class Producer:
         self._txn_state = "in_transaction"
         self._txn_parts = set()
         self._txn_offsets = False
+        self._reroute()
 
     def _txn_add(self, topic: str, *partitions: int) -> None:
         """Kafka's AddPartitionsToTxn, once per partition and transaction, before its first append."""
@@ -684,22 +702,19 @@ class Producer:
             return
         self._txn_call(f"send to {topic}", "add_partitions_to_txn", partitions=new)
         self._txn_parts.update(new)
+        self._reroute()
 
     def _txn_append1(self, route: _TopicRoute, topic: str, partition: int, value: Any, key: Any,
                      headers: Any, ts: int) -> int:
         """One record of an open transaction to an unreplicated partition already
         added to it: one producer-state append (no failover to retry through)."""
-        tp = (topic, partition)
-        with self._seq_lock:
-            seq = self._sequences.get(tp, 0)
-            try:
-                off, _dup = route.pstate(partition).append1(
-                    route.logs[partition], value, key, encode_headers(headers) if headers else None, ts,
-                    self._producer_id, self._producer_epoch, seq, self._delivery_timeout, self._attributes)
-            except ProducerFenced as e:
-                self._txn_fatal(e)
-                raise
-            self._sequences[tp] = (seq + 1) & 0x7FFFFFFF
+        try:
+            off, _dup = route.pstate(partition).append1(
+                route.logs[partition], value, key, encode_headers(headers) if headers else None, ts,
+                self._producer_id, self._producer_epoch, lib.SHMQ_SEQ_NEXT, self._delivery_timeout, self._attributes)
+        except ProducerFenced as e:
+            self._txn_fatal(e)
+            raise
         return off
 
     def send_offsets_to_transaction(self, offsets: Dict[Any, Any], group_metadata: Any) -> None:
@@ -735,6 +750,7 @@ class Producer:
         again; ``InvalidTxnState`` means the coordinator had already ended it
         the other way (then no transaction is open)."""
         self._txn_check("commit_transaction()", "in_transaction")
+        self._reroute()
         if not self._txn_parts and not self._txn_offsets:
             self._txn_state = "ready"           # nothing written: completed here, as Kafka's client does
             return
@@ -750,6 +766,7 @@ class Producer:
         """Abort: no record of the transaction is ever returned to a
         read_committed consumer and its offsets are dropped."""
         self._txn_check("abort_transaction()", "in_transaction")
+        self._reroute()
         if not self._txn_parts and not self._txn_offsets:
             self._txn_state = "ready"
             return

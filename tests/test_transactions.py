@@ -563,3 +563,42 @@ def test_read_committed_c_poll_stops_at_the_lso_and_leaves_aborted_ranges_to_pyt
         c.close()
         prod.close()
         plain.close()
+
+
+def test_transactional_sends_take_the_c_send_and_stay_fenced_and_in_sequence(root: Root) -> None:
+    """After the first send to a partition (which adds it to the transaction),
+    sends are the C send's; batches and single sends interleave in one
+    sequence; a send after the commit is refused; a fenced instance's next
+    send raises ProducerFenced and its records are never read committed."""
+    from shmq.native import fastpath
+    with Admin(root.path) as admin:
+        admin.create_topic("tc", 2)
+    prod = Producer(root.path, transactional_id="tx-c-send")
+    prod.init_transactions()
+    try:
+        prod.begin_transaction()
+        for i in range(50):
+            prod.send("tc", f"a{i}".encode(), partition=i % 2)
+        if fastpath.enabled():
+            assert prod._fast.fallbacks == 2, "one Python send per partition added, the rest in C"
+        prod.send_batch("tc", [b"batch-0", b"batch-1"], partition=0)
+        prod.send("tc", b"after-batch", partition=0)
+        prod.commit_transaction()
+        with pytest.raises(IllegalState):
+            prod.send("tc", b"outside", partition=0)
+        prod.begin_transaction()
+        prod.send("tc", b"zombie-0", partition=1)
+        newer = Producer(root.path, transactional_id="tx-c-send")
+        newer.init_transactions()                       # fences prod, aborts its open transaction
+        with pytest.raises(ProducerFenced):
+            prod.send("tc", b"zombie-1", partition=1)
+        newer.begin_transaction()
+        newer.send("tc", b"newer", partition=1)
+        newer.commit_transaction()
+        newer.close()
+        got = by_partition(drain(root, "read_committed", 54, tps=[TopicPartition("tc", 0), TopicPartition("tc", 1)]))
+        assert got[("tc", 0)] == [f"a{i}".encode() for i in range(0, 50, 2)] + [b"batch-0", b"batch-1",
+                                                                                   b"after-batch"]
+        assert got[("tc", 1)] == [f"a{i}".encode() for i in range(1, 50, 2)] + [b"newer"]
+    finally:
+        prod.close()

@@ -32,6 +32,7 @@
 
 #include "log.h"
 #include "record_batch.h"
+#include "producer_state.h"
 
 #define HEADERS_STACK 1024
 
@@ -298,10 +299,22 @@ static PyTypeObject PartitionerType = {
 
 /* ----------------------------------------------------------- producer */
 
-/* One topic as the fast send sees it. Immutable once built. */
+/* One topic as the fast send sees it. Immutable once built.
+ *
+ * A transactional producer's route (built only while a transaction is open)
+ * also has each partition's producer-state table, NULL for a partition not
+ * added to the transaction yet (the Python send adds it, then drops the
+ * routes), and the producer id, epoch and batch attributes: its records go
+ * through shmq_pstate_append1_attr with SHMQ_SEQ_NEXT (the table numbers
+ * them; unreplicated logs only, where no append is retried), so fencing is
+ * checked under the entry lock exactly as on the Python path. */
 typedef struct {
     PyObject_HEAD
     PyObject *logs;        /* tuple of PartitionLog (keeps the handles mapped; errors go to their _fail) */
+    PyObject *tables;      /* transactional: tuple of ProducerStateTable or None (keeps them open); else NULL */
+    shmq_pstate **pstates; /* transactional: count of them (NULL: not in the transaction); else NULL */
+    int64_t producer_id;
+    int16_t epoch, attributes;
     int64_t max_bytes;
     Py_ssize_t count;
     shmq_log *handles[1];  /* count of them */
@@ -310,6 +323,8 @@ typedef struct {
 static void Route_dealloc(Route *self)
 {
     Py_XDECREF(self->logs);
+    Py_XDECREF(self->tables);
+    PyMem_Free(self->pstates);
     Py_TYPE(self)->tp_free((PyObject *)self);
 }
 
@@ -327,7 +342,8 @@ typedef struct {
     PyObject *routes;        /* dict: topic -> Route, or None (the topic takes the Python path) */
     PyObject *last_topic, *last_route;   /* the last lookup (a producer usually sends to one topic) */
     PyObject *fallback;      /* the Python send: every case not handled here */
-    PyObject *route_fn;      /* route_fn(topic) -> (handles, logs, max_bytes) or None */
+    PyObject *route_fn;      /* route_fn(topic) -> (handles, logs, max_bytes[, table_handles, tables,
+                                producer_id, epoch, attributes]) or None */
     Partitioner *partitioner;
     PyTypeObject *md_type;   /* RecordMetadata */
     int64_t timeout_ns;      /* max_block_ms */
@@ -395,9 +411,12 @@ static PyObject *route_of(FastProducer *self, PyObject *topic)
     PyObject *value = Py_None;
     Route *route = NULL;
     if (info != Py_None) {
-        PyObject *handles, *logs;
-        long long max_bytes;
-        if (!PyArg_ParseTuple(info, "O!O!L", &PyTuple_Type, &handles, &PyTuple_Type, &logs, &max_bytes))
+        PyObject *handles, *logs, *table_handles = NULL, *tables = NULL;
+        long long max_bytes, producer_id = -1;
+        int epoch = -1, attributes = 0;
+        if (!PyArg_ParseTuple(info, "O!O!L|O!O!Lii", &PyTuple_Type, &handles, &PyTuple_Type, &logs, &max_bytes,
+                              &PyTuple_Type, &table_handles, &PyTuple_Type, &tables, &producer_id, &epoch,
+                              &attributes))
             goto fail;
         Py_ssize_t n = PyTuple_GET_SIZE(handles);
         if (n == 0 || n != PyTuple_GET_SIZE(logs)) {
@@ -408,11 +427,41 @@ static PyObject *route_of(FastProducer *self, PyObject *topic)
         if (route == NULL)
             goto fail;
         route->logs = Py_NewRef(logs);
+        route->tables = NULL;
+        route->pstates = NULL;
         route->max_bytes = max_bytes;
         route->count = n;
         for (Py_ssize_t i = 0; i < n; i++)
             if (as_handle(PyTuple_GET_ITEM(handles, i), (void **)&route->handles[i]) < 0)
                 goto fail;
+        if (table_handles != NULL) {
+            if (tables == NULL || PyTuple_GET_SIZE(table_handles) != n || PyTuple_GET_SIZE(tables) != n ||
+                producer_id < 0 || epoch < 0 || epoch > INT16_MAX || attributes < 0 || attributes > INT16_MAX) {
+                PyErr_SetString(PyExc_ValueError, "route: one producer-state table per partition, and a "
+                                "producer id and epoch");
+                goto fail;
+            }
+            route->tables = Py_NewRef(tables);
+            route->pstates = PyMem_Calloc((size_t)n, sizeof(shmq_pstate *));
+            if (route->pstates == NULL) {
+                PyErr_NoMemory();
+                goto fail;
+            }
+            for (Py_ssize_t i = 0; i < n; i++) {
+                PyObject *h = PyTuple_GET_ITEM(table_handles, i);
+                if (PyLong_Check(h) && PyLong_AsLongLong(h) == 0)
+                    continue;   /* not in the transaction */
+                if (PyTuple_GET_ITEM(tables, i) == Py_None) {
+                    PyErr_SetString(PyExc_ValueError, "route: a table handle without its table");
+                    goto fail;
+                }
+                if (as_handle(h, (void **)&route->pstates[i]) < 0)
+                    goto fail;
+            }
+            route->producer_id = producer_id;
+            route->epoch = (int16_t)epoch;
+            route->attributes = (int16_t)attributes;
+        }
         value = (PyObject *)route;
     }
     if (PyDict_SetItem(self->routes, topic, value) < 0)
@@ -530,9 +579,26 @@ static PyObject *FastProducer_send(FastProducer *self, PyObject *const *args, si
             goto slow;   /* maybe an added partition: Python re-reads the metadata */
     }
     shmq_log *log = route->handles[p];
+    int64_t off;
+    if (route->pstates != NULL) {
+        /* Transactional: without waiting, holding the GIL (the GIL also keeps
+         * the Python send of another thread out of the table entry). Anything
+         * but success (a partition not added yet, a full ring, a locked entry,
+         * fencing) is the Python path's, which waits or raises. */
+        shmq_pstate *ps = route->pstates[p];
+        if (ps == NULL)
+            goto slow;
+        off = shmq_pstate_append1_attr(ps, log, kp, klen, vp, vlen, hp, hlen, ts, route->producer_id, route->epoch,
+                                       SHMQ_SEQ_NEXT, route->attributes, 0, NULL);
+        if (off < 0)
+            goto slow;
+        PyObject *items[4] = { Py_NewRef(topic), PyLong_FromSsize_t((Py_ssize_t)p), PyLong_FromLongLong(off),
+                               PyLong_FromLongLong(ts) };
+        return new_named(self->md_type, 4, items);
+    }
     /* First without waiting, holding the GIL (the common case: room in the
      * ring); a full ring is waited for with the GIL released. */
-    int64_t off = shmq_log_append1(log, kp, klen, vp, vlen, hp, hlen, ts, NULL, 0);
+    off = shmq_log_append1(log, kp, klen, vp, vlen, hp, hlen, ts, NULL, 0);
     if (off < 0) {
         Py_INCREF(route);   /* the dict may drop it while the GIL is released */
         if (off == SHMQ_ERR_TIMEOUT && self->timeout_ns != 0) {

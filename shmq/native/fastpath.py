@@ -59,18 +59,31 @@ def partitioner(name: str, sticky_records: int) -> Optional[Any]:
 def attach_producer(producer: Any) -> None:
     """Make ``producer.send`` the C send when the producer can use it."""
     part = producer._partitioner
-    if not enabled() or not producer._plain or producer.transactional_id is not None \
-            or not isinstance(part, _ext.Partitioner):  # type: ignore[union-attr]
+    if not enabled() or not producer._plain or not isinstance(part, _ext.Partitioner):  # type: ignore[union-attr]
         return
     python_send = producer.send
+    transactional = producer.transactional_id is not None
 
-    def route(topic: str) -> Optional[Tuple[Tuple[int, ...], Tuple[Any, ...], int]]:
+    def route(topic: str) -> Optional[Tuple[Any, ...]]:
         """What the C send needs of a topic, or None: the Python path sends
-        (a partition without a leader, or acks='all' on a replicated topic)."""
+        (a partition without a leader, or acks='all' on a replicated topic).
+        A transactional producer's routes exist only while a transaction is
+        open on unreplicated partitions with nothing in flight; they carry
+        the producer-state table of each partition added to it (0 for the
+        others, which the Python send adds) and the producer's id, epoch and
+        batch attributes. The producer drops the routes whenever one of
+        those changes (``Producer._reroute``)."""
         r = producer._route(topic)
         if (r.replicated and producer.acks == "all") or any(log is None for log in r.logs):
             return None
-        return tuple(handle(log._h) for log in r.logs), tuple(r.logs), r.max_bytes
+        logs = tuple(handle(log._h) for log in r.logs), tuple(r.logs), r.max_bytes
+        if not transactional:
+            return logs
+        if producer._txn_state != "in_transaction" or r.replicated or producer._inflight:
+            return None
+        tables = tuple(r.pstate(p) if (topic, p) in producer._txn_parts else None for p in range(r.count))
+        return (*logs, tuple(0 if t is None else handle(t._h) for t in tables), tables, producer._producer_id,
+                producer._producer_epoch, producer._attributes)
 
     fast = _ext.FastProducer(python_send, route, part, _metadata_type(),  # type: ignore[union-attr]
                              producer._timeout_ns, METADATA_RECHECK_MS)

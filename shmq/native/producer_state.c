@@ -316,13 +316,22 @@ static int64_t append_checked(shmq_pstate *ps, shmq_log *log, const void *batch,
     if (duplicate_out)
         *duplicate_out = 0;
     if (!ps || !log || !batch || count == 0 || count > (uint32_t)INT32_MAX || producer_id < 0 ||
-        epoch < 0 || base_seq < 0)
+        epoch < 0 || (base_seq < 0 && base_seq != SHMQ_SEQ_NEXT))
         return SHMQ_ERR_ARG;
     int64_t deadline = shmq_deadline(timeout_ns);
     shmq_pstate_entry *e;
     int rc = lock_producer(ps, producer_id, deadline, &e);
     if (rc != SHMQ_OK)
         return rc;
+    if (base_seq == SHMQ_SEQ_NEXT) {
+        /* Under the lock: the entry is ours to read directly. */
+        uint64_t es = ld_rlx(&e->epoch_seq);
+        int16_t cur_epoch;
+        int32_t last;
+        base_seq = 0;
+        if ((es & VALID) && unpack(es, &cur_epoch, &last) == SHMQ_OK && cur_epoch == epoch)
+            base_seq = seq_add(last, 1);
+    }
     int64_t off = 0;
     rc = check_sequence(e, epoch, base_seq, count, &off);
     if (rc == 1) {

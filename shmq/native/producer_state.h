@@ -69,6 +69,7 @@
 #define SHMQ_PSTATE_ENTRY_SIZE 64
 #define SHMQ_PSTATE_DEFAULT_ENTRIES 4096
 #define SHMQ_PSTATE_MAX_ENTRIES 1048576
+#define SHMQ_SEQ_NEXT -1   /* base_seq: the next one after the producer's last (see shmq_pstate_append) */
 
 typedef struct shmq_pstate_header {
     uint64_t magic;
@@ -116,7 +117,13 @@ uint32_t shmq_pstate_entries(shmq_pstate *ps);
  *    (from the log: SHMQ_ERR_NOT_LEADER, SHMQ_ERR_DELETED, SHMQ_ERR_TIMEOUT,
  *    ...; SHMQ_ERR_NOSPACE when the table is full; SHMQ_ERR_ARG for negative
  *    id/epoch/sequence), entry unchanged on error. timeout_ns (< 0: none)
- *    also bounds the wait for the entry lock. duplicate_out may be NULL. */
+ *    also bounds the wait for the entry lock. duplicate_out may be NULL.
+ *  - base_seq SHMQ_SEQ_NEXT: the sequence after the entry's last (0 for an
+ *    unknown producer or a newer epoch), chosen under the entry lock: the
+ *    table numbers the batches. For logs without replication, where no
+ *    append is ever retried (an error means nothing was stored), so every
+ *    process and path appending for one producer id (the C send and the
+ *    Python one) stays in sequence without sharing a counter. */
 int64_t shmq_pstate_append(shmq_pstate *ps, shmq_log *log, const shmq_records *r, int64_t producer_id,
                            int16_t epoch, int32_t base_seq, int64_t timeout_ns, int *duplicate_out);
 /* shmq_pstate_append of one record (the send path: no Python-built batch).
