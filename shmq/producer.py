@@ -33,6 +33,8 @@ and replicated topics, take the Python path below.
 """
 from __future__ import annotations
 
+import os
+import signal
 import time
 from collections import deque
 from typing import Any, Callable, Deque, Dict, Iterable, List, Optional, Sequence, Tuple, Union
@@ -55,6 +57,9 @@ _time_ns = time.time_ns
 METADATA_RECHECK_MS = 100  # a producer notices added partitions and deleted topics this soon
 _new_tuple = tuple.__new__
 _NOT_LEADER = lib.SHMQ_ERR_NOT_LEADER
+# Fault injection for tests: a producer committing a transaction it runs
+# itself SIGKILLs itself after writing this many of its COMMIT markers.
+TXN_DIE_ENV = "SHMQ_TEST_TXN_DIE_AFTER_MARKERS"
 
 
 MAX_IN_FLIGHT = 4096   # send_async batches per partition awaiting acknowledgement
@@ -208,6 +213,14 @@ class Producer:
         self._txn_parts: set = set()
         self._txn_offsets = False                # offsets were sent in the open transaction
         self._txn_error: Optional[BaseException] = None
+        # Partitions the transactional id ever added (the coordinator keeps
+        # them): a transaction on these alone is run here, with no
+        # coordinator round trip (see "Transactions the producer runs itself").
+        self._txn_registered: set = set()
+        self._txn_rpc = False                    # the coordinator runs the open transaction (it added a partition)
+        self._txn_start_ms = 0
+        self._txn_committing = False             # a COMMIT marker of the open transaction is written
+        self._txn_indexes: Dict[Tuple[str, int], Any] = {}
         self._attributes = 0
         self._fast: Any = None
         fastpath.attach_producer(self)     # send() in C for the common case (shmq/native/fastpath.c)
@@ -644,7 +657,9 @@ class Producer:
             raise IllegalState("init_transactions() needs a Producer created with transactional_id=")
         if self._txn_state == "in_transaction":
             raise IllegalState("init_transactions(): a transaction is open; commit or abort it first")
-        pid, epoch = self._cluster.client.init_producer_id(self.transactional_id, self.transaction_timeout_ms)
+        pid, epoch, registered = self._cluster.client.init_transactional(self.transactional_id,
+                                                                         self.transaction_timeout_ms)
+        self._txn_registered = set(registered)
         with self._seq_lock:
             self._producer_id, self._producer_epoch = pid, epoch
             self._sequences.clear()
@@ -689,6 +704,8 @@ class Producer:
         self._txn_state = "in_transaction"
         self._txn_parts = set()
         self._txn_offsets = False
+        self._txn_rpc = self._txn_committing = False
+        self._txn_start_ms = _time_ns() // 1_000_000
         self._reroute()
 
     def _txn_add(self, topic: str, *partitions: int) -> None:
@@ -700,9 +717,38 @@ class Producer:
         new = [(topic, p) for p in dict.fromkeys(partitions) if (topic, p) not in self._txn_parts]
         if not new:
             return
-        self._txn_call(f"send to {topic}", "add_partitions_to_txn", partitions=new)
-        self._txn_parts.update(new)
+        here = [tp for tp in new if tp in self._txn_registered and not self._txn_rpc]
+        if here:
+            route = self._route(topic)
+            for tp in here:
+                # The row opens at the log end before this producer's first
+                # record there: read_committed readers stop at it (txn_index.h).
+                plog = route.leader(tp[1])
+                try:
+                    opened = self._txn_index(tp).open_row(self._producer_id, self._producer_epoch,
+                                                          plog.end_offset, self._txn_start_ms)
+                except ProducerFenced as e:
+                    self._txn_fatal(e)
+                    raise
+                if opened:                      # else an older instance's transaction holds it: the coordinator
+                    self._txn_parts.add(tp)
+        rest = [tp for tp in new if tp not in self._txn_parts]
+        if rest:
+            # The coordinator runs the transaction from here on (it opens the
+            # new partitions' rows and, at the end, closes every row).
+            self._txn_call(f"send to {topic}", "add_partitions_to_txn", partitions=rest)
+            self._txn_rpc = True
+            self._txn_parts.update(rest)
+            self._txn_registered.update(rest)
         self._reroute()
+
+    def _txn_index(self, tp: Tuple[str, int]) -> Any:
+        """The transaction index of partition ``tp``, mapped for writing (once)."""
+        idx = self._txn_indexes.get(tp)
+        if idx is None:
+            from .ringlog.txn import TxnIndex
+            idx = self._txn_indexes[tp] = TxnIndex.open(self._cluster.client.root.txn_index_path(*tp), create=True)
+        return idx
 
     def _txn_append1(self, route: _TopicRoute, topic: str, partition: int, value: Any, key: Any,
                      headers: Any, ts: int) -> int:
@@ -755,6 +801,10 @@ class Producer:
             self._txn_state = "ready"           # nothing written: completed here, as Kafka's client does
             return
         self.flush()
+        if not self._txn_rpc and not self._txn_offsets:
+            self._commit_here()
+            self._txn_state, self._txn_parts = "ready", set()
+            return
         try:
             self._txn_call("commit_transaction()", "end_txn", commit=True)
         except (CommitFailed, InvalidTxnState):
@@ -766,6 +816,9 @@ class Producer:
         """Abort: no record of the transaction is ever returned to a
         read_committed consumer and its offsets are dropped."""
         self._txn_check("abort_transaction()", "in_transaction")
+        if self._txn_committing:
+            raise IllegalState("abort_transaction(): the commit has begun (a COMMIT marker is written); call "
+                               "commit_transaction() again to finish it")
         self._reroute()
         if not self._txn_parts and not self._txn_offsets:
             self._txn_state = "ready"
@@ -780,6 +833,34 @@ class Producer:
             self._txn_state, self._txn_parts = "ready", set()    # it was committed already
             raise
         self._txn_state, self._txn_parts = "ready", set()
+
+    def _commit_here(self) -> None:
+        """Commit a transaction this producer ran itself (every partition was
+        added before, no offsets): a COMMIT marker to every partition, through
+        the producer-state table (fenced like its records), and only then the
+        rows closed. A producer that dies in between leaves its rows open;
+        the coordinator fences it after the timeout and finds a COMMIT marker
+        (so commits the rest) or none (so aborts). An error leaves the
+        transaction open: call commit again (a second marker is harmless)."""
+        from .ringlog.txn import COMMIT, control_batch
+        marker = control_batch(COMMIT, self._producer_id, self._producer_epoch)
+        die_after = int(os.environ.get(TXN_DIE_ENV, "-1"))
+        parts = sorted(self._txn_parts)
+        for n, (topic, p) in enumerate(parts):
+            if n == die_after:
+                os.kill(os.getpid(), signal.SIGKILL)
+            route = self._route(topic)
+            try:
+                route.pstate(p).append_control(route.leader(p), marker, self._delivery_timeout)
+            except ProducerFenced as e:
+                self._txn_fatal(e)
+                raise
+            self._txn_committing = True
+        if die_after == len(parts):
+            os.kill(os.getpid(), signal.SIGKILL)
+        for tp in parts:
+            self._txn_index(tp).close_row(self._producer_id, self._producer_epoch)
+        self._txn_committing = False
 
     # ------------------------------------------------------------- lifecycle
     def flush(self, timeout: Optional[float] = None) -> int:
@@ -801,6 +882,9 @@ class Producer:
         for route in self._routes.values():
             route.close()
         self._routes.clear()
+        for idx in self._txn_indexes.values():
+            idx.close()
+        self._txn_indexes.clear()
         self._cluster.close()
 
     def __enter__(self) -> "Producer":

@@ -602,3 +602,88 @@ def test_transactional_sends_take_the_c_send_and_stay_fenced_and_in_sequence(roo
         assert got[("tc", 1)] == [f"a{i}".encode() for i in range(1, 50, 2)] + [b"newer"]
     finally:
         prod.close()
+
+
+def test_a_transaction_on_added_partitions_runs_without_the_coordinator(root: Root) -> None:
+    """Once a transactional id added its partitions, a transaction on them
+    alone makes no coordinator call: the producer opens its rows, writes
+    the COMMIT markers and closes the rows itself; an abort still goes to
+    the coordinator, and `shmq status` shows the open transaction."""
+    make_topics(root, ["tx-a"], 2)
+    prod = Producer(root.path, transactional_id="tx-here")
+    prod.init_transactions()
+    prod.begin_transaction()
+    for p in (0, 1):
+        prod.send("tx-a", b"first-%d" % p, partition=p)            # adds both partitions (coordinator)
+    prod.commit_transaction()
+    calls: List[str] = []
+    real = prod._cluster.client.call
+
+    def counting(op: str, **args: object) -> object:
+        calls.append(op)
+        return real(op, **args)
+
+    prod._cluster.client.call = counting                             # type: ignore[method-assign]
+    try:
+        prod.begin_transaction()
+        for i in range(50):
+            prod.send("tx-a", b"here-%d" % i, partition=i % 2)
+        status = real("describe_transactions")                       # what `shmq status` prints
+        assert [(t["transactional_id"], t["state"], t["partitions"]) for t in status] == \
+            [("tx-here", "Ongoing", ["tx-a-0", "tx-a-1"])]
+        assert len(drain(root, "read_committed", 2, timeout=0.5, tps=all_tps(["tx-a"], 2))) == 2   # held at the LSO
+        prod.commit_transaction()
+        assert calls == [], "the transaction went through the coordinator"
+        prod.begin_transaction()
+        prod.send("tx-a", b"aborted", partition=0)
+        prod.abort_transaction()
+        assert calls == ["end_txn"]
+    finally:
+        prod._cluster.client.call = real                             # type: ignore[method-assign]
+    got = by_partition(drain(root, "read_committed", 52, tps=all_tps(["tx-a"], 2)))
+    assert got[("tx-a", 0)] == [b"first-0"] + [b"here-%d" % i for i in range(0, 50, 2)]
+    assert got[("tx-a", 1)] == [b"first-1"] + [b"here-%d" % i for i in range(1, 50, 2)]
+    prod.close()
+
+
+def _commit_and_die(root_path: str, after_markers: int) -> None:
+    """Run a transaction over 3 partitions the id added before, and SIGKILL
+    the process during its own commit after ``after_markers`` markers."""
+    from shmq.producer import TXN_DIE_ENV
+    p = Producer(root_path, transactional_id="tx-dies-committing", transaction_timeout_ms=2000)
+    p.init_transactions()
+    p.begin_transaction()
+    for part in range(3):
+        p.send("tx-c", b"registered-%d" % part, partition=part)
+    p.commit_transaction()
+    p.begin_transaction()
+    for i in range(30):
+        p.send("tx-c", b"txn-%d" % i, partition=i % 3)
+    os.environ[TXN_DIE_ENV] = str(after_markers)
+    p.commit_transaction()                               # dies inside
+    time.sleep(60)
+
+
+@pytest.mark.parametrize("after_markers", [0, 1, 3])
+def test_producer_killed_inside_its_own_commit_is_ended_as_it_decided(root: Root, reaper, after_markers: int
+                                                                      ) -> None:
+    """A producer SIGKILLed while committing a transaction it ran itself:
+    with no COMMIT marker written the coordinator aborts it after the
+    timeout; with one written (or all, rows still open) it commits the rest:
+    read_committed then sees every record of it in every partition or none."""
+    make_topics(root, ["tx-c"], 3)
+    proc = reaper.start(_commit_and_die, root.path, after_markers)
+    proc.join(30)
+    assert proc.exitcode == -signal.SIGKILL, "the producer did not die inside its commit"
+    want_committed = 3 + (30 if after_markers > 0 else 0)
+    got = drain(root, "read_committed", want_committed, timeout=20.0, tps=all_tps(["tx-c"], 3))
+    values = sorted(v for *_x, v in got)
+    expected = sorted([b"registered-%d" % p for p in range(3)] +
+                      ([b"txn-%d" % i for i in range(30)] if after_markers > 0 else []))
+    assert values == expected
+    # And the partitions move on: a plain record after it is read.
+    plain = Producer(root.path)
+    plain.send("tx-c", b"later", partition=0)
+    plain.close()
+    later = drain(root, "read_committed", want_committed + 1, timeout=10.0, tps=all_tps(["tx-c"], 3))
+    assert b"later" in [v for *_x, v in later]

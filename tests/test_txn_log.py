@@ -138,7 +138,29 @@ def test_txn_index_publishes_lso_and_aborted_runs(shm_dir: str) -> None:
     r = TxnIndex.open(path)
     assert r is not None
     f = AbortedFilter(r)
-    w.set_lso(10)
+    w.open_row(7, 1, 10, 1000)
+    w.open_row(8, 0, 15, 1000)
+    assert r.lso == 10 and w.row(7) == (1, 10, 1000)
+    w.open_row(7, 1, 30, 2000)                                    # open already: its first offset stays
+    assert r.lso == 10
+    with pytest.raises(ProducerFenced):
+        w.open_row(7, 0, 40, 3000)                                # an older epoch
+    assert w.close_row(7, 1) and r.lso == 15
+    assert not w.close_row(7, 1)
+    assert not w.close_row(8, -1) and r.lso == 15                 # a newer epoch than the one closed
+    assert w.close_row(8, 5) and r.lso == -1
+    assert w.open_row(7, 1, 10, 1000) and r.lso == 10
+    assert not w.open_row(7, 2, 50, 4000)                          # an older epoch's transaction is open
+    w.fence_row(7, 3)                                             # open: it stays for the coordinator
+    assert w.row(7) == (1, 10, 1000)
+    assert w.close_row(7, 2) and r.lso == -1
+    w.fence_row(7, 3)
+    with pytest.raises(ProducerFenced):
+        w.open_row(7, 2, 60, 5000)                                # fenced: a zombie cannot open it
+    w.fence_row(9, 1)                                             # claims a row for an id never seen
+    with pytest.raises(ProducerFenced):
+        w.open_row(9, 0, 60, 5000)
+    assert w.open_row(7, 3, 10, 1000)
     assert r.lso == 10
     assert w.add_aborted(5, [(10, 12), (20, 20)], marker_offset=21) == 2
     assert w.add_aborted(5, [(10, 12)]) == 0                      # a successor redoing the abort

@@ -361,9 +361,17 @@ class CoordinatorClient:
 
     # ---------------------------------------------------------- transactions
     def init_producer_id(self, transactional_id: str, transaction_timeout_ms: int = 60_000) -> Tuple[int, int]:
+        pid, epoch, _registered = self.init_transactional(transactional_id, transaction_timeout_ms)
+        return pid, epoch
+
+    def init_transactional(self, transactional_id: str, transaction_timeout_ms: int = 60_000
+                           ) -> Tuple[int, int, List[Tuple[str, int]]]:
+        """``init_producer_id``, and the partitions the producer may run its
+        own transactions on (every one the transactional id ever added)."""
         r = self.call("init_producer_id", transactional_id=transactional_id,
                       transaction_timeout_ms=transaction_timeout_ms)
-        return int(r["producer_id"]), int(r["epoch"])
+        registered = [(k.rpartition("/")[0], int(k.rpartition("/")[2])) for k in r.get("registered", [])]
+        return int(r["producer_id"]), int(r["epoch"]), registered
 
     def add_partitions_to_txn(self, transactional_id: str, producer_id: int, producer_epoch: int,
                               partitions: Iterable[TopicPartitionKey]) -> None:

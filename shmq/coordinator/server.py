@@ -658,11 +658,11 @@ class Coordinator:
         return {"producer_id": rec["producer_id"], "epoch": rec["epoch"]}
 
     # ---------------------------------------------------------- transactions
-    def op_init_producer_id(self, transactional_id: str, transaction_timeout_ms: int = 60_000) -> Dict[str, int]:
+    def op_init_producer_id(self, transactional_id: str, transaction_timeout_ms: int = 60_000) -> Dict[str, Any]:
         """A transactional producer's id and new epoch; the previous instance's
         open transaction is aborted and that instance fenced."""
         pid, epoch = self.txns.init_producer_id(transactional_id, transaction_timeout_ms)
-        return {"producer_id": pid, "epoch": epoch}
+        return {"producer_id": pid, "epoch": epoch, "registered": self.txns.registered(transactional_id)}
 
     def op_add_partitions_to_txn(self, transactional_id: str, producer_id: int, producer_epoch: int,
                                  partitions: List[Any]) -> None:

@@ -57,7 +57,7 @@ from ..errors import (CommitFailed, ConcurrentTransactions, InvalidProducerIdMap
 from ..native import lib
 from ..ringlog import PartitionLog
 from ..ringlog.producer_state import ProducerStateTable
-from ..ringlog.txn import ABORT, COMMIT, TxnIndex, aborted_runs, control_batch
+from ..ringlog.txn import ABORT, COMMIT, TxnIndex, aborted_runs, commit_marker_in, control_batch
 from ..root import Root, validate_group
 from .durable import DurableStore
 
@@ -130,19 +130,26 @@ class TransactionCoordinator:
                                  f"({txn['epoch']}): a newer instance took over or the transaction timed out")
         return txn
 
-    def _lso_of(self, key: str) -> int:
-        starts = [t["partitions"][key] for t in self.txns.values()
-                  if t["state"] in OPEN_STATES and key in t["partitions"]]
-        return min(starts) if starts else -1
+    def _keys(self, txn: Dict[str, Any]) -> List[str]:
+        """Every partition where ``txn``'s producer may have a row: the ones it
+        ever added (``registered``) and the open transaction's."""
+        return sorted(set(txn.get("registered", ())) | set(txn["partitions"]))
 
-    def _refresh_lso(self, keys: Any) -> None:
-        for key in keys:
+    def _open_rows(self, txn: Dict[str, Any]) -> Dict[str, Tuple[int, int, int]]:
+        """``{key: (epoch, first_offset, start_ms)}`` of the producer's open
+        rows: the partitions of a transaction it runs itself (or of one the
+        coordinator runs for it)."""
+        out: Dict[str, Tuple[int, int, int]] = {}
+        for key in self._keys(txn):
             topic, p = _tp(key)
             try:
                 self.db.store.check_partition(topic, p)
             except UnknownTopicOrPartition:
                 continue
-            self._index(topic, p).set_lso(self._lso_of(key))
+            row = self._index(topic, p).row(txn["pid"])
+            if row is not None and row[1] >= 0:
+                out[key] = row
+        return out
 
     # ------------------------------------------------------------ start-up
     def recover(self) -> None:
@@ -155,13 +162,18 @@ class TransactionCoordinator:
                     self._complete(tid)
                 except ShmqError as e:
                     log.warning("completing transaction %r failed (retried): %s", tid, e)
-        keys: Set[str] = {k for t in self.txns.values() for k in t["partitions"]}
-        if os.path.isdir(self.root.txn_dir):
-            for name in os.listdir(self.root.txn_dir):
-                topic, _, p = name.rpartition("-")
-                if topic and p.isdigit():
-                    keys.add(f"{topic}/{p}")
-        self._refresh_lso(keys)
+        keys: Set[str] = {k for t in self.txns.values() for k in self._keys(t)}
+        for name in os.listdir(self.root.txn_dir):
+            topic, _, p = name.rpartition("-")
+            if topic and p.isdigit():
+                keys.add(f"{topic}/{p}")
+        for key in sorted(keys):                 # a row writer may have died mid-change
+            topic, p = _tp(key)
+            try:
+                self.db.store.check_partition(topic, p)
+            except UnknownTopicOrPartition:
+                continue
+            self._index(topic, p).refresh_lso()
 
     def topic_deleted(self, name: str, partitions: int) -> None:
         """Forget the indexes of a deleted topic (a new topic of that name starts clean)."""
@@ -187,14 +199,23 @@ class TransactionCoordinator:
             self._fence_and_abort(tid, f"a new instance of {tid!r} called init_transactions")
         elif txn is not None and txn["state"] in (PREPARE_COMMIT, PREPARE_ABORT):
             self._complete(tid)
+        registered = self.txns[tid].get("registered", []) if txn is not None else []
         rec = self.db.store.prepare_allocate_producer_id(tid)
         if rec["epoch"] > 32766:                     # the epoch is an int16: start over with a new id
             rec = self.db.store.prepare_allocate_producer_id(None)
             rec["transactional_id"] = tid
         new = {"pid": rec["producer_id"], "epoch": rec["epoch"], "state": EMPTY, "timeout_ms": timeout_ms,
-               "partitions": {}, "offsets": {}, "start_ms": 0, "updated_ms": _now_ms()}
+               "partitions": {}, "offsets": {}, "start_ms": 0, "updated_ms": _now_ms(), "registered": registered}
         self._journal(tid, new, [rec])
+        self._fence(new)
+        self._end_stale_rows(tid)                    # an older instance's own transaction ends here
         return new["pid"], new["epoch"]
+
+    def registered(self, tid: str) -> List[str]:
+        """The partitions ``tid``'s producer may run its own transactions on
+        (``"topic/partition"``): every one it ever added."""
+        txn = self.txns.get(tid)
+        return list(txn.get("registered", [])) if txn is not None else []
 
     def add_partitions(self, tid: Any, producer_id: Any, epoch: Any, partitions: Any) -> None:
         """Kafka's AddPartitionsToTxn: the producer may append to these next."""
@@ -202,6 +223,8 @@ class TransactionCoordinator:
         if not isinstance(partitions, list) or not all(
                 isinstance(tp, (list, tuple)) and len(tp) == 2 for tp in partitions):
             raise InvalidRequest("partitions must be a list of [topic, partition]")
+        if txn.get("registered"):
+            self._end_stale_rows(tid)                # a fenced instance's rows stand in the way
         new = self._begin(tid, txn)
         added: List[Tuple[str, int, int]] = []
         for topic, p in partitions:
@@ -216,16 +239,17 @@ class TransactionCoordinator:
                 ProducerStateTable.create(plog.path).close()   # unreplicated logs get one on first use
             start = plog.end_offset
             new["partitions"][key] = start
+            if key not in new.setdefault("registered", []):
+                new["registered"] = sorted([*new["registered"], key])
             added.append((topic, p, start))
         if added or new is not txn:
             self._journal(tid, new)
         # Journaled first: a successor knows the transaction before any reader
         # relies on the LSO, and the producer appends only after the answer.
         for topic, p, start in added:
-            idx = self._index(topic, p)
-            cur = idx.lso
-            if cur < 0 or start < cur:
-                idx.set_lso(start)
+            if not self._index(topic, p).open_row(new["pid"], new["epoch"], start, new["start_ms"]):
+                raise ConcurrentTransactions(f"{topic}-{p}: a transaction of an older instance of {tid!r} is "
+                                             f"still being ended; retry", topic=topic, partition=p)
 
     def add_offsets(self, tid: Any, producer_id: Any, epoch: Any, group_id: Any) -> None:
         """Kafka's AddOffsetsToTxn: the transaction will commit offsets of ``group_id``."""
@@ -279,7 +303,11 @@ class TransactionCoordinator:
         txn = self._check(tid, producer_id, epoch)
         state = txn["state"]
         done, prepared = (COMPLETE_COMMIT, PREPARE_COMMIT) if commit else (COMPLETE_ABORT, PREPARE_ABORT)
-        if state in (EMPTY, done):
+        rows = ({k: r for k, r in self._open_rows(txn).items() if r[0] == txn["epoch"]}
+                if state not in OPEN_STATES and txn.get("registered") else {})
+        if rows:
+            state = ONGOING                         # one the producer began itself (its rows are open)
+        elif state in (EMPTY, done):
             return                                  # nothing written, or a retry of a completed request
         if state == prepared:
             self._complete(tid)                     # a retry after the coordinator died mid-way
@@ -298,6 +326,7 @@ class TransactionCoordinator:
         new = copy.deepcopy(txn)
         new["state"] = PREPARE_COMMIT if commit else PREPARE_ABORT
         new["updated_ms"] = _now_ms()
+        self._with_rows(new)
         self._journal(tid, new)                     # the decision is durable before any marker
         if os.environ.get(CRASH_ENV) == tid:
             log.warning("%s=%s: dying between the decision and the markers", CRASH_ENV, tid)
@@ -310,24 +339,52 @@ class TransactionCoordinator:
         """Abort transactions past their timeout; retry completions that
         failed. Returns whether any transaction is still open."""
         now = _now_ms()
+        running = False
         for tid, txn in list(self.txns.items()):
             try:
                 if txn["state"] == ONGOING and now - txn["start_ms"] > txn["timeout_ms"]:
                     self._fence_and_abort(tid, f"transaction_timeout_ms={txn['timeout_ms']} passed")
                 elif txn["state"] in (PREPARE_COMMIT, PREPARE_ABORT):
                     self._complete(tid)
+                elif txn["state"] not in OPEN_STATES and txn.get("registered"):
+                    # Transactions the producer runs itself: rows of an older
+                    # epoch (a fenced instance's) or open past the timeout.
+                    rows = self._open_rows(txn)
+                    if any(e == txn["epoch"] and now - start > txn["timeout_ms"] for e, _f, start in rows.values()):
+                        # Its producer went away (or is too slow): fence it, then end its transaction.
+                        rec = self.db.store.prepare_allocate_producer_id(tid)
+                        new = copy.deepcopy(txn)
+                        new.update(epoch=rec["epoch"], updated_ms=now)
+                        self._journal(tid, new, [rec])
+                        log.info("ending the transaction producer %d of %r ran itself: transaction_timeout_ms=%d "
+                                 "passed", new["pid"], tid, new["timeout_ms"])
+                        self._fence(new)
+                        rows = self._open_rows(new)
+                    if any(e < self.txns[tid]["epoch"] for e, _f, _s in rows.values()):
+                        self._end_stale_rows(tid)
+                    else:
+                        running = running or bool(rows)
             except ShmqError as e:
                 log.warning("transaction %r: %s (retried)", tid, e)
-        return any(t["state"] in OPEN_STATES for t in self.txns.values())
+        return running or any(t["state"] in OPEN_STATES for t in self.txns.values())
 
     def describe(self) -> List[Dict[str, Any]]:
         """Open transactions (for ``status``)."""
         now = _now_ms()
-        return [{"transactional_id": tid, "producer_id": t["pid"], "epoch": t["epoch"], "state": t["state"],
-                 "age_ms": now - t["start_ms"], "timeout_ms": t["timeout_ms"],
-                 "partitions": sorted(f"{_tp(k)[0]}-{_tp(k)[1]}" for k in t["partitions"]),
-                 "groups": sorted(t["offsets"])}
-                for tid, t in sorted(self.txns.items()) if t["state"] in OPEN_STATES]
+        out = []
+        for tid, t in sorted(self.txns.items()):
+            keys, state, start = dict(t["partitions"]), t["state"], t["start_ms"]
+            if state not in OPEN_STATES:
+                rows = self._open_rows(t) if t.get("registered") else {}
+                if not rows:
+                    continue
+                keys, state = rows, ONGOING             # one its producer runs itself
+                start = min(r[2] for r in rows.values())
+            out.append({"transactional_id": tid, "producer_id": t["pid"], "epoch": t["epoch"], "state": state,
+                        "age_ms": now - start, "timeout_ms": t["timeout_ms"],
+                        "partitions": sorted(f"{_tp(k)[0]}-{_tp(k)[1]}" for k in keys),
+                        "groups": sorted(t["offsets"])})
+        return out
 
     def close(self) -> None:
         for idx in self._indexes.values():
@@ -363,22 +420,80 @@ class TransactionCoordinator:
         txn = self.txns[tid]
         rec = self.db.store.prepare_allocate_producer_id(tid)
         new = copy.deepcopy(txn)
+        self._with_rows(new)                        # rows of its epoch the producer opened itself
         new.update(epoch=rec["epoch"], state=PREPARE_ABORT, updated_ms=_now_ms())
         self._journal(tid, new, [rec])
         log.info("aborting transaction of %r (producer %d): %s", tid, new["pid"], why)
-        for key in new["partitions"]:
+        self._fence(new)
+        self._complete(tid)
+
+    def _fence(self, txn: Dict[str, Any]) -> None:
+        """Fence the producer id at ``txn``'s epoch in the producer-state table
+        of every partition it may write: an older instance's next append or
+        marker there fails with ``ProducerFenced``, and none is in flight once
+        this returns (the table's entry lock)."""
+        for key in self._keys(txn):
             topic, p = _tp(key)
             plog = self._leader_log_or_none(topic, p)
             if plog is None:
                 continue
+            self._index(topic, p).fence_row(txn["pid"], txn["epoch"])
+            if not os.path.exists(os.path.join(plog.path, "producer.state")):
+                continue
             table = ProducerStateTable(plog.path)
             try:
-                table.fence(new["pid"], new["epoch"], timeout=5.0)
+                table.fence(txn["pid"], txn["epoch"], timeout=5.0)
             except ProducerFenced:
                 pass                                # already fenced higher
             finally:
                 table.close()
-        self._complete(tid)
+
+    def _with_rows(self, txn: Dict[str, Any]) -> bool:
+        """Add the producer's open rows to ``txn``'s partitions (with their
+        first offsets); True if any was missing."""
+        changed = False
+        for key, (e, first, _start) in self._open_rows(txn).items():
+            if e == txn["epoch"] and key not in txn["partitions"]:
+                txn["partitions"][key] = first
+                changed = True
+        return changed
+
+    def _end_stale_rows(self, tid: str) -> None:
+        """End the transactions an older instance of ``tid`` was running itself
+        and did not finish (its rows are open at an older epoch). The current
+        epoch is fenced first (``_fence``: no record, marker or row of the older
+        instance can follow), then the decision is the one the producer took:
+        a COMMIT marker of its epoch in any of those partitions means commit
+        (it closes no row before every marker is written), else abort. No
+        journal record is needed: doing this again finds the same markers and
+        decides the same, and the rows close last."""
+        txn = self.txns[tid]
+        pid, current = txn["pid"], txn["epoch"]
+        rows = {k: r for k, r in self._open_rows(txn).items() if r[0] < current}
+        if not rows:
+            return
+        self._fence(txn)
+        committed = False
+        for key, (epoch, first, _start) in sorted(rows.items()):
+            topic, p = _tp(key)
+            plog = self._leader_log_or_none(topic, p)
+            if plog is not None and self._scan(plog, first, pid, commit_epoch=epoch)[1]:
+                committed = True
+                break
+        log.info("%s the transaction producer %d (epoch %s) of %r ran itself and left open",
+                 "committing" if committed else "aborting", pid, sorted({r[0] for r in rows.values()}), tid)
+        marker = control_batch(COMMIT if committed else ABORT, pid, current)
+        for key, (epoch, first, _start) in sorted(rows.items()):
+            topic, p = _tp(key)
+            plog = self._leader_log_or_none(topic, p)
+            if plog is None:
+                continue
+            if not committed:
+                runs = self._scan(plog, first, pid)[0]
+                if runs:
+                    self._index(topic, p).add_aborted(pid, runs)
+            plog.append_raw(marker, timeout=5.0)
+            self._index(topic, p).close_row(pid, epoch)
 
     def _leader_log_or_none(self, topic: str, p: int) -> Optional[PartitionLog]:
         try:
@@ -403,10 +518,11 @@ class TransactionCoordinator:
             if plog is None:
                 continue                            # the topic was deleted
             if not commit:
-                runs = self._scan(plog, start, pid)
+                runs = self._scan(plog, start, pid)[0]
                 if runs:
                     self._index(topic, p).add_aborted(pid, runs)
             plog.append_raw(marker, timeout=5.0)
+            self._index(topic, p).close_row(pid, epoch)    # after its marker: the LSO moves on
         if commit:
             for group, offs in txn["offsets"].items():
                 items = []
@@ -423,23 +539,26 @@ class TransactionCoordinator:
         new.update(state=COMPLETE_COMMIT if commit else COMPLETE_ABORT, partitions={}, offsets={},
                    updated_ms=_now_ms())
         self._journal(tid, new)
-        self._refresh_lso(txn["partitions"])
 
-    def _scan(self, plog: PartitionLog, start: int, pid: int) -> List[Tuple[int, int]]:
-        """Offset runs of ``pid``'s transactional batches from ``start`` to the log end."""
+    def _scan(self, plog: PartitionLog, start: int, pid: int, commit_epoch: int = -1
+              ) -> Tuple[List[Tuple[int, int]], bool]:
+        """Offset runs of ``pid``'s transactional batches from ``start`` to the
+        log end, and whether a COMMIT marker of ``pid`` at ``commit_epoch`` is among them."""
         end = plog.end_offset
         try:
             reader = plog.reader(max(start, plog.start_offset), tether=False)
         except OffsetOutOfRange:
-            return []
+            return [], False
         try:
-            return self._scan_from(reader, plog, end, pid)
+            return self._scan_from(reader, plog, end, pid, commit_epoch)
         finally:
             reader.close()
 
-    def _scan_from(self, reader: Any, plog: PartitionLog, end: int, pid: int) -> List[Tuple[int, int]]:
+    def _scan_from(self, reader: Any, plog: PartitionLog, end: int, pid: int, commit_epoch: int
+                   ) -> Tuple[List[Tuple[int, int]], bool]:
         buf = bytearray(max(SCAN_CHUNK, plog.max_frame_bytes))
         runs: List[Tuple[int, int]] = []
+        committed = False
         deadline = time.monotonic() + plog.config.unblock_timeout_ms / 1000 + 5.0
         while reader.position < end:
             n = reader.read_frames(buf)
@@ -458,4 +577,5 @@ class TransactionCoordinator:
                 runs[-1] = (runs[-1][0], got[0][1])      # a run split by the chunk boundary
                 got = got[1:]
             runs.extend(got)
-        return runs
+            committed = committed or (commit_epoch >= 0 and commit_marker_in(buf, n, pid, commit_epoch))
+        return runs, committed

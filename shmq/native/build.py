@@ -12,7 +12,7 @@ import re
 from cffi import FFI
 
 HERE = pathlib.Path(__file__).resolve().parent
-HEADERS = ["record_batch.h", "log.h", "producer_state.h", "lifeline.h"]
+HEADERS = ["record_batch.h", "log.h", "producer_state.h", "lifeline.h", "txn_index.h"]
 # Every C file of the core, in a stable order. fastpath*.c is the CPython
 # extension of the per-record path, built separately (it includes Python.h).
 SOURCES = sorted(p.name for p in HERE.glob("*.c") if not p.name.startswith("fastpath"))

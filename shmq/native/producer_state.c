@@ -218,17 +218,16 @@ static void write_fields(shmq_pstate_entry *e, uint64_t epoch_seq, int32_t first
     st_rel(&e->seqlock, s + 1);
 }
 
-/* Take the entry lock (CAS 0 -> pid), taking over from a dead holder. */
-static int lock_entry(shmq_pstate_entry *e, int64_t deadline)
+int shmq_pid_lock(uint64_t *word, int64_t deadline, int *took_over)
 {
-    uint64_t me = (uint64_t)getpid();  /* not cached: the table may be used across fork */
+    uint64_t me = (uint64_t)getpid();  /* not cached: the word may be used across fork */
+    *took_over = 0;
     for (int round = 0;; round++) {
         uint64_t cur = 0;
-        if (cas_acq(&e->lock, &cur, me))
+        if (cas_acq(word, &cur, me))
             return SHMQ_OK;
-        if ((round % 64) == 8 && holder_dead(cur) && cas_acq(&e->lock, &cur, me)) {
-            if (ld_rlx(&e->seqlock) & 1)  /* died writing: its last batch is unknown */
-                write_fields(e, ld_rlx(&e->epoch_seq), -1, 0, -1);
+        if ((round % 64) == 8 && holder_dead(cur) && cas_acq(word, &cur, me)) {
+            *took_over = 1;
             return SHMQ_OK;
         }
         if (deadline >= 0 && round > 16 && shmq_now_ns() > deadline)
@@ -237,7 +236,19 @@ static int lock_entry(shmq_pstate_entry *e, int64_t deadline)
     }
 }
 
-static void unlock_entry(shmq_pstate_entry *e) { st_rel(&e->lock, 0); }
+void shmq_pid_unlock(uint64_t *word) { st_rel(word, 0); }
+
+/* Take the entry lock, taking over from a dead holder. */
+static int lock_entry(shmq_pstate_entry *e, int64_t deadline)
+{
+    int took_over;
+    int rc = shmq_pid_lock(&e->lock, deadline, &took_over);
+    if (rc == SHMQ_OK && took_over && (ld_rlx(&e->seqlock) & 1))
+        write_fields(e, ld_rlx(&e->epoch_seq), -1, 0, -1);   /* died writing: its last batch is unknown */
+    return rc;
+}
+
+static void unlock_entry(shmq_pstate_entry *e) { shmq_pid_unlock(&e->lock); }
 
 /* Find or claim the entry of producer id and take its lock. */
 static int lock_producer(shmq_pstate *ps, int64_t id, int64_t deadline, shmq_pstate_entry **e)
@@ -272,6 +283,16 @@ static int unpack(uint64_t es, int16_t *epoch, int32_t *last)
 }
 
 /* ---------------------------------------------------------------- append */
+
+/* The epoch and last sequence of an entry whose lock the caller holds:
+ * 1 known, 0 no state yet, SHMQ_ERR_CORRUPT for bits that are no state. */
+static int held_state(shmq_pstate_entry *e, int16_t *epoch, int32_t *last)
+{
+    uint64_t es = ld_rlx(&e->epoch_seq);
+    if (!(es & VALID))
+        return 0;
+    return unpack(es, epoch, last) == SHMQ_OK ? 1 : SHMQ_ERR_CORRUPT;
+}
 
 /* The checks, under the lock. Returns 1 to append, 0 for a retry of the last
  * batch (*dup_offset set), or an error. */
@@ -324,13 +345,9 @@ static int64_t append_checked(shmq_pstate *ps, shmq_log *log, const void *batch,
     if (rc != SHMQ_OK)
         return rc;
     if (base_seq == SHMQ_SEQ_NEXT) {
-        /* Under the lock: the entry is ours to read directly. */
-        uint64_t es = ld_rlx(&e->epoch_seq);
         int16_t cur_epoch;
         int32_t last;
-        base_seq = 0;
-        if ((es & VALID) && unpack(es, &cur_epoch, &last) == SHMQ_OK && cur_epoch == epoch)
-            base_seq = seq_add(last, 1);
+        base_seq = held_state(e, &cur_epoch, &last) == 1 && cur_epoch == epoch ? seq_add(last, 1) : 0;
     }
     int64_t off = 0;
     rc = check_sequence(e, epoch, base_seq, count, &off);
@@ -451,6 +468,32 @@ int64_t shmq_pstate_append_raw(shmq_pstate *ps, shmq_log *log, const uint8_t *ba
         return SHMQ_ERR_ARG;
     return append_checked(ps, log, batch, len, (uint32_t)count, producer_id, epoch, base_seq, timeout_ns,
                           duplicate_out, store_raw);
+}
+
+int64_t shmq_pstate_append_control(shmq_pstate *ps, shmq_log *log, const uint8_t *batch, int64_t len,
+                                   int64_t timeout_ns)
+{
+    if (!ps || !log || !batch || len < SHMQ_BATCH_HEADER_SIZE ||
+        !(pstate_be(batch + SHMQ_BATCH_OFF_ATTRIBUTES, 2) & SHMQ_BATCH_ATTR_CONTROL))
+        return SHMQ_ERR_ARG;
+    int64_t producer_id = pstate_be(batch + SHMQ_BATCH_OFF_PRODUCER_ID, 8);
+    int16_t epoch = (int16_t)pstate_be(batch + SHMQ_BATCH_OFF_PRODUCER_EPOCH, 2);
+    if (producer_id < 0 || epoch < 0)
+        return SHMQ_ERR_ARG;
+    int64_t deadline = shmq_deadline(timeout_ns);
+    shmq_pstate_entry *e;
+    int rc = lock_producer(ps, producer_id, deadline, &e);
+    if (rc != SHMQ_OK)
+        return rc;
+    int16_t cur_epoch;
+    int32_t last;
+    int64_t off = held_state(e, &cur_epoch, &last);
+    if (off == 1 && cur_epoch > epoch)
+        off = SHMQ_ERR_PRODUCER_FENCED;
+    else if (off >= 0)
+        off = shmq_log_append_raw(log, batch, len, remaining(deadline));
+    unlock_entry(e);
+    return off;
 }
 
 int shmq_pstate_fence(shmq_pstate *ps, int64_t producer_id, int16_t epoch, int64_t timeout_ns)

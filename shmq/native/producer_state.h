@@ -175,4 +175,20 @@ void shmq_pstate_clear(shmq_pstate *ps);
 int shmq_pstate_lookup(shmq_pstate *ps, int64_t producer_id, int16_t *epoch, int32_t *first_seq,
                        int32_t *last_seq, int64_t *last_offset);
 
+/* A lock word holding its holder's pid (0 free): CAS 0 -> getpid() with
+ * acquire, a holder found dead (kill(pid, 0) == ESRCH, or a word out of pid
+ * range) taken over by CAS (*took_over = 1: the caller repairs what the
+ * dead one left). deadline (shmq_deadline) < 0: wait forever. Returns 0 or
+ * SHMQ_ERR_TIMEOUT. The entry locks here and the transaction index's lock
+ * (txn_index.h) are this lock. */
+int shmq_pid_lock(uint64_t *word, int64_t deadline, int *took_over);
+void shmq_pid_unlock(uint64_t *word);
+/* Append a control batch (a transaction marker, built elsewhere) for the
+ * producer id and epoch in its header, checked under the entry lock like a
+ * data batch: an entry of a higher epoch is SHMQ_ERR_PRODUCER_FENCED and
+ * nothing is appended. The entry's sequence state is left as it is (a
+ * control batch has no sequence). Returns the marker's offset or an error. */
+int64_t shmq_pstate_append_control(shmq_pstate *ps, shmq_log *log, const uint8_t *batch, int64_t len,
+                                   int64_t timeout_ns);
+
 #endif

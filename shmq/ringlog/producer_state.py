@@ -121,6 +121,15 @@ class ProducerStateTable:
             raise_for(off, f"idempotent append of a raw batch to {log.name}", topic=log.topic, partition=log.partition)
         return int(off), bool(dup[0])
 
+    def append_control(self, log: PartitionLog, batch: bytes, timeout: Optional[float] = None) -> int:
+        """Append a transaction marker (``shmq.ringlog.txn.control_batch``) for
+        the producer id and epoch in its header, fenced like a data batch
+        (``ProducerFenced`` when a newer epoch is known). Returns its offset."""
+        off = lib.shmq_pstate_append_control(self._h, log._h, batch, len(batch), _timeout_ns(timeout))
+        if off < 0:
+            raise_for(off, f"append a transaction marker to {log.name}", topic=log.topic, partition=log.partition)
+        return int(off)
+
     def fence(self, producer_id: int, epoch: int, timeout: Optional[float] = None) -> None:
         """Raise ``producer_id``'s epoch to ``epoch`` without appending: older
         epochs get ``ProducerFenced``, the new one must start at sequence 0."""

@@ -10,29 +10,18 @@ path returns a control batch as records (``shmq_batch_decode``).
 
 Transaction index (``<root>/txn/<topic>-<partition>``, Kafka's ``.txnindex``
 role plus the partition's last stable offset), one file per partition,
-whatever replica leads it::
+whatever replica leads it. Its layout and who writes which word are in
+``shmq/native/txn_index.h`` (mirrored here): a header with the LSO, the
+open-transaction rows (one per producer id: epoch, first offset, start
+time; changed under the index lock by whoever runs the transaction, a
+producer or the coordinator, each change recomputing the LSO) and the
+aborted runs (entries, written by the coordinator).
 
-    header (64 bytes)
-      0   magic      b"SHMQTXI1"
-      8   lso        first offset of the oldest open transaction, -1 none
-      16  count      aborted ranges published
-      24  capacity   entries the file has room for
-    entry i at 64 + 32*i
-      0   producer_id
-      8   first_offset   first and last offset of a run of the aborted
-      16  last_offset    transaction's batches (no other batch inside)
-      24  marker_offset  the ABORT marker's offset (-1: not written yet)
-
-Writer: the active coordinator only (under its lock). An entry is written
-before ``count`` covers it, and every entry of a transaction before its
-ABORT marker and before ``lso`` moves past it. Each word is one aligned
-8-byte store (a numpy element, one mov on x86-64 and aarch64: never torn);
-readers rely on store order (x86-64 TSO, as ``offsets.table`` does).
 Readers (``read_committed`` consumers) load the log's end first, then
-``lso``: a transaction added after that load starts at or above the end
+``lso``: a transaction opened after that load starts at or above the end
 loaded, so ``min(end, lso)`` never lets an open transaction's records pass.
-The file only grows (the writer extends it before publishing entries past
-the old capacity); a reader re-maps when ``count`` passes what it mapped.
+The file only grows (the coordinator extends it before publishing entries
+past the old capacity); a reader re-maps when ``count`` passes what it mapped.
 """
 from __future__ import annotations
 
@@ -40,14 +29,15 @@ import mmap
 import os
 import struct
 import time
-from typing import Any, List, Optional, Tuple
+from typing import Any, Iterator, List, Optional, Tuple
 
 import numpy as np
 
 from ..errors import CorruptRecord, KafkaStorageError
-from ..native import ffi, lib
+from ..native import ffi, lib, raise_for
 
-__all__ = ["ABORT", "COMMIT", "control_batch", "parse_control_record", "TxnIndex", "aborted_runs", "stable_offset"]
+__all__ = ["ABORT", "COMMIT", "control_batch", "parse_control_record", "TxnIndex", "aborted_runs", "commit_marker_in",
+           "stable_offset"]
 
 ABORT, COMMIT = 0, 1
 MARKER_NAMES = {ABORT: "ABORT", COMMIT: "COMMIT"}
@@ -126,15 +116,11 @@ def parse_control_record(batch: bytes) -> Optional[Tuple[int, int]]:
     return mtype, coordinator_epoch
 
 
-def aborted_runs(frames: Any, n: int, producer_id: int) -> List[Tuple[int, int]]:
-    """Offset runs ``[(first, last)]`` of ``producer_id``'s transactional data
-    batches in the first ``n`` bytes of a raw frame stream (``LogReader.read_frames``):
-    consecutive batches of the producer with no other data batch between
-    make one run. Control batches end a run."""
+def _batches(frames: Any, n: int) -> Iterator[Tuple[int, Tuple[Any, ...]]]:
+    """(byte position, unpacked header) of each data frame's batch in the first
+    ``n`` bytes of a raw frame stream (``LogReader.read_frames``)."""
     data = memoryview(frames)[:n]
-    runs: List[Tuple[int, int]] = []
     pos = 0
-    cur: Optional[List[int]] = None
     while pos + 8 <= n:
         word = int.from_bytes(data[pos:pos + 8], "little")
         length = word & 0xFFFFFFFF
@@ -142,33 +128,62 @@ def aborted_runs(frames: Any, n: int, producer_id: int) -> List[Tuple[int, int]]
         if length < 8 or length % 8 or pos + length > n:
             raise CorruptRecord(f"frame at byte {pos} of a copied frame stream has length {length}")
         if ftype == 0 and length >= 8 + _HEAD.size:
-            h = _HEAD.unpack_from(data, pos + 8)
-            base, attrs, lod, pid = h[0], h[5], h[6], h[9]
-            if pid == producer_id and attrs & ATTR_TRANSACTIONAL and not attrs & ATTR_CONTROL:
-                if cur is None:
-                    cur = [base, base + lod]
-                    runs.append((base, base + lod))
-                else:
-                    cur[1] = base + lod
-                    runs[-1] = (cur[0], cur[1])
-            else:
-                cur = None
+            yield pos + 8, _HEAD.unpack_from(data, pos + 8)
         pos += length
+
+
+def aborted_runs(frames: Any, n: int, producer_id: int) -> List[Tuple[int, int]]:
+    """Offset runs ``[(first, last)]`` of ``producer_id``'s transactional data
+    batches in the first ``n`` bytes of a raw frame stream (``LogReader.read_frames``):
+    consecutive batches of the producer with no other data batch between
+    make one run. Control batches end a run."""
+    runs: List[Tuple[int, int]] = []
+    cur: Optional[List[int]] = None
+    for _pos, h in _batches(frames, n):
+        base, attrs, lod, pid = h[0], h[5], h[6], h[9]
+        if pid == producer_id and attrs & ATTR_TRANSACTIONAL and not attrs & ATTR_CONTROL:
+            if cur is None:
+                cur = [base, base + lod]
+                runs.append((base, base + lod))
+            else:
+                cur[1] = base + lod
+                runs[-1] = (cur[0], cur[1])
+        else:
+            cur = None
     return runs
 
 
-MAGIC = b"SHMQTXI1"
+def commit_marker_in(frames: Any, n: int, producer_id: int, epoch: int) -> bool:
+    """Whether the first ``n`` bytes of a raw frame stream hold a COMMIT
+    marker of ``producer_id`` at ``epoch``: the decision of a transaction
+    its producer was completing itself (see ``shmq/native/txn_index.h``)."""
+    data = memoryview(frames)[:n]
+    for pos, h in _batches(frames, n):
+        if h[9] == producer_id and h[10] == epoch and h[5] & ATTR_CONTROL:
+            got = parse_control_record(bytes(data[pos:pos + 12 + h[1]]))
+            if got is not None and got[0] == COMMIT:
+                return True
+    return False
+
+
+MAGIC = b"SHMQTXI2"
 HEADER = 64
+ROWS = lib.SHMQ_TXN_ROWS
+ROW = lib.SHMQ_TXN_ROW_WORDS * 8
+ENTRIES_AT = lib.SHMQ_TXN_ENTRIES_AT
 ENTRY = 32
-F_LSO, F_COUNT, F_CAPACITY = 1, 2, 3
+F_LSO, F_COUNT, F_CAPACITY = lib.SHMQ_TXN_W_LSO, lib.SHMQ_TXN_W_COUNT, lib.SHMQ_TXN_W_CAPACITY
+ROW_LOCK_TIMEOUT_NS = 5_000_000_000
+assert ENTRIES_AT == HEADER + ROWS * ROW
 
 
 class TxnIndex:
     """The transaction index of one partition, mapped (see the module doc).
 
-    ``TxnIndex.open(path, create=True)`` is the writer's way in (the
-    coordinator, which made the directory); readers use ``TxnIndex.open(path)``, which returns None
-    while no transaction ever touched the partition."""
+    ``TxnIndex.open(path, create=True)`` is a writer's way in (the
+    coordinator, or a producer running its own transaction); readers use
+    ``TxnIndex.open(path)``, which returns None while no transaction ever
+    touched the partition."""
 
     def __init__(self, path: str, fd: int, writable: bool) -> None:
         self.path = path
@@ -178,6 +193,8 @@ class TxnIndex:
         self.words: Any = None
         self._entries: Any = None
         self._mapped = 0
+        self._c_words: Any = None
+        self._row_out = ffi.new("int64_t[3]")
         self._map()
 
     @classmethod
@@ -210,9 +227,11 @@ class TxnIndex:
             fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
             try:
                 cap = 64
-                os.ftruncate(fd, HEADER + cap * ENTRY)
-                head = np.zeros(HEADER // 8, dtype=np.int64)
+                os.ftruncate(fd, ENTRIES_AT + cap * ENTRY)
+                head = np.zeros(ENTRIES_AT // 8, dtype=np.int64)
                 head[F_LSO], head[F_CAPACITY] = -1, cap
+                rows = head[HEADER // 8:].reshape(ROWS, ROW // 8)
+                rows[:, 0] = rows[:, 2] = -1             # free rows, nothing open
                 raw = bytearray(head.tobytes())
                 raw[0:8] = MAGIC
                 os.pwrite(fd, bytes(raw), 0)
@@ -232,8 +251,8 @@ class TxnIndex:
 
     def _map(self) -> None:
         size = os.fstat(self._fd).st_size
-        if size < HEADER or (size - HEADER) % ENTRY:
-            raise CorruptRecord(f"transaction index {self.path} has {size} bytes, not a header plus entries")
+        if size < ENTRIES_AT or (size - ENTRIES_AT) % ENTRY:
+            raise CorruptRecord(f"transaction index {self.path} has {size} bytes, not a header, rows and entries")
         prot = mmap.PROT_READ | (mmap.PROT_WRITE if self._writable else 0)   # readers map it read-only
         mm = mmap.mmap(self._fd, size, mmap.MAP_SHARED, prot)
         if mm[0:8] != MAGIC:
@@ -242,8 +261,10 @@ class TxnIndex:
         old = self._mm
         self._mm = mm
         self.words = np.frombuffer(mm, dtype=np.int64, count=HEADER // 8)
-        self._mapped = (size - HEADER) // ENTRY
-        self._entries = np.frombuffer(mm, dtype=np.int64, offset=HEADER,
+        if self._writable:                       # the rows' C functions take the header's address
+            self._c_words = ffi.cast("int64_t *", self.words.ctypes.data)
+        self._mapped = (size - ENTRIES_AT) // ENTRY
+        self._entries = np.frombuffer(mm, dtype=np.int64, offset=ENTRIES_AT,
                                       count=self._mapped * (ENTRY // 8)).reshape(self._mapped, ENTRY // 8)
         if old is not None:
             try:
@@ -273,8 +294,45 @@ class TxnIndex:
         return np.array(self._entries[start:n])
 
     # --------------------------------------------------------------- writer
-    def set_lso(self, lso: int) -> None:
-        self.words[F_LSO] = lso
+    def _check(self, rc: int, what: str) -> int:
+        if rc < 0:
+            raise_for(rc, f"{what} in transaction index {self.path}")
+        return rc
+
+    def open_row(self, producer_id: int, epoch: int, first_offset: int, start_ms: int) -> bool:
+        """Open ``producer_id``'s transaction here at ``first_offset`` (the log
+        end, loaded before its first record is appended); the LSO follows.
+        ``ProducerFenced`` when the row has a higher epoch; False when an
+        older instance's transaction holds it (the coordinator ends that first)."""
+        rc = lib.shmq_txn_open_row(self._c_words, producer_id, epoch, first_offset, start_ms, ROW_LOCK_TIMEOUT_NS)
+        if rc == lib.SHMQ_ERR_RETRY:
+            return False
+        self._check(rc, f"open the transaction of producer {producer_id}")
+        return True
+
+    def fence_row(self, producer_id: int, epoch: int) -> None:
+        """Raise ``producer_id``'s row to ``epoch`` (unless an older transaction
+        holds it open): an older instance can no longer open it."""
+        self._check(lib.shmq_txn_fence_row(self._c_words, producer_id, epoch, ROW_LOCK_TIMEOUT_NS),
+                    f"fence the row of producer {producer_id}")
+
+    def close_row(self, producer_id: int, max_epoch: int) -> bool:
+        """Close ``producer_id``'s open transaction (of an epoch up to
+        ``max_epoch``) once its marker is written; the LSO moves on."""
+        return self._check(lib.shmq_txn_close_row(self._c_words, producer_id, max_epoch, ROW_LOCK_TIMEOUT_NS),
+                           f"close the transaction of producer {producer_id}") == 1
+
+    def row(self, producer_id: int) -> Optional[Tuple[int, int, int]]:
+        """(epoch, first_offset or -1, start_ms) of ``producer_id``'s row, None without one."""
+        out = self._row_out
+        if not self._check(lib.shmq_txn_row(self._c_words, producer_id, out, ROW_LOCK_TIMEOUT_NS),
+                           f"read the row of producer {producer_id}"):
+            return None
+        return int(out[0]), int(out[1]), int(out[2])
+
+    def refresh_lso(self) -> None:
+        """Recompute the LSO from the rows (after a crash of a row writer)."""
+        self._check(lib.shmq_txn_refresh_lso(self._c_words, ROW_LOCK_TIMEOUT_NS), "refresh the LSO")
 
     def add_aborted(self, producer_id: int, runs: List[Tuple[int, int]], marker_offset: int = -1) -> int:
         """Publish aborted runs not published yet (a coordinator finishing its
@@ -287,7 +345,7 @@ class TxnIndex:
         need = n + len(new)
         if need > self._mapped:
             cap = max(need, self._mapped * 2)
-            os.ftruncate(self._fd, HEADER + cap * ENTRY)
+            os.ftruncate(self._fd, ENTRIES_AT + cap * ENTRY)
             self._map()
             self.words[F_CAPACITY] = cap
         for k, (first, last) in enumerate(new):
@@ -296,7 +354,7 @@ class TxnIndex:
         return len(new)
 
     def close(self) -> None:
-        self.words = self._entries = None
+        self.words = self._entries = self._c_words = None
         if self._mm is not None:
             try:
                 self._mm.close()
