@@ -26,10 +26,15 @@ once, then ``begin_transaction()``, sends, optionally
 and ``commit_transaction()`` or ``abort_transaction()``. Records are
 appended at once, as transactional batches with the producer's id, epoch
 and sequences (through the partition's producer-state table, which fences
-an older instance); the coordinator writes the COMMIT/ABORT markers. On
-unreplicated partitions already added to the open transaction, ``send`` is
-the C send (``shmq/native/fastpath.c``); the first send to a partition,
-and replicated topics, take the Python path below.
+an older instance). A transaction that writes only partitions the
+transactional id added before and sends no offsets is run by the producer
+itself, with no coordinator call: it opens its rows in the partitions'
+transaction indexes, writes the COMMIT markers and closes the rows
+(``_commit_here``); otherwise (a new partition, offsets, an abort) the
+coordinator runs it and writes the markers. On unreplicated partitions
+already added to the open transaction, ``send`` is the C send
+(``shmq/native/fastpath.c``); the first send to a partition, and replicated
+topics, take the Python path below.
 """
 from __future__ import annotations
 

@@ -200,3 +200,23 @@ def test_dump_log_shows_markers_and_producer_ids(plog: PartitionLog) -> None:
     lines = [ln for ln in out.getvalue().splitlines() if ln.startswith("position")]
     assert "producerId: 31" in lines[0] and "isTransactional: True" in lines[0] and "isControl: False" in lines[0]
     assert "isControl: True" in lines[1] and "endTxnMarker: COMMIT" in lines[1] and "coordinatorEpoch: 2" in lines[1]
+
+
+def test_txn_index_rows_are_reused_by_new_producers_once_closed(shm_dir: str) -> None:
+    """64 rows: a new producer id takes a free row, else the closed row used
+    longest ago; with every row open it is refused with a clear error."""
+    from shmq.errors import ShmqError
+    from shmq.ringlog.txn import ROWS
+    w = TxnIndex.open(os.path.join(shm_dir, "rows-0.txn"), create=True)
+    assert w is not None
+    for pid in range(ROWS):
+        assert w.open_row(100 + pid, 0, pid, 1000 + pid)
+    assert w.lso == 0
+    with pytest.raises(ShmqError, match="open the transaction of producer 999"):
+        w.open_row(999, 0, 500, 5000)                         # every row open
+    for pid in range(ROWS):
+        assert w.close_row(100 + pid, 0)
+    assert w.lso == -1
+    assert w.open_row(999, 0, 500, 5000) and w.row(100) is None   # took the row used longest ago
+    assert w.row(101) == (0, -1, 1001) and w.lso == 500
+    w.close()

@@ -20,17 +20,22 @@ States (Kafka's)::
   harmless (a second marker is one more control batch, an aborted run is
   published once, offsets are the same values).
 * Producers append their records themselves, as soon as they are sent
-  (Kafka's way): ``add_partitions_to_txn`` records the partition's end
-  offset before the producer may append, and publishes it as the
-  partition's last stable offset (LSO) in the transaction index
-  (``shmq.ringlog.txn``) when it is the lowest open one; read_committed
-  readers stop there. At completion an abort publishes the offset runs of
-  the transaction's batches (found by scanning the log from that start
-  offset) before its marker, then the LSO moves to the next open
-  transaction's start, or -1 (none).
+  (Kafka's way), after the transaction's row in the partition's
+  transaction index (``shmq/native/txn_index.h``) is open at the log end:
+  ``add_partitions`` opens it for the producer (and registers the
+  partition for the transactional id, for good), and the LSO readers stop
+  at is the lowest open row. At completion an abort publishes the offset
+  runs of the transaction's batches (found by scanning the log from the
+  row's offset) before its marker; the row closes after the marker.
+* A transaction on registered partitions alone, with no offsets, is run by
+  the producer itself (its rows, its COMMIT markers through the
+  producer-state table, then its rows closed): no call here. What is left
+  of one whose producer went away (timeout, new instance) is ended by
+  ``_end_stale_rows``; an abort, a new partition or offsets bring the
+  transaction here, and its open rows with it (``_with_rows``).
 * Fencing: ``init_producer_id`` of a new instance, or the timeout, bumps
   the epoch, fences the producer id at that epoch in the producer-state
-  table of every partition of the open transaction (an older instance's
+  table and the row of every partition it ever added (an older instance's
   next append there fails with ``ProducerFenced``; before it can write
   elsewhere it must add the partition, which fails the same way) and only
   then scans and aborts.

@@ -50,6 +50,31 @@ static int64_t *find(int64_t *words, int64_t producer_id)
     return NULL;
 }
 
+/* A row for producer_id (no row of it exists): a free one, else (evict) the
+ * closed row used longest ago; NULL when every row is open (or !evict and
+ * none is free). An evicted producer id's zombie may claim a row again
+ * later; its records are fenced in the producer-state table and the
+ * coordinator ends such a row (txn_index.h). */
+static int64_t *claim(int64_t *words, int64_t producer_id, int16_t epoch, int evict)
+{
+    int64_t *r = NULL;
+    for (int i = 0; i < SHMQ_TXN_ROWS && r == NULL; i++)
+        if (ld(&row_at(words, i)[ROW_PID]) < 0)
+            r = row_at(words, i);
+    for (int i = 0; i < SHMQ_TXN_ROWS && r == NULL && evict; i++) {
+        int64_t *c = row_at(words, i);
+        if (ld(&c[ROW_FIRST]) < 0 && (r == NULL || ld(&c[ROW_START_MS]) < ld(&r[ROW_START_MS])))
+            r = c;
+    }
+    if (r != NULL) {
+        st(&r[ROW_FIRST], -1);
+        st(&r[ROW_EPOCH], epoch);
+        st(&r[ROW_START_MS], 0);
+        st(&r[ROW_PID], producer_id);
+    }
+    return r;
+}
+
 int shmq_txn_open_row(int64_t *words, int64_t producer_id, int16_t epoch, int64_t first_offset, int64_t start_ms,
                       int64_t timeout_ns)
 {
@@ -59,17 +84,9 @@ int shmq_txn_open_row(int64_t *words, int64_t producer_id, int16_t epoch, int64_
     if (rc != SHMQ_OK)
         return rc;
     int64_t *r = find(words, producer_id);
-    if (r == NULL) {
-        for (int i = 0; i < SHMQ_TXN_ROWS && r == NULL; i++)
-            if (ld(&row_at(words, i)[ROW_PID]) < 0)
-                r = row_at(words, i);
-        if (r == NULL) {
-            publish_and_unlock(words);
-            return SHMQ_ERR_NOSPACE;
-        }
-        st(&r[ROW_FIRST], -1);
-        st(&r[ROW_EPOCH], epoch);
-        st(&r[ROW_PID], producer_id);
+    if (r == NULL && (r = claim(words, producer_id, epoch, 1)) == NULL) {
+        publish_and_unlock(words);
+        return SHMQ_ERR_NOSPACE;   /* SHMQ_TXN_ROWS transactions open on this partition */
     }
     int64_t have = ld(&r[ROW_EPOCH]);
     if (have > epoch) {
@@ -93,16 +110,9 @@ int shmq_txn_fence_row(int64_t *words, int64_t producer_id, int16_t epoch, int64
     if (rc != SHMQ_OK)
         return rc;
     int64_t *r = find(words, producer_id);
-    for (int i = 0; i < SHMQ_TXN_ROWS && r == NULL; i++)
-        if (ld(&row_at(words, i)[ROW_PID]) < 0) {
-            r = row_at(words, i);
-            st(&r[ROW_FIRST], -1);
-            st(&r[ROW_EPOCH], epoch);
-            st(&r[ROW_PID], producer_id);
-        }
     if (r == NULL)
-        rc = SHMQ_ERR_NOSPACE;
-    else if (ld(&r[ROW_FIRST]) < 0 && ld(&r[ROW_EPOCH]) < epoch)
+        r = claim(words, producer_id, epoch, 0);   /* no free row: the producer-state fence suffices */
+    if (r != NULL && ld(&r[ROW_FIRST]) < 0 && ld(&r[ROW_EPOCH]) < epoch)
         st(&r[ROW_EPOCH], epoch);
     publish_and_unlock(words);
     return rc;

@@ -21,8 +21,9 @@
  *   capacity   entries the file has room for
  *   lock       pid of the process changing the rows, 0 free
  *   row        the open transaction of one producer id in this partition:
- *              first_offset -1 = none open (the row keeps the id and epoch);
- *              producer_id -1 = a free row
+ *              first_offset -1 = none open (the row keeps the id and epoch
+ *              until a new id needs the row: closed rows are reused, the
+ *              one used longest ago first); producer_id -1 = a free row
  *
  * Who writes what, with which ordering, and why a reader can trust it:
  *  - rows and lso: anyone appending transactionally (a producer running its
@@ -63,15 +64,17 @@
  * start_ms, under the lock. Already open at the same epoch: kept as it is
  * (its first offset is the transaction's). A row of a higher epoch:
  * SHMQ_ERR_PRODUCER_FENCED; open at a lower epoch (an older instance's
- * transaction, which the coordinator must end first): SHMQ_ERR_RETRY; no
- * free row: SHMQ_ERR_NOSPACE. words: the
+ * transaction, which the coordinator must end first): SHMQ_ERR_RETRY. A
+ * new producer id takes a free row, else the closed row used longest ago;
+ * every row open: SHMQ_ERR_NOSPACE. words: the
  * mapped file from offset 0, at least SHMQ_TXN_ENTRIES_AT bytes. Returns 0
  * or an error (SHMQ_ERR_TIMEOUT: the lock stayed held past timeout_ns). */
 int shmq_txn_open_row(int64_t *words, int64_t producer_id, int16_t epoch, int64_t first_offset, int64_t start_ms,
                       int64_t timeout_ns);
-/* Fence: raise the row of producer_id (claimed if missing) to epoch unless
- * it is open (an older instance's open transaction stays for the
- * coordinator to end); opening it at an older epoch then fails. */
+/* Fence: raise the row of producer_id (claimed if missing and a row is
+ * free) to epoch unless it is open (an older instance's open transaction
+ * stays for the coordinator to end); opening it at an older epoch then
+ * fails. */
 int shmq_txn_fence_row(int64_t *words, int64_t producer_id, int16_t epoch, int64_t timeout_ns);
 /* Close the row of producer_id if it is open at an epoch <= max_epoch.
  * Returns 1 closed, 0 none open, or an error. */
