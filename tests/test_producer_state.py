@@ -420,3 +420,28 @@ def test_scribbled_entries_raise_or_work_never_crash(log_and_table) -> None:
             pass
     with pytest.raises(KafkaStorageError):
         ProducerStateTable(log.path)
+
+
+def test_a_lock_held_by_a_dead_forked_child_is_taken_over() -> None:
+    """Lock words hold the holder's pid, cached per process: a child of fork
+    must store its own pid (not its parent's cached one), so that when it
+    dies holding the lock the parent takes it over instead of waiting on
+    itself."""
+    import mmap as _mmap
+    mem = _mmap.mmap(-1, 4096)                       # MAP_SHARED | MAP_ANONYMOUS: the child's store is seen here
+    word = ffi.cast("uint64_t *", ffi.from_buffer(mem))
+    took = ffi.new("int *")
+    assert lib.shmq_pid_lock(word, lib.shmq_deadline(1_000_000_000), took) == 0 and word[0] == os.getpid()
+    lib.shmq_pid_unlock(word)
+    pid = os.fork()
+    if pid == 0:                                      # the child: lock and die holding it
+        rc = lib.shmq_pid_lock(word, lib.shmq_deadline(1_000_000_000), took)
+        os._exit(0 if rc == 0 and word[0] == os.getpid() else 1)
+    _, status = os.waitpid(pid, 0)
+    assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0, "the child locked with its own pid"
+    assert word[0] == pid
+    assert lib.shmq_pid_lock(word, lib.shmq_deadline(2_000_000_000), took) == 0 and took[0] == 1
+    assert word[0] == os.getpid()
+    lib.shmq_pid_unlock(word)
+    del word
+    mem.close()

@@ -7,6 +7,7 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <limits.h>
+#include <pthread.h>
 #include <sched.h>
 #include <signal.h>
 #include <stdio.h>
@@ -205,6 +206,35 @@ static int holder_dead(uint64_t holder)
     return kill((pid_t)holder, 0) != 0 && errno == ESRCH;
 }
 
+/* The wall clock a scheduler tick late at most (the vDSO page alone): what
+ * updated_ms needs (it is shown, never compared), without the time-stamp
+ * counter on every append. */
+static int64_t wall_ms_coarse(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_REALTIME_COARSE, &ts);
+    return (int64_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
+}
+
+/* This process's pid for lock words, cached (getpid() is a system call on
+ * every one): cleared in the child of a fork (pthread_atfork; only the
+ * forking thread lives on there, and it is inside fork(), not here). */
+static pid_t cached_pid;
+static pthread_once_t pid_once = PTHREAD_ONCE_INIT;
+static void forget_pid(void) { __atomic_store_n(&cached_pid, 0, __ATOMIC_RELAXED); }
+static void watch_forks(void) { pthread_atfork(NULL, NULL, forget_pid); }
+
+static uint64_t my_pid(void)
+{
+    pid_t p = __atomic_load_n(&cached_pid, __ATOMIC_RELAXED);
+    if (p == 0) {
+        pthread_once(&pid_once, watch_forks);
+        p = getpid();
+        __atomic_store_n(&cached_pid, p, __ATOMIC_RELAXED);
+    }
+    return (uint64_t)p;
+}
+
 static void write_fields(shmq_pstate_entry *e, uint64_t epoch_seq, int32_t first, uint32_t count, int64_t offset)
 {
     uint64_t s = ld_rlx(&e->seqlock) | 1;
@@ -213,14 +243,14 @@ static void write_fields(shmq_pstate_entry *e, uint64_t epoch_seq, int32_t first
     __atomic_store_n(&e->first_sequence, first, __ATOMIC_RELAXED);
     __atomic_store_n(&e->last_count, count, __ATOMIC_RELAXED);
     __atomic_store_n(&e->last_base_offset, offset, __ATOMIC_RELAXED);
-    __atomic_store_n(&e->updated_ms, shmq_wall_ms(), __ATOMIC_RELAXED);
+    __atomic_store_n(&e->updated_ms, wall_ms_coarse(), __ATOMIC_RELAXED);
     st_rlx(&e->epoch_seq, epoch_seq);
     st_rel(&e->seqlock, s + 1);
 }
 
 int shmq_pid_lock(uint64_t *word, int64_t deadline, int *took_over)
 {
-    uint64_t me = (uint64_t)getpid();  /* not cached: the word may be used across fork */
+    uint64_t me = my_pid();
     *took_over = 0;
     for (int round = 0;; round++) {
         uint64_t cur = 0;
@@ -339,7 +369,7 @@ static int64_t append_checked(shmq_pstate *ps, shmq_log *log, const void *batch,
     if (!ps || !log || !batch || count == 0 || count > (uint32_t)INT32_MAX || producer_id < 0 ||
         epoch < 0 || (base_seq < 0 && base_seq != SHMQ_SEQ_NEXT))
         return SHMQ_ERR_ARG;
-    int64_t deadline = shmq_deadline(timeout_ns);
+    int64_t deadline = timeout_ns == 0 ? 0 : shmq_deadline(timeout_ns);   /* 0: passed already, no clock */
     shmq_pstate_entry *e;
     int rc = lock_producer(ps, producer_id, deadline, &e);
     if (rc != SHMQ_OK)
@@ -352,7 +382,7 @@ static int64_t append_checked(shmq_pstate *ps, shmq_log *log, const void *batch,
     int64_t off = 0;
     rc = check_sequence(e, epoch, base_seq, count, &off);
     if (rc == 1) {
-        off = store(log, batch, len, producer_id, epoch, base_seq, remaining(deadline));
+        off = store(log, batch, len, producer_id, epoch, base_seq, timeout_ns == 0 ? 0 : remaining(deadline));
         if (off >= 0)
             write_fields(e, pack(epoch, seq_add(base_seq, (int32_t)(count - 1))), base_seq, count, off);
     } else if (rc == 0) {
