@@ -347,7 +347,8 @@ class Producer:
         else:
             raise InvalidRecord(f"timestamp_ms must be a non-negative int64, got {timestamp_ms!r}", topic=topic)
         if self._attributes and not route.replicated and pending_out is None and not self._inflight \
-                and self._txn_state == "in_transaction" and (topic, partition) in self._txn_parts:
+                and self._txn_state == "in_transaction":
+            self._txn_add(topic, partition)
             off = self._txn_append1(route, topic, partition, value, key, headers, ts)
         elif route.replicated or self.transactional_id is not None:
             off = self._send_replicated(topic, partition, 1, lambda plog, t: plog.append(
@@ -757,8 +758,8 @@ class Producer:
 
     def _txn_append1(self, route: _TopicRoute, topic: str, partition: int, value: Any, key: Any,
                      headers: Any, ts: int) -> int:
-        """One record of an open transaction to an unreplicated partition already
-        added to it: one producer-state append (no failover to retry through)."""
+        """One record of an open transaction to an unreplicated partition
+        (added to it first): one producer-state append (no failover to retry through)."""
         try:
             off, _dup = route.pstate(partition).append1(
                 route.logs[partition], value, key, encode_headers(headers) if headers else None, ts,

@@ -73,13 +73,16 @@ def attach_producer(producer: Any) -> None:
         others, which the Python send adds) and the producer's id, epoch and
         batch attributes. The producer drops the routes whenever one of
         those changes (``Producer._reroute``)."""
+        if transactional and (producer._txn_state != "in_transaction" or producer._inflight
+                              or not any(tp[0] == topic for tp in producer._txn_parts)):
+            return None                  # the Python send adds the first partition (then routes are dropped)
         r = producer._route(topic)
         if (r.replicated and producer.acks == "all") or any(log is None for log in r.logs):
             return None
         logs = tuple(handle(log._h) for log in r.logs), tuple(r.logs), r.max_bytes
         if not transactional:
             return logs
-        if producer._txn_state != "in_transaction" or r.replicated or producer._inflight:
+        if r.replicated:
             return None
         tables = tuple(r.pstate(p) if (topic, p) in producer._txn_parts else None for p in range(r.count))
         return (*logs, tuple(0 if t is None else handle(t._h) for t in tables), tables, producer._producer_id,

@@ -25,6 +25,7 @@ past the old capacity); a reader re-maps when ``count`` passes what it mapped.
 """
 from __future__ import annotations
 
+import functools
 import mmap
 import os
 import struct
@@ -73,16 +74,22 @@ def _read_varint(buf: bytes, p: int) -> Tuple[int, int]:
             raise IndexError("varint too long")
 
 
+@functools.lru_cache(maxsize=64)
+def _control_record(marker: int, coordinator_epoch: int) -> bytes:
+    """The one record of a control batch (it has no timestamp of its own)."""
+    key = _CONTROL_KEY.pack(0, marker)
+    value = _CONTROL_VALUE.pack(0, coordinator_epoch)
+    body = (b"\x00" + _varint(0) + _varint(0) + _varint(len(key)) + key + _varint(len(value)) + value + _varint(0))
+    return _varint(len(body)) + body
+
+
 def control_batch(marker: int, producer_id: int, producer_epoch: int, coordinator_epoch: int = 0,
                   timestamp_ms: Optional[int] = None) -> bytes:
     """A complete control batch (baseOffset 0: the append sets it) ending a transaction."""
     if marker not in MARKER_NAMES:
         raise ValueError(f"marker must be ABORT (0) or COMMIT (1), got {marker!r}")
     ts = time.time_ns() // 1_000_000 if timestamp_ms is None else timestamp_ms
-    key = _CONTROL_KEY.pack(0, marker)
-    value = _CONTROL_VALUE.pack(0, coordinator_epoch)
-    body = (b"\x00" + _varint(0) + _varint(0) + _varint(len(key)) + key + _varint(len(value)) + value + _varint(0))
-    record = _varint(len(body)) + body
+    record = _control_record(marker, coordinator_epoch)
     attrs = ATTR_CONTROL | ATTR_TRANSACTIONAL
     # Fields after the CRC, then the CRC over them (Kafka: attributes..end).
     after = struct.pack(">hiqqqhii", attrs, 0, ts, ts, producer_id, producer_epoch, -1, 1) + record
