@@ -626,8 +626,12 @@ def test_a_transaction_on_added_partitions_runs_without_the_coordinator(root: Ro
     prod._cluster.client.call = counting                             # type: ignore[method-assign]
     try:
         prod.begin_transaction()
+        before = prod._fast.fallbacks if prod._fast is not None else 0
         for i in range(50):
             prod.send("tx-a", b"here-%d" % i, partition=i % 2)
+        if prod._fast is not None:
+            assert prod._fast.fallbacks == before, "the C send opened the rows and sent every record"
+        assert prod._txn_parts == {("tx-a", 0), ("tx-a", 1)}
         status = real("describe_transactions")                       # what `shmq status` prints
         assert [(t["transactional_id"], t["state"], t["partitions"]) for t in status] == \
             [("tx-here", "Ongoing", ["tx-a-0", "tx-a-1"])]

@@ -33,6 +33,7 @@
 #include "log.h"
 #include "record_batch.h"
 #include "producer_state.h"
+#include "txn_index.h"
 
 #define HEADERS_STACK 1024
 
@@ -299,15 +300,21 @@ static PyTypeObject PartitionerType = {
 
 /* ----------------------------------------------------------- producer */
 
-/* One topic as the fast send sees it. Immutable once built.
+/* One topic as the fast send sees it. Immutable once built, but for rows.
  *
  * A transactional producer's route (built only while a transaction is open)
- * also has each partition's producer-state table, NULL for a partition not
- * added to the transaction yet (the Python send adds it, then drops the
- * routes), and the producer id, epoch and batch attributes: its records go
- * through shmq_pstate_append1_attr with SHMQ_SEQ_NEXT (the table numbers
- * them; unreplicated logs only, where no append is retried), so fencing is
- * checked under the entry lock exactly as on the Python path. */
+ * also has each partition's producer-state table, NULL for a partition the
+ * Python send must add to the transaction (it then drops the routes), and
+ * the producer id, epoch and batch attributes: its records go through
+ * shmq_pstate_append1_attr with SHMQ_SEQ_NEXT (the table numbers them;
+ * unreplicated logs only, where no append is retried), so fencing is
+ * checked under the entry lock exactly as on the Python path.
+ *
+ * rows[p], for a partition the transactional id added before but not yet
+ * to this transaction: its transaction index (txn_index.h). The first send
+ * there opens the row at the log end before appending (so read_committed
+ * readers stop there), tells the producer (on_add(p): its partitions of
+ * the transaction, for the commit's markers) and clears rows[p]. */
 typedef struct {
     PyObject_HEAD
     PyObject *logs;        /* tuple of PartitionLog (keeps the handles mapped; errors go to their _fail) */
@@ -315,6 +322,10 @@ typedef struct {
     shmq_pstate **pstates; /* transactional: count of them (NULL: not in the transaction); else NULL */
     int64_t producer_id;
     int16_t epoch, attributes;
+    PyObject *rows_obj;    /* transactional: tuple of the indexes' words or None (keeps them mapped) */
+    int64_t **rows;        /* transactional: count of them, NULL once added (or for the Python send) */
+    int64_t start_ms;      /* the transaction's start, for the rows it opens */
+    PyObject *on_add;      /* on_add(partition): the C send added the partition to the transaction */
     int64_t max_bytes;
     Py_ssize_t count;
     shmq_log *handles[1];  /* count of them */
@@ -325,6 +336,9 @@ static void Route_dealloc(Route *self)
     Py_XDECREF(self->logs);
     Py_XDECREF(self->tables);
     PyMem_Free(self->pstates);
+    Py_XDECREF(self->rows_obj);
+    PyMem_Free(self->rows);
+    Py_XDECREF(self->on_add);
     Py_TYPE(self)->tp_free((PyObject *)self);
 }
 
@@ -392,6 +406,42 @@ static void routes_clear(FastProducer *self)
         PyDict_Clear(self->routes);
 }
 
+/* A transactional route's rows (see Route): each a C-contiguous buffer of
+ * at least the index's header and rows, or None. */
+static int route_rows(Route *route, PyObject *rows, int64_t start_ms, PyObject *on_add)
+{
+    Py_ssize_t n = route->count;
+    if (PyTuple_GET_SIZE(rows) != n || on_add == NULL || !PyCallable_Check(on_add) || start_ms < 0) {
+        PyErr_SetString(PyExc_ValueError, "route: one row buffer or None per partition, a start time and on_add");
+        return -1;
+    }
+    route->rows = PyMem_Calloc((size_t)n, sizeof(int64_t *));
+    if (route->rows == NULL) {
+        PyErr_NoMemory();
+        return -1;
+    }
+    for (Py_ssize_t i = 0; i < n; i++) {
+        PyObject *w = PyTuple_GET_ITEM(rows, i);
+        if (w == Py_None)
+            continue;
+        Py_buffer b;
+        if (PyObject_GetBuffer(w, &b, PyBUF_C_CONTIGUOUS | PyBUF_WRITABLE) < 0)
+            return -1;
+        int ok = b.len >= SHMQ_TXN_ENTRIES_AT && ((uintptr_t)b.buf & 7) == 0 && route->pstates[i] != NULL;
+        route->rows[i] = (int64_t *)b.buf;
+        PyBuffer_Release(&b);   /* rows_obj keeps the exporters (and their mappings) alive */
+        if (!ok) {
+            PyErr_SetString(PyExc_ValueError, "route: a row buffer shorter than an index's header and rows, "
+                            "or without its producer-state table");
+            return -1;
+        }
+    }
+    route->rows_obj = Py_NewRef(rows);
+    route->start_ms = start_ms;
+    route->on_add = Py_NewRef(on_add);
+    return 0;
+}
+
 /* The route of topic: cached, else built from route_fn. Returns a borrowed
  * Route, Py_None (the Python path), or NULL with an exception. */
 static PyObject *route_of(FastProducer *self, PyObject *topic)
@@ -411,12 +461,12 @@ static PyObject *route_of(FastProducer *self, PyObject *topic)
     PyObject *value = Py_None;
     Route *route = NULL;
     if (info != Py_None) {
-        PyObject *handles, *logs, *table_handles = NULL, *tables = NULL;
-        long long max_bytes, producer_id = -1;
+        PyObject *handles, *logs, *table_handles = NULL, *tables = NULL, *rows = NULL, *on_add = NULL;
+        long long max_bytes, producer_id = -1, start_ms = 0;
         int epoch = -1, attributes = 0;
-        if (!PyArg_ParseTuple(info, "O!O!L|O!O!Lii", &PyTuple_Type, &handles, &PyTuple_Type, &logs, &max_bytes,
-                              &PyTuple_Type, &table_handles, &PyTuple_Type, &tables, &producer_id, &epoch,
-                              &attributes))
+        if (!PyArg_ParseTuple(info, "O!O!L|O!O!LiiO!LO", &PyTuple_Type, &handles, &PyTuple_Type, &logs,
+                              &max_bytes, &PyTuple_Type, &table_handles, &PyTuple_Type, &tables, &producer_id,
+                              &epoch, &attributes, &PyTuple_Type, &rows, &start_ms, &on_add))
             goto fail;
         Py_ssize_t n = PyTuple_GET_SIZE(handles);
         if (n == 0 || n != PyTuple_GET_SIZE(logs)) {
@@ -429,6 +479,9 @@ static PyObject *route_of(FastProducer *self, PyObject *topic)
         route->logs = Py_NewRef(logs);
         route->tables = NULL;
         route->pstates = NULL;
+        route->rows_obj = NULL;
+        route->rows = NULL;
+        route->on_add = NULL;
         route->max_bytes = max_bytes;
         route->count = n;
         for (Py_ssize_t i = 0; i < n; i++)
@@ -461,6 +514,8 @@ static PyObject *route_of(FastProducer *self, PyObject *topic)
             route->producer_id = producer_id;
             route->epoch = (int16_t)epoch;
             route->attributes = (int16_t)attributes;
+            if (rows != NULL && route_rows(route, rows, start_ms, on_add) < 0)
+                goto fail;
         }
         value = (PyObject *)route;
     }
@@ -588,6 +643,21 @@ static PyObject *FastProducer_send(FastProducer *self, PyObject *const *args, si
         shmq_pstate *ps = route->pstates[p];
         if (ps == NULL)
             goto slow;
+        if (route->rows != NULL && route->rows[p] != NULL) {
+            /* The transaction's first record here: its row opens first, at
+             * the end (txn_index.h). A busy lock, fencing or an older
+             * instance's row: the Python send decides. */
+            if (shmq_txn_open_row(route->rows[p], route->producer_id, route->epoch, shmq_log_end_offset(log),
+                                  route->start_ms, 0) != SHMQ_OK)
+                goto slow;
+            PyObject *pn = PyLong_FromSsize_t((Py_ssize_t)p);
+            PyObject *r = pn ? PyObject_CallOneArg(route->on_add, pn) : NULL;
+            Py_XDECREF(pn);
+            if (r == NULL)
+                return NULL;   /* the row stays open: commit or abort ends it like any other */
+            Py_DECREF(r);
+            route->rows[p] = NULL;
+        }
         off = shmq_pstate_append1_attr(ps, log, kp, klen, vp, vlen, hp, hlen, ts, route->producer_id, route->epoch,
                                        SHMQ_SEQ_NEXT, route->attributes, 0, NULL);
         if (off < 0)

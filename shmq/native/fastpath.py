@@ -69,13 +69,20 @@ def attach_producer(producer: Any) -> None:
         (a partition without a leader, or acks='all' on a replicated topic).
         A transactional producer's routes exist only while a transaction is
         open on unreplicated partitions with nothing in flight; they carry
-        the producer-state table of each partition added to it (0 for the
-        others, which the Python send adds) and the producer's id, epoch and
-        batch attributes. The producer drops the routes whenever one of
+        the producer-state table of each partition added to it or that the
+        C send may add itself (one the id added before: its transaction
+        index's rows, where the C send opens the row before the first
+        record, then tells ``_txn_parts``), 0 for the others (the Python
+        send adds them), and the producer's id, epoch, batch attributes and
+        the transaction's start time. The producer drops the routes whenever one of
         those changes (``Producer._reroute``)."""
-        if transactional and (producer._txn_state != "in_transaction" or producer._inflight
-                              or not any(tp[0] == topic for tp in producer._txn_parts)):
-            return None                  # the Python send adds the first partition (then routes are dropped)
+        if transactional:
+            if producer._txn_state != "in_transaction" or producer._inflight:
+                return None
+            added = {p for t, p in producer._txn_parts if t == topic}
+            here = set() if producer._txn_rpc else {p for t, p in producer._txn_registered if t == topic} - added
+            if not added and not here:
+                return None              # the Python send adds the first partition (then routes are dropped)
         r = producer._route(topic)
         if (r.replicated and producer.acks == "all") or any(log is None for log in r.logs):
             return None
@@ -84,14 +91,23 @@ def attach_producer(producer: Any) -> None:
             return logs
         if r.replicated:
             return None
-        tables = tuple(r.pstate(p) if (topic, p) in producer._txn_parts else None for p in range(r.count))
+        tables = tuple(r.pstate(p) if p in added or p in here else None for p in range(r.count))
+        rows = tuple(producer._txn_index((topic, p)).rows_words if p in here else None for p in range(r.count))
         return (*logs, tuple(0 if t is None else handle(t._h) for t in tables), tables, producer._producer_id,
-                producer._producer_epoch, producer._attributes)
+                producer._producer_epoch, producer._attributes, rows, producer._txn_start_ms,
+                _adder(producer._txn_parts, topic))
 
     fast = _ext.FastProducer(python_send, route, part, _metadata_type(),  # type: ignore[union-attr]
                              producer._timeout_ns, METADATA_RECHECK_MS)
     producer._fast = fast
     producer.send = fast.send
+
+
+def _adder(parts: set, topic: str) -> Any:
+    """``on_add`` of a transactional route: records a partition the C send
+    added in the transaction's set (that set, not the producer: a route
+    must not keep its producer alive)."""
+    return lambda p: parts.add((topic, p))
 
 
 def attach_consumer(consumer: Any) -> None:

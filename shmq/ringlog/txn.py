@@ -201,6 +201,7 @@ class TxnIndex:
         self._entries: Any = None
         self._mapped = 0
         self._c_words: Any = None
+        self.rows_words: Any = None              # writers: header and rows, as the C send opens a row
         self._row_out = ffi.new("int64_t[3]")
         self._map()
 
@@ -268,8 +269,9 @@ class TxnIndex:
         old = self._mm
         self._mm = mm
         self.words = np.frombuffer(mm, dtype=np.int64, count=HEADER // 8)
-        if self._writable:                       # the rows' C functions take the header's address
-            self._c_words = ffi.cast("int64_t *", self.words.ctypes.data)
+        if self._writable:                       # the rows' C functions take the header and rows
+            self.rows_words = np.frombuffer(mm, dtype=np.int64, count=ENTRIES_AT // 8)
+            self._c_words = ffi.cast("int64_t *", self.rows_words.ctypes.data)
         self._mapped = (size - ENTRIES_AT) // ENTRY
         self._entries = np.frombuffer(mm, dtype=np.int64, offset=ENTRIES_AT,
                                       count=self._mapped * (ENTRY // 8)).reshape(self._mapped, ENTRY // 8)
@@ -361,7 +363,7 @@ class TxnIndex:
         return len(new)
 
     def close(self) -> None:
-        self.words = self._entries = self._c_words = None
+        self.words = self._entries = self._c_words = self.rows_words = None
         if self._mm is not None:
             try:
                 self._mm.close()
