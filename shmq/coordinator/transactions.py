@@ -432,18 +432,28 @@ class TransactionCoordinator:
         self._fence(new)
         self._complete(tid)
 
-    def _fence(self, txn: Dict[str, Any]) -> None:
-        """Fence the producer id at ``txn``'s epoch in the producer-state table
-        of every partition it may write: an older instance's next append or
-        marker there fails with ``ProducerFenced``, and none is in flight once
-        this returns (the table's entry lock)."""
-        for key in self._keys(txn):
+    def _fence(self, txn: Dict[str, Any], keys: Optional[List[str]] = None, strict: bool = False) -> None:
+        """Fence the producer id at ``txn``'s epoch in the row and the
+        producer-state table of every partition it may write (or of ``keys``):
+        an older instance can no longer open a transaction there, its next
+        append or marker fails with ``ProducerFenced``, and none is in flight
+        once this returns (the table's entry lock). A partition without a
+        leader now keeps its row fenced and its table as it is (``strict``:
+        ``LeaderNotAvailable``; whoever scans a partition fences it so first)."""
+        for key in self._keys(txn) if keys is None else keys:
             topic, p = _tp(key)
-            plog = self._leader_log_or_none(topic, p)
-            if plog is None:
+            try:
+                self.db.store.check_partition(topic, p)
+            except UnknownTopicOrPartition:
                 continue
             self._index(topic, p).fence_row(txn["pid"], txn["epoch"])
-            if not os.path.exists(os.path.join(plog.path, "producer.state")):
+            try:
+                plog = self._leader_log_or_none(topic, p)
+            except LeaderNotAvailable:
+                if strict:
+                    raise
+                continue
+            if plog is None or not os.path.exists(os.path.join(plog.path, "producer.state")):
                 continue
             table = ProducerStateTable(plog.path)
             try:
@@ -477,7 +487,7 @@ class TransactionCoordinator:
         rows = {k: r for k, r in self._open_rows(txn).items() if r[0] < current}
         if not rows:
             return
-        self._fence(txn)
+        self._fence(txn, sorted(rows), strict=True)
         committed = False
         for key, (epoch, first, _start) in sorted(rows.items()):
             topic, p = _tp(key)
@@ -523,6 +533,7 @@ class TransactionCoordinator:
             if plog is None:
                 continue                            # the topic was deleted
             if not commit:
+                self._fence(txn, [key], strict=True)   # no record of its epoch can follow the scan
                 runs = self._scan(plog, start, pid)[0]
                 if runs:
                     self._index(topic, p).add_aborted(pid, runs)
