@@ -87,14 +87,16 @@ def test_idle_coordinator_and_replica_processes_use_almost_no_cpu(root: Root) ->
         return sum(sum(p.cpu_times()[:2]) for p in procs)
 
     # Other processes on a busy host only add to what is measured (cold caches,
-    # shared cores): the least of two windows is the figure. The bound is the
+    # shared cores): the least of three windows is the figure (a CI run of
+    # 2026-12-08 measured 1.6% and 1.5% in two windows once, 0.1-0.7% in
+    # every other run). The bound is the
     # issue's 1% (0.2% is the benchmark's target: perf/bench_idle.py). Idle, a
     # replica process wakes once per 2 s for all its partitions' duties, its
     # waiters once per 2 s each; the coordinator's replication supervision
     # every replica_lag_time_max_ms / 2 (5 s), housekeeping every 2 s, offsets
     # every 1 s. Measured here: 0.10-0.20% (load average 2-5).
     shares = []
-    for _ in range(2):
+    for _ in range(3):
         t0, c0 = time.monotonic(), cpu()
         time.sleep(10.0)
         shares.append((cpu() - c0) / (time.monotonic() - t0))
